@@ -1,0 +1,75 @@
+"""Parsing of the human units that plans use: durations (``30s``, ``10m``) and shares (``5%``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_COMPOUND = re.compile(r"^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$")
+_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+BASIS_POINTS = 10_000
+"""Assignment resolution: shares are whole basis points (0.01 %)."""
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``"500ms"``, ``"30s"``, ``"10m"``, ``"2h"``, ``"1h30m"`` or a number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 30s, 10m, 2h or 7d")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _FACTORS[match.group(2)]
+    elif isinstance(value, str) and _COMPOUND.match(value.strip()):  # "1h30m", as we print them
+        seconds = sum(float(n) * _FACTORS[u] for n, u in _PART.findall(value))
+    else:
+        raise ValueError(f"{value!r} is not a duration; write it like 30s, 10m, 2h or 7d")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact-enough form: ``90`` → ``1m30s``, ``7200`` → ``2h``."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    total = round(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if total >= size:
+            parts.append(f"{total // size}{unit}")
+            total %= size
+    return "".join(parts) or "0s"
+
+
+def parse_share(value: Any) -> int:
+    """Basis points (0..10000) from ``"5%"``, ``"0.5%"`` or a fraction such as ``0.05``."""
+    if isinstance(value, bool):
+        raise ValueError("expected a share like 5% or 0.05")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.endswith("%"):
+            raise ValueError(f"{value!r} is not a share; write it like 5% or 0.05")
+        try:
+            fraction = float(text[:-1]) / 100.0
+        except ValueError:
+            raise ValueError(f"{value!r} is not a share; write it like 5% or 0.05") from None
+    elif isinstance(value, int | float):
+        fraction = float(value)
+        if fraction > 1:
+            raise ValueError(f"{value} is more than 1; write a percentage as {value}% or a fraction")
+    else:
+        raise ValueError(f"{value!r} is not a share; write it like 5% or 0.05")
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError("a share must lie between 0% and 100%")
+    bp = fraction * BASIS_POINTS
+    if abs(bp - round(bp)) > 1e-6:
+        raise ValueError("shares are resolved to 0.01%; round it, e.g. 0.25%")
+    return round(bp)
+
+
+def format_share(bp: int) -> str:
+    """``500`` → ``5%``, ``25`` → ``0.25%``."""
+    return f"{bp / 100:g}%"

@@ -1,0 +1,332 @@
+"""Guardrails × segments → verdicts with evidence.
+
+For every guardrail that applies to the stage, globally and for each value of each segment
+attribute, the candidate is compared with the baseline on the same traffic period by an
+always-valid one-sided confidence sequence on the *harm* (the difference in the metric's bad
+direction):
+
+- **harm**: the lower bound of harm exceeds the tolerance (any harm > 0 with ``strict``) →
+  roll back, naming the guardrail and segment. The false-rollback alpha is shared: half for
+  the global tests split over guardrails, half for the segment tests split over guardrails ×
+  segment values (Bonferroni).
+- **pass**: the upper bound of harm (at the plan's alpha, per guardrail: an intersection-union
+  test needs no correction) is below the tolerance. Only global verdicts gate promotion.
+- **hold**: neither yet; **no data**: too few observations to judge (never a failure).
+
+Absolute bounds (``max``/``min``) are judged on the candidate alone. Rates use the
+Agresti–Caffo standard error (one success and one failure added per arm) so that an arm with
+no events yet does not look certain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from safeshift._units import BASIS_POINTS
+from safeshift.assign import BASELINE, CANDIDATE
+from safeshift.plan import Direction, Guardrail, Plan, Source, Stage
+from safeshift.stats import (
+    SRMResult,
+    boundary_multiplier,
+    diff_means,
+    diff_proportions,
+    one_sample_mean,
+    one_sample_proportion,
+    srm_test,
+)
+from safeshift.telemetry import Moments, Summary
+
+MIN_GLOBAL_SAMPLES = 30
+"""Observations per arm below which a global comparison is not judged (asymptotics)."""
+
+REQUESTS = "requests"
+
+
+class Status(StrEnum):
+    HARM = "harm"
+    PASS = "pass"
+    HOLD = "hold"
+    NO_DATA = "no_data"
+
+
+@dataclass(slots=True)
+class Verdict:
+    """One guardrail on one population (global, or one segment value), with its evidence."""
+
+    guardrail: str
+    segment: str | None
+    status: Status
+    estimate: float  # candidate - baseline (absolute), or candidate/baseline - 1 (relative)
+    lower: float  # interval on the estimate: lower end
+    upper: float
+    tolerance: float
+    relative: bool
+    rate: bool
+    n_baseline: float
+    n_candidate: float
+    mean_baseline: float
+    mean_candidate: float
+    bound: str | None  # "max"/"min" for absolute bounds
+    alpha_harm: float
+    alpha_pass: float
+    test: str
+    sentence: str
+    harm: float = math.nan  # the estimate oriented so that larger is worse
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["status"] = str(self.status)
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in data.items()}
+
+
+@dataclass(slots=True)
+class StageAnalysis:
+    """Everything the controller needs to decide about one stage."""
+
+    stage: str
+    stage_index: int
+    n_baseline: float
+    n_candidate: float
+    verdicts: list[Verdict] = field(default_factory=list)
+    srm: SRMResult | None = None
+
+    @property
+    def harms(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.status is Status.HARM]
+
+    @property
+    def global_verdicts(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.segment is None]
+
+    @property
+    def all_pass(self) -> bool:
+        return all(v.status is Status.PASS for v in self.global_verdicts)
+
+    @property
+    def waiting_on(self) -> list[Verdict]:
+        return [v for v in self.global_verdicts if v.status is not Status.PASS]
+
+    def to_json(self) -> dict[str, Any]:
+        srm = None
+        if self.srm is not None:
+            srm = {"counts": list(self.srm.counts), "expected": list(self.srm.expected),
+                   "observed": list(self.srm.observed), "p_value": self.srm.p_value,
+                   "mismatch": self.srm.mismatch}
+        return {"stage": self.stage, "stage_index": self.stage_index,
+                "n_baseline": self.n_baseline, "n_candidate": self.n_candidate,
+                "verdicts": [v.to_json() for v in self.verdicts], "srm": srm}
+
+
+def tuning_samples(plan: Plan, stage: Stage) -> float:
+    """N* for the stage, fixed before data arrives, in effective units (see ``effective_n``)."""
+    cand = float(stage.expected_samples or max(stage.min_samples, plan.analysis.expected_samples))
+    share = (stage.traffic or stage.shadow) / BASIS_POINTS
+    if stage.is_shadow:
+        base = cand / max(share, 1e-4)
+    else:
+        share = min(max(share, 1e-4), 1 - 1e-4)
+        base = cand * (1 - share) / share
+    return effective_n(base, cand)
+
+
+def effective_n(n_b: float, n_c: float) -> float:
+    """Information-equivalent total sample size: ``n_b + n_c`` for an even split, about
+    ``4·n_c`` when the candidate arm is small. It is the time scale of the mixture boundary."""
+    if n_b <= 0 or n_c <= 0:
+        return 0.0
+    return 4.0 * n_b * n_c / (n_b + n_c)
+
+
+def _signal(g: Guardrail) -> str:
+    return g.key
+
+
+def _fmt(value: float, rate: bool, relative: bool, *, signed: bool = True,
+         level: bool = False) -> str:
+    """Differences of rates in percentage points, levels of rates in percent."""
+    if not math.isfinite(value):
+        return "-inf" if value < 0 else "+inf"
+    sign = "+" if signed else ""
+    if relative or (rate and level):
+        return f"{value * 100:{sign}.{1 if relative else 2}f}%"
+    if rate:
+        return f"{value * 100:{sign}.2f} pt"
+    return f"{value:{sign}.3g}"
+
+
+def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: float,
+             alpha_pass: float, min_n: float, segment: str | None) -> Verdict:
+    info = g.info
+    relative = g.relative_tolerance is not None
+    tol = (g.relative_tolerance / BASIS_POINTS if relative and g.relative_tolerance is not None
+           else float(g.tolerance or 0.0))
+    sign = 1.0 if info.bad is Direction.INCREASE else -1.0
+    where = f" for {segment}" if segment else ""
+    label = g.describe()
+    test = "one-sided normal-mixture confidence sequence on the difference"
+    if b.n < min_n or c.n < min_n:
+        raw = c.mean - b.mean if b.n and c.n else math.nan
+        return Verdict(g.key, segment, Status.NO_DATA, raw, -math.inf, math.inf, tol,
+                       relative, info.rate, b.n, c.n, b.mean, c.mean, None, alpha_harm,
+                       alpha_pass, test,
+                       f"{label}{where}: {int(c.n)} candidate and {int(b.n)} baseline "
+                       f"observations, fewer than {int(min_n)} per arm; not judged yet",
+                       sign * raw)
+    if info.rate:
+        est = diff_proportions(b.s, b.n, c.s, c.n, relative=relative)
+        adjusted = diff_proportions(b.s + 1, b.n + 2, c.s + 1, c.n + 2, relative=relative)
+        est = replace(est, se=adjusted.se) if math.isfinite(est.diff) else adjusted
+        test += " of proportions (Agresti-Caffo standard error)"
+    else:
+        est = diff_means(b.n, b.s, b.ss, c.n, c.s, c.ss, relative=relative)
+        test += " of means"
+    n_eff = effective_n(b.n, c.n)
+    harm = sign * est.diff
+    m_harm = boundary_multiplier(n_eff, n_star, alpha_harm, one_sided=True)
+    m_pass = boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True)
+    harm_lo = harm - m_harm * est.se
+    harm_hi = harm + m_pass * est.se
+    # interval on the natural difference (candidate - baseline)
+    lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
+    threshold = 0.0 if g.strict else tol
+    if harm_lo > threshold:
+        status = Status.HARM
+    elif harm_hi < tol:
+        status = Status.PASS
+    else:
+        status = Status.HOLD
+    diff_text = (f"{_fmt(est.diff, info.rate, relative)} "
+                 f"[{_fmt(lo, info.rate, relative)}, {_fmt(hi, info.rate, relative)}]")
+    tol_text = _fmt(tol, info.rate, relative, signed=False)  # a margin on a difference: pt
+    worse = "higher" if sign > 0 else "lower"
+    if status is Status.HARM:
+        limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
+        sentence = f"{label} {diff_text}{where} is {worse} beyond {limit}"
+    elif status is Status.PASS:
+        sentence = f"{label} {diff_text}{where} is proven within the {tol_text} tolerance"
+    else:
+        sentence = f"{label} {diff_text}{where}: not yet conclusive against the {tol_text} tolerance"
+    return Verdict(g.key, segment, status, est.diff, lo, hi, tol, relative, info.rate, b.n, c.n,
+                   est.mean_baseline, est.mean_candidate, None, alpha_harm, alpha_pass, test,
+                   sentence, harm)
+
+
+def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_pass: float,
+           min_n: float, segment: str | None) -> Verdict:
+    info = g.info
+    # a tolerance on a pairwise shadow metric is an upper bound when higher is worse
+    upper_bound = g.max is not None or (g.min is None and info.bad is Direction.INCREASE)
+    limit = float(g.max if g.max is not None else g.min if g.min is not None else g.tolerance or 0)
+    where = f" for {segment}" if segment else ""
+    label = g.describe()
+    kind = "max" if upper_bound else "min"
+    test = "one-sided normal-mixture confidence sequence on the candidate alone"
+    if c.n < min_n:
+        return Verdict(g.key, segment, Status.NO_DATA, math.nan, -math.inf, math.inf, limit,
+                       False, info.rate, 0.0, c.n, math.nan, c.mean, kind, alpha_harm, alpha_pass,
+                       test, f"{label}{where}: {int(c.n)} candidate observations, fewer than "
+                       f"{int(min_n)}; not judged yet")
+    if info.rate:
+        mean, se = one_sample_proportion(c.s + 1, c.n + 2)
+    else:
+        mean, se = one_sample_mean(c.n, c.s, c.ss)
+    # one-arm analogue of effective_n: an even split of 2·n_c carries the same information
+    m_harm = boundary_multiplier(4.0 * c.n, n_star, alpha_harm, one_sided=True)
+    m_pass = boundary_multiplier(4.0 * c.n, n_star, alpha_pass, one_sided=True)
+    if upper_bound:
+        lo, hi = mean - m_harm * se, mean + m_pass * se
+        harm, safe = lo > limit, hi < limit
+    else:
+        lo, hi = mean - m_pass * se, mean + m_harm * se
+        harm, safe = hi < limit, lo > limit
+    status = Status.HARM if harm else Status.PASS if safe else Status.HOLD
+    text = (f"{label} {_fmt(c.s / c.n, info.rate, False, signed=False, level=True)} "
+            f"[{_fmt(lo, info.rate, False, signed=False, level=True)}, "
+            f"{_fmt(hi, info.rate, False, signed=False, level=True)}]")
+    lim = _fmt(limit, info.rate, False, signed=False, level=True)
+    sentence = {
+        Status.HARM: f"{text}{where} breaks the {kind} of {lim}",
+        Status.PASS: f"{text}{where} is proven within the {kind} of {lim}",
+        Status.HOLD: f"{text}{where}: not yet conclusive against the {kind} of {lim}",
+    }[status]
+    excess = c.s / c.n - limit if upper_bound else limit - c.s / c.n
+    return Verdict(g.key, segment, status, c.s / c.n, lo, hi, limit, False, info.rate, 0.0, c.n,
+                   math.nan, c.s / c.n, kind, alpha_harm, alpha_pass, test, sentence, excess)
+
+
+def _judge(g: Guardrail, summary: Summary, *, where: tuple[str, str] | None, n_star: float,
+           alpha_harm: float, alpha_pass: float, min_n: float) -> Verdict:
+    signal = _signal(g)
+    segment = f"{where[0]}={where[1]}" if where else None
+    c = summary.total(CANDIDATE, signal, where=where)
+    if g.is_bound or g.info.source is Source.SHADOW:
+        return bound(g, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
+                      min_n=min_n, segment=segment)
+    b = summary.total(BASELINE, signal, where=where)
+    return compare(g, b, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
+                    min_n=min_n, segment=segment)
+
+
+def analyse(plan: Plan, stage_index: int, summary: Summary) -> StageAnalysis:
+    """Judge every guardrail that applies to the stage, globally and per segment value."""
+    stage = plan.stages[stage_index]
+    guardrails = plan.guardrails_for(stage)
+    alpha = plan.analysis.alpha
+    n_star = tuning_samples(plan, stage)
+    n_b = summary.total(BASELINE, REQUESTS).n
+    n_c = summary.total(CANDIDATE, REQUESTS).n
+    out = StageAnalysis(stage.name, stage_index, n_b, n_c)
+
+    seg_min = plan.analysis.segment_min_samples
+    seg_values = summary.segment_values()
+    judged: list[tuple[Guardrail, tuple[str, str]]] = []
+    for g in guardrails:
+        if not g.segments:
+            continue
+        for attr in plan.segments:
+            for value in sorted(seg_values.get(attr, ())):
+                judged.append((g, (attr, value)))
+    k = max(len(guardrails), 1)
+    has_segments = bool(judged)
+    alpha_global = (alpha / 2 if has_segments else alpha) / k
+    alpha_segment = (alpha / 2) / max(len(judged), 1)
+    for g in guardrails:
+        out.verdicts.append(_judge(g, summary, where=None, n_star=n_star, alpha_harm=alpha_global,
+                                   alpha_pass=alpha, min_n=MIN_GLOBAL_SAMPLES))
+    for g, where in judged:
+        out.verdicts.append(_judge(g, summary, where=where, n_star=n_star,
+                                   alpha_harm=alpha_segment, alpha_pass=alpha, min_n=seg_min))
+    if not stage.is_shadow and 0 < stage.traffic < BASIS_POINTS:
+        share = stage.traffic / BASIS_POINTS
+        out.srm = srm_test([int(n_b), int(n_c)], [1 - share, share], alpha=plan.analysis.srm_alpha)
+    return out
+
+
+def worst_segment(analysis: StageAnalysis, guardrail: str) -> Verdict | None:
+    """The segment where ``guardrail`` looks worst (largest estimated harm), judged or not."""
+    candidates = [v for v in analysis.verdicts
+                  if v.guardrail == guardrail and v.segment is not None and math.isfinite(v.harm)]
+    return max(candidates, key=lambda v: v.harm, default=None)
+
+
+def describe_harm(analysis: StageAnalysis, limit: int = 3) -> str:
+    """The harm verdicts as one sentence: global ones first (each with the segment where it is
+    worst), then the segments."""
+    ordered = sorted(analysis.harms,
+                     key=lambda v: (v.segment is not None, v.guardrail, v.segment or ""))
+    parts = []
+    for v in ordered[:limit]:
+        text = v.sentence
+        if v.segment is None:
+            worst = worst_segment(analysis, v.guardrail)
+            if worst is not None:
+                text += (f" (worst in {worst.segment}: "
+                         f"{_fmt(worst.estimate, worst.rate, worst.relative, level=bool(worst.bound))})")
+        parts.append(text)
+    if len(ordered) > limit:
+        parts.append(f"and {len(ordered) - limit} more")
+    return "; ".join(parts)

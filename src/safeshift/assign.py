@@ -1,0 +1,120 @@
+"""Sticky, monotone assignment of units to arms.
+
+A unit's bucket is murmur3 (32-bit, unsigned) of ``"{salt}/{unit}"`` modulo 10,000. A unit
+gets the candidate when its bucket is below the stage's share in basis points, so a unit that
+is in at 1% stays in at 5% and at 50%. Targeting rules come before hashing. The mapping is
+locked by golden vectors (``tests/data/assignment-v1.json``): changing it would move users
+between arms mid-rollout, and replicas running different releases would disagree.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import mmh3
+
+from safeshift._units import BASIS_POINTS
+from safeshift.plan import Plan
+
+ASSIGNMENT_VERSION = 1
+"""Bumped only with a new golden-vector file; see the module docstring."""
+
+BASELINE = "baseline"
+CANDIDATE = "candidate"
+
+
+class Reason(StrEnum):
+    """Why a request went where it went."""
+
+    HASH = "hash"  # bucket below/above the stage's share
+    TARGETED = "targeted"  # always_candidate rule
+    EXCLUDED = "excluded"  # never_candidate rule
+    ANONYMOUS = "anonymous"  # no unit id
+    INACTIVE = "inactive"  # rollout not running a stage (pending, rolled back, promoted)
+
+
+def bucket(salt: str, unit: str) -> int:
+    """The unit's bucket in ``0..9999`` for this salt."""
+    return int(mmh3.hash(f"{salt}/{unit}", signed=False)) % BASIS_POINTS
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """What a rollout's state means for traffic; computed once per state change."""
+
+    stage: str
+    stage_index: int
+    traffic: int  # basis points to the candidate
+    shadow: int  # basis points mirrored to the candidate
+    candidate_version: str
+    baseline_version: str
+    active: bool  # a stage is running (hash assignment and targeting apply)
+    serve_candidate_to_all: bool = False  # promoted
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """Where one request goes."""
+
+    arm: str
+    version: str
+    stage: str
+    stage_index: int
+    shadow: bool
+    reason: Reason
+
+    @property
+    def is_candidate(self) -> bool:
+        return self.arm == CANDIDATE
+
+
+class Assigner:
+    """Applies a plan's targeting and hashing to (unit, context) for a given :class:`Split`."""
+
+    __slots__ = ("_always", "_anon_random", "_never", "_prefix", "_unit_key")
+
+    def __init__(self, plan: Plan) -> None:
+        self._prefix = f"{plan.salt}/"
+        self._unit_key = plan.unit
+        self._always = {k: frozenset(map(str, v)) for k, v in plan.targeting.always_candidate.items()}
+        self._never = {k: frozenset(map(str, v)) for k, v in plan.targeting.never_candidate.items()}
+        self._anon_random = plan.targeting.anonymous == "random"
+
+    def _matches(self, rules: dict[str, frozenset[str]], unit: str | None,
+                 context: Mapping[str, Any] | None) -> bool:
+        for key, values in rules.items():
+            value = unit if key == self._unit_key else (context or {}).get(key)
+            if value is not None and str(value) in values:
+                return True
+        return False
+
+    def assign(self, unit: str | None, context: Mapping[str, Any] | None, split: Split) -> Assignment:
+        if not split.active and not split.serve_candidate_to_all:
+            return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
+                              False, Reason.INACTIVE)
+        if self._never and self._matches(self._never, unit, context):
+            return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
+                              False, Reason.EXCLUDED)
+        if split.serve_candidate_to_all:
+            return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
+                              False, Reason.INACTIVE)
+        if self._always and split.traffic > 0 and self._matches(self._always, unit, context):
+            return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
+                              False, Reason.TARGETED)
+        if unit is None or unit == "":
+            if self._anon_random:
+                b = random.randrange(BASIS_POINTS)
+            else:
+                return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
+                                  False, Reason.ANONYMOUS)
+        else:
+            b = int(mmh3.hash(self._prefix + unit, signed=False)) % BASIS_POINTS
+        if b < split.traffic:
+            return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
+                              False, Reason.HASH)
+        return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
+                          b < split.shadow, Reason.HASH)

@@ -1,0 +1,414 @@
+"""The ``safeshift`` command: one verb a subcommand, thin over the library.
+
+Exit codes: 0 success, 2 bad input (an invalid plan, an unknown rollout, an action that does
+not fit the rollout's state), 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from safeshift.errors import PlanError, PlanValidationError, SafeshiftError
+
+app = typer.Typer(
+    name="safeshift",
+    help="Safe, incremental rollout of machine-learning model changes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+plan_app = typer.Typer(help="Work with plan files.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks that print figures side by side.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+app.add_typer(plan_app, name="plan")
+app.add_typer(bench_app, name="bench")
+app.add_typer(audit_app, name="audit")
+
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+StoreOpt = Annotated[
+    str | None,
+    typer.Option("--store", envvar="SAFESHIFT_STORE",
+                 help="store URL or SQLite path (default ./safeshift.db)"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+ActorOpt = Annotated[
+    str | None, typer.Option("--actor", envvar="SAFESHIFT_ACTOR", help="who is acting (audit)")
+]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded in the audit log)")]
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(code)
+
+
+def _actor(actor: str | None) -> str:
+    return actor or os.environ.get("USER") or "cli"
+
+
+# -- plans -------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    plan: Annotated[Path, typer.Argument(help="plan file (YAML or JSON)")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Check a plan: every problem at once, each with its field path; exit 2 if any."""
+    from safeshift.models import check_models
+    from safeshift.plan import Plan, tolerance_warnings
+
+    try:
+        p = Plan.load(plan)
+    except PlanValidationError as exc:
+        if json_out:
+            out.print_json(data={"valid": False, "problems": [
+                {"path": pr.path, "message": pr.message} for pr in exc.problems]})
+        else:
+            err.print(f"{plan}: {len(exc.problems)} problem(s)", markup=False)
+            for pr in exc.problems:
+                err.print(f"  {pr}", markup=False)
+        raise typer.Exit(2) from None
+    except PlanError as exc:
+        fail(str(exc))
+    problems = check_models(p)
+    if problems:
+        if json_out:
+            out.print_json(data={"valid": False, "problems": [
+                {"path": pr.path, "message": pr.message} for pr in problems]})
+        else:
+            err.print(f"{plan}: {len(problems)} problem(s)", markup=False)
+            for pr in problems:
+                err.print(f"  {pr}", markup=False)
+        raise typer.Exit(2)
+    warnings = tolerance_warnings(p)
+    if json_out:
+        out.print_json(data={"valid": True, "rollout": p.rollout, "hash": p.hash,
+                             "warnings": warnings})
+        return
+    out.print(f"ok: {plan} — rollout {p.rollout!r} on endpoint {p.endpoint!r}, "
+              f"{len(p.stages)} stages, {len(p.guardrails)} guardrails (plan {p.hash[:12]})",
+              markup=False)
+    for w in warnings:
+        out.print(f"warning: {w}", markup=False)
+
+
+@app.command()
+def schema() -> None:
+    """Print the plan's JSON Schema (for editors and CI)."""
+    from safeshift.plan import plan_json_schema
+
+    sys.stdout.write(json.dumps(plan_json_schema(), indent=2) + "\n")
+
+
+@plan_app.command("duration")
+def plan_duration(
+    plan: Annotated[Path, typer.Argument(help="plan file")],
+    rate: Annotated[str, typer.Option("--rate", help="expected traffic, e.g. 50/s, 3000/m")],
+    baseline: Annotated[list[str] | None, typer.Option(
+        "--baseline", help="baseline level of a metric, e.g. error_rate=0.01 (repeatable)")] = None,
+    label_share: Annotated[float, typer.Option(
+        "--label-share", help="share of requests that get a label")] = 1.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Estimate how long each stage needs to prove safety at the given traffic."""
+    from safeshift.duration import estimate_durations, parse_baselines, parse_rate, render
+    from safeshift.plan import Plan
+
+    try:
+        p = Plan.load(plan)
+        per_second = parse_rate(rate)
+        levels = parse_baselines(baseline or [])
+    except (PlanError, ValueError) as exc:
+        fail(str(exc))
+    report = estimate_durations(p, per_second, levels, label_share=label_share)
+    if json_out:
+        out.print_json(data=report.to_json())
+    else:
+        render(report, out)
+
+
+# -- running -----------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="smaller traffic; under a minute")] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="where models and the store go")] = Path(
+        "safeshift-demo"),
+    seed: Annotated[int, typer.Option("--seed")] = 7,
+) -> None:
+    """Train two real models and run two rollouts: one promoted, one rolled back."""
+    from safeshift.demo import run_demo
+
+    try:
+        ok = run_demo(directory, quick=quick, seed=seed, console=out)
+    except SafeshiftError as exc:
+        fail(str(exc), 1)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def simulate(
+    plan: Annotated[Path, typer.Argument(help="plan file")],
+    scenario: Annotated[str, typer.Option("--scenario", help="see --list")] = "good",
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    rate: Annotated[float, typer.Option("--rate", help="requests per virtual second")] = 20.0,
+    hours: Annotated[float, typer.Option("--hours", help="virtual time limit")] = 48.0,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    list_scenarios: Annotated[bool, typer.Option("--list", help="list the scenarios")] = False,
+) -> None:
+    """Run a rollout on a virtual clock with synthetic traffic and tell the story."""
+    from safeshift.plan import Plan
+    from safeshift.simulate import SCENARIOS, get_scenario
+    from safeshift.simulate import simulate as run
+
+    if list_scenarios:
+        for name, sc in SCENARIOS.items():
+            out.print(f"{name:18} {sc.description}", markup=False)
+        return
+    try:
+        p = Plan.load(plan)
+        sc = get_scenario(scenario)
+    except (PlanError, KeyError) as exc:
+        fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
+    result = run(p, sc, seed=seed, rate=rate, max_hours=hours, store=store,
+                 console=None if json_out else out)
+    if json_out:
+        out.print_json(data=result.to_json())
+
+
+@app.command()
+def serve(
+    plans: Annotated[list[Path], typer.Argument(help="one or more plan files")],
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    controller: Annotated[bool, typer.Option(
+        "--controller/--no-controller", help="run the controller in this process")] = True,
+    tick: Annotated[float, typer.Option("--tick", help="seconds between controller ticks")] = 1.0,
+) -> None:
+    """Serve predictions for the plans' endpoints while their rollouts run."""
+    from safeshift.gateway.server import serve as run_server
+
+    try:
+        run_server(plans, store=store, host=host, port=port, controller=controller,
+                   tick_interval=tick)
+    except (PlanError, SafeshiftError) as exc:
+        fail(str(exc))
+
+
+# -- control -----------------------------------------------------------------------------
+
+
+def _open(store: str | None) -> Any:
+    from safeshift.store import open_store
+
+    try:
+        return open_store(store)
+    except SafeshiftError as exc:
+        fail(str(exc))
+
+
+def _controller(store_url: str | None, rollout: str) -> Any:
+    from safeshift.clock import SystemClock
+    from safeshift.controller import Controller
+    from safeshift.plan import Plan
+
+    store = _open(store_url)
+    try:
+        plan = Plan.from_dict(store.get_plan(rollout), source=f"stored plan of {rollout}")
+    except SafeshiftError as exc:
+        fail(str(exc))
+    return Controller(plan, store, SystemClock())
+
+
+@app.command()
+def status(
+    rollout: Annotated[str | None, typer.Argument(help="rollout name (default: all)")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show where each rollout is and what its guardrails say."""
+    from safeshift.clock import SystemClock
+    from safeshift.plan import Plan
+    from safeshift.rollout import Rollout
+
+    st = _open(store)
+    names = [rollout] if rollout else [s.name for s in st.list_states()]
+    results = []
+    for name in names:
+        try:
+            plan = Plan.from_dict(st.get_plan(name))
+        except SafeshiftError as exc:
+            fail(str(exc))
+        results.append(Rollout(plan, st, clock=SystemClock()).status())
+    if json_out:
+        out.print_json(data=[r.to_json() for r in results])
+        return
+    if not results:
+        out.print(f"no rollouts in {st.url}", markup=False)
+    for s in results:
+        stage = s.stage or "-"
+        out.print(f"{s.rollout} ({s.endpoint}): {s.phase} — stage {stage}, candidate "
+                  f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
+        if s.reason:
+            out.print(f"  {s.reason}", markup=False)
+        if s.analysis:
+            table = Table(show_header=True, header_style="bold", box=None)
+            for col in ("guardrail", "segment", "verdict", "evidence"):
+                table.add_column(col)
+            for v in s.analysis.verdicts:
+                if v.segment is None or v.status.value == "harm":
+                    table.add_row(v.guardrail, v.segment or "all", v.status.value, v.sentence)
+            out.print(table)
+
+
+def _action(action: str, rollout: str, store: str | None, actor: str | None, reason: str,
+            json_out: bool) -> None:
+    from safeshift.state import Action
+
+    ctl = _controller(store, rollout)
+    try:
+        decision = ctl.act(Action(action), actor=_actor(actor), reason=reason)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    if json_out:
+        out.print_json(data=decision.to_json())
+    else:
+        out.print(f"{rollout}: {decision.action} → {decision.phase}; {decision.reason}", markup=False)
+
+
+@app.command()
+def approve(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
+            json_out: JsonOpt = False) -> None:
+    """Approve the stage a rollout is waiting for."""
+    _action("approve", rollout, store, actor, reason, json_out)
+
+
+@app.command()
+def pause(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
+          json_out: JsonOpt = False) -> None:
+    """Stop automatic decisions; traffic stays where it is."""
+    _action("pause", rollout, store, actor, reason, json_out)
+
+
+@app.command()
+def resume(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
+           json_out: JsonOpt = False) -> None:
+    """Resume a paused rollout."""
+    _action("resume", rollout, store, actor, reason, json_out)
+
+
+@app.command()
+def rollback(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
+             json_out: JsonOpt = False) -> None:
+    """Send all traffic back to the baseline now."""
+    _action("rollback", rollout, store, actor, reason, json_out)
+
+
+@app.command()
+def promote(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
+            json_out: JsonOpt = False) -> None:
+    """Promote the candidate now, skipping the remaining stages."""
+    _action("promote", rollout, store, actor, reason, json_out)
+
+
+@app.command()
+def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+    """Every decision of a rollout, with its reason."""
+    from datetime import UTC, datetime
+
+    st = _open(store)
+    try:
+        st.get_state(rollout)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    decisions = st.decisions(rollout)
+    if json_out:
+        out.print_json(data=[d.to_json() for d in decisions])
+        return
+    for d in decisions:
+        when = datetime.fromtimestamp(d.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"{d.seq:3} {when} {d.actor:12} {d.action!s:15} → {d.phase!s:18} {d.reason}",
+                  markup=False)
+
+
+@audit_app.command("verify")
+def audit_verify(rollout: str, store: StoreOpt = None) -> None:
+    """Check that a rollout's audit log is complete and unaltered (exit 1 if not)."""
+    from safeshift.state import verify_chain
+
+    st = _open(store)
+    try:
+        st.get_state(rollout)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    ok, message = verify_chain(st.audit_events(rollout))
+    (out if ok else err).print(f"{rollout}: {message}", markup=False)
+    raise typer.Exit(0 if ok else 1)
+
+
+# -- benchmarks --------------------------------------------------------------------------
+
+
+@bench_app.command("assign")
+def bench_assign(
+    quick: Annotated[bool, typer.Option("--quick")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+) -> None:
+    """In-process Rollout.assign throughput on one core."""
+    from safeshift.bench.assign import main as run
+
+    run(quick=quick, json_path=json_path, console=out)
+
+
+@bench_app.command("decisions")
+def bench_decisions(
+    quick: Annotated[bool, typer.Option("--quick", help="under 60 s")] = False,
+    runs: Annotated[int | None, typer.Option("--runs", help="rollouts per cell")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="draw a PNG")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 2026,
+) -> None:
+    """safeshift's decisions against naive, threshold, Mann-Whitney and oracle methods."""
+    from safeshift.bench.decisions import main as run
+
+    run(quick=quick, runs=runs, json_path=json_path, plot_path=plot, seed=seed, console=out)
+
+
+@bench_app.command("gateway")
+def bench_gateway(
+    quick: Annotated[bool, typer.Option("--quick")] = False,
+    requests: Annotated[int | None, typer.Option("--requests", help="requests per target")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency")] = 32,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+) -> None:
+    """The gateway against the same model served directly, same load, side by side."""
+    from safeshift.bench.gateway import main as run
+
+    run(quick=quick, requests=requests, concurrency=concurrency, json_path=json_path, console=out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except SafeshiftError as exc:  # anything a command did not catch itself
+        err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

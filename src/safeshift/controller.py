@@ -1,0 +1,279 @@
+"""The rollout state machine and its tick.
+
+A tick is a pipeline of small steps over a :class:`TickContext`. Steps read the state and the
+stage's telemetry and add *intents* (start, advance, wait for approval, pause, roll back,
+promote); the first intent by priority is committed once, in one transaction, together with
+its decision record and audit event. The commit is compare-and-set on the state's version, so
+a controller killed at any instant and restarted continues where it was, and two controllers
+can never both act on one state.
+
+Order of precedence: proven harm rolls back even when the split looks unhealthy (rolling back
+is the safe direction); a sample-ratio mismatch blocks every advance and pauses the rollout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from safeshift.analysis import StageAnalysis, Status, analyse, describe_harm
+from safeshift.clock import Clock
+from safeshift.errors import InvalidTransitionError
+from safeshift.plan import Plan, Stage
+from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState
+from safeshift.store.base import Store
+from safeshift.telemetry import Summary
+
+_PRIORITY = {Action.ROLLBACK: 0, Action.PAUSE: 1, Action.PROMOTE: 2, Action.AWAIT_APPROVAL: 3,
+             Action.ADVANCE: 4, Action.START: 5}
+
+
+@dataclass(slots=True)
+class Intent:
+    action: Action
+    reason: str
+    to_stage: int
+    phase: Phase
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TickContext:
+    """What one tick knows and wants."""
+
+    plan: Plan
+    state: RolloutState
+    now: float
+    store: Store
+    analysis: StageAnalysis | None = None
+    intents: list[Intent] = field(default_factory=list)
+
+    @property
+    def stage(self) -> Stage | None:
+        i = self.state.stage_index
+        return self.plan.stages[i] if 0 <= i < len(self.plan.stages) else None
+
+    @property
+    def elapsed(self) -> float:
+        return self.now - self.state.stage_started_at
+
+    def want(self, intent: Intent) -> None:
+        self.intents.append(intent)
+
+
+Step = Callable[[TickContext], None]
+
+
+def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
+    """Where a stage that passed leads: the next stage, approval first if it asks for it, or
+    promotion after the last stage or on entering a 100% stage (no baseline left to compare)."""
+    nxt = current + 1
+    if nxt >= len(plan.stages):
+        return current, Action.PROMOTE
+    stage = plan.stages[nxt]
+    if stage.approval == "required":
+        return nxt, Action.AWAIT_APPROVAL
+    if stage.is_full:
+        return nxt, Action.PROMOTE
+    return nxt, Action.ADVANCE
+
+
+def _transition(plan: Plan, current: int, reason: str, evidence: dict[str, Any]) -> Intent:
+    to, action = next_stage(plan, current)
+    phase = {Action.PROMOTE: Phase.PROMOTED, Action.AWAIT_APPROVAL: Phase.AWAITING_APPROVAL,
+             Action.ADVANCE: Phase.RUNNING}[action]
+    return Intent(action, reason, to, phase, evidence)
+
+
+def step_start(ctx: TickContext) -> None:
+    if ctx.state.phase is not Phase.PENDING:
+        return
+    first = ctx.plan.stages[0]
+    if first.approval == "required":
+        ctx.want(Intent(Action.AWAIT_APPROVAL, f"stage {first.name!r} needs approval to start",
+                        0, Phase.AWAITING_APPROVAL))
+    else:
+        ctx.want(Intent(Action.START, f"rollout started in stage {first.name!r}", 0,
+                        Phase.RUNNING))
+
+
+def step_analyse(ctx: TickContext) -> None:
+    if ctx.state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL) or ctx.stage is None:
+        return
+    rows = ctx.store.telemetry(ctx.plan.rollout, ctx.state.stage_index)
+    ctx.analysis = analyse(ctx.plan, ctx.state.stage_index, Summary.from_rows(rows))
+
+
+def step_harm(ctx: TickContext) -> None:
+    if ctx.analysis is None or not ctx.analysis.harms:
+        return
+    ctx.want(Intent(Action.ROLLBACK, "harm proven: " + describe_harm(ctx.analysis), -1,
+                    Phase.ROLLED_BACK, ctx.analysis.to_json()))
+
+
+def step_srm(ctx: TickContext) -> None:
+    a = ctx.analysis
+    if a is None or a.srm is None or not a.srm.mismatch:
+        return
+    srm = a.srm
+    ctx.want(Intent(
+        Action.PAUSE,
+        f"sample-ratio mismatch in stage {a.stage!r}: candidate share "
+        f"{srm.observed[1]:.2%} of {sum(srm.counts)} requests, expected {srm.expected[1]:.2%} "
+        f"(p={srm.p_value:.2g}); comparisons cannot be trusted — check assignment and "
+        "telemetry, then resume",
+        ctx.state.stage_index, Phase.PAUSED, ctx.analysis.to_json() if ctx.analysis else {}))
+
+
+def step_progress(ctx: TickContext) -> None:
+    a, stage = ctx.analysis, ctx.stage
+    if ctx.state.phase is not Phase.RUNNING or a is None or stage is None:
+        return
+    if ctx.elapsed < stage.min_duration:
+        return
+    if min(a.n_baseline, a.n_candidate) < stage.min_samples:
+        return
+    if not a.all_pass:
+        return
+    reason = (f"stage {stage.name!r} passed: every guardrail proven within tolerance after "
+              f"{_dur(ctx.elapsed)} ({int(a.n_candidate)} candidate, {int(a.n_baseline)} "
+              "baseline requests)")
+    ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, a.to_json()))
+
+
+def step_deadline(ctx: TickContext) -> None:
+    stage = ctx.stage
+    if ctx.state.phase is not Phase.RUNNING or stage is None or stage.max_duration is None:
+        return
+    if ctx.elapsed < stage.max_duration or ctx.intents:
+        return
+    policy = ctx.plan.analysis.on_inconclusive
+    waiting = ", ".join(v.guardrail for v in ctx.analysis.waiting_on) if ctx.analysis else ""
+    base = (f"stage {stage.name!r} reached its max_duration of {_dur(stage.max_duration)} "
+            f"without a conclusion" + (f" (waiting on {waiting})" if waiting else ""))
+    evidence = ctx.analysis.to_json() if ctx.analysis else {}
+    if policy == "rollback":
+        ctx.want(Intent(Action.ROLLBACK, base + "; on_inconclusive: rollback", -1,
+                        Phase.ROLLED_BACK, evidence))
+    elif policy == "promote":
+        ctx.want(_transition(ctx.plan, ctx.state.stage_index,
+                             base + "; on_inconclusive: promote", evidence))
+    else:
+        ctx.want(Intent(Action.PAUSE, base + "; holding for a person to decide", ctx.state.stage_index,
+                        Phase.PAUSED, evidence))
+
+
+PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_harm, step_srm, step_progress,
+                              step_deadline)
+
+
+def _dur(seconds: float) -> str:
+    from safeshift._units import format_duration
+
+    return format_duration(seconds)
+
+
+class Controller:
+    """Runs ticks and operator actions for one rollout against a store."""
+
+    def __init__(self, plan: Plan, store: Store, clock: Clock,
+                 steps: tuple[Step, ...] = PIPELINE) -> None:
+        self.plan = plan
+        self.store = store
+        self.clock = clock
+        self.steps = steps
+        self.last_analysis: StageAnalysis | None = None
+
+    def evaluate(self) -> TickContext:
+        """Run the pipeline without committing anything."""
+        ctx = TickContext(self.plan, self.store.get_state(self.plan.rollout), self.clock.now(),
+                          self.store)
+        if ctx.state.phase.terminal or ctx.state.phase is Phase.PAUSED:
+            return ctx
+        for step in self.steps:
+            step(ctx)
+        self.last_analysis = ctx.analysis
+        return ctx
+
+    def tick(self) -> Decision | None:
+        """Evaluate and commit the most important intent, if any. Idempotent: a tick that
+        finds nothing to do writes nothing."""
+        ctx = self.evaluate()
+        if not ctx.intents:
+            return None
+        intent = min(ctx.intents, key=lambda i: _PRIORITY[i.action])
+        return self._commit(ctx.state, intent, "controller", ctx.now)
+
+    def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision:
+        new = state.copy()
+        seq = int(state.extra.get("seq", 0)) + 1
+        new.extra["seq"] = seq
+        new.phase = intent.phase
+        new.reason = intent.reason
+        new.updated_at = now
+        if intent.action is Action.PAUSE:
+            new.extra["paused_from"] = str(state.phase)
+        if intent.phase is Phase.AWAITING_APPROVAL:
+            new.pending_stage = intent.to_stage
+        elif intent.to_stage != state.stage_index and intent.to_stage >= 0:
+            new.stage_index = intent.to_stage
+            new.stage_started_at = now
+            new.pending_stage = None
+        if intent.phase is Phase.PROMOTED:
+            new.pending_stage = None
+        decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
+                            new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
+        event = AuditEvent(self.plan.rollout, 0, now, actor, str(intent.action),
+                           {"reason": intent.reason, "from_stage": state.stage_index,
+                            "to_stage": new.stage_index, "phase": str(intent.phase),
+                            "plan_hash": state.plan_hash})
+        self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event])
+        return decision
+
+    # -- operator actions -------------------------------------------------------------
+
+    def act(self, action: Action, *, actor: str, reason: str = "") -> Decision:
+        """Apply an operator action, or raise :class:`InvalidTransitionError` saying why not."""
+        state = self.store.get_state(self.plan.rollout)
+        now = self.clock.now()
+        phase = state.phase
+        why = f" ({reason})" if reason else ""
+        if phase.terminal:
+            raise InvalidTransitionError(
+                f"rollout {self.plan.rollout!r} is already {phase}; start a new rollout instead")
+        if action is Action.APPROVE:
+            if phase is not Phase.AWAITING_APPROVAL or state.pending_stage is None:
+                raise InvalidTransitionError(
+                    f"rollout {self.plan.rollout!r} is {phase}, not awaiting approval")
+            to = state.pending_stage
+            stage = self.plan.stages[to]
+            if stage.is_full:
+                intent = Intent(Action.PROMOTE, f"{actor} approved stage {stage.name!r}{why}", to,
+                                Phase.PROMOTED)
+            else:
+                intent = Intent(Action.APPROVE, f"{actor} approved stage {stage.name!r}{why}", to,
+                                Phase.RUNNING)
+        elif action is Action.PAUSE:
+            if phase is Phase.PAUSED:
+                raise InvalidTransitionError(f"rollout {self.plan.rollout!r} is already paused")
+            intent = Intent(Action.PAUSE, f"paused by {actor}{why}", state.stage_index, Phase.PAUSED)
+        elif action is Action.RESUME:
+            if phase is not Phase.PAUSED:
+                raise InvalidTransitionError(f"rollout {self.plan.rollout!r} is {phase}, not paused")
+            back = Phase(state.extra.get("paused_from", Phase.RUNNING))
+            if back is Phase.PENDING:
+                back = Phase.RUNNING
+            intent = Intent(Action.RESUME, f"resumed by {actor}{why}", state.stage_index, back)
+        elif action is Action.ROLLBACK:
+            intent = Intent(Action.ROLLBACK, f"rolled back by {actor}{why}", -1, Phase.ROLLED_BACK)
+        elif action is Action.PROMOTE:
+            intent = Intent(Action.PROMOTE, f"promoted by {actor}{why}", state.stage_index,
+                            Phase.PROMOTED)
+        else:
+            raise InvalidTransitionError(f"{action} is not an operator action")
+        return self._commit(state, intent, actor, now)
+
+
+def harm_summary(analysis: StageAnalysis) -> list[str]:
+    return [v.sentence for v in analysis.verdicts if v.status is Status.HARM]

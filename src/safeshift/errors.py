@@ -1,0 +1,90 @@
+"""Every error safeshift raises, under one root.
+
+::
+
+    SafeshiftError
+    ├── PlanError                  a plan file is missing, unreadable or invalid
+    │   └── PlanValidationError    carries every problem, each with its field path
+    ├── ModelLoadError             a model reference cannot be loaded
+    ├── StoreError                 the store cannot be read or written
+    │   ├── ConcurrencyError       another controller changed the rollout first
+    │   └── SchemaVersionError     the store's schema is newer than this release
+    ├── RolloutError               an action does not fit the rollout's state
+    │   ├── UnknownRolloutError    no rollout with that name
+    │   └── InvalidTransitionError e.g. approving a rollout that is not waiting
+    └── FeedbackError              feedback cannot be joined
+        └── UnknownRequestError    no live request record with that id
+
+Each message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class SafeshiftError(Exception):
+    """Root of every safeshift error."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong in a plan: where, what, and what would be valid."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class PlanError(SafeshiftError):
+    """A plan file is missing, unreadable or not valid."""
+
+
+class PlanValidationError(PlanError):
+    """A plan has one or more problems; ``problems`` lists them all."""
+
+    def __init__(self, problems: Sequence[Problem], source: str = "plan") -> None:
+        self.problems = list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        n = len(self.problems)
+        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n{lines}")
+
+
+class ModelLoadError(SafeshiftError):
+    """A model reference cannot be resolved or loaded."""
+
+
+class StoreError(SafeshiftError):
+    """The store cannot be read or written."""
+
+
+class ConcurrencyError(StoreError):
+    """The rollout changed since it was read (another controller or an operator acted)."""
+
+
+class SchemaVersionError(StoreError):
+    """The store was written by a newer safeshift; upgrade safeshift to read it."""
+
+
+class RolloutError(SafeshiftError):
+    """An action does not fit the rollout's current state."""
+
+
+class UnknownRolloutError(RolloutError):
+    """No rollout with that name exists in the store."""
+
+
+class InvalidTransitionError(RolloutError):
+    """The requested action is not allowed in the rollout's current phase."""
+
+
+class FeedbackError(SafeshiftError):
+    """Feedback cannot be accepted."""
+
+
+class UnknownRequestError(FeedbackError):
+    """No request record with that id (never served, or past the label window)."""

@@ -1,0 +1,496 @@
+"""The in-process face of a rollout: assign, predict, record, feedback, tick, status.
+
+A :class:`Rollout` is what a service embeds (no HTTP hop) and what the gateway and the CLI
+build on. It keeps the current traffic split cached, refreshed from the store within
+``serving.refresh`` so that a decision taken by any controller reaches every process quickly.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safeshift._units import BASIS_POINTS, format_duration
+from safeshift.analysis import StageAnalysis, analyse
+from safeshift.assign import BASELINE, CANDIDATE, Assigner, Assignment, Split
+from safeshift.clock import Clock, SystemClock
+from safeshift.controller import Controller
+from safeshift.errors import RolloutError, UnknownRequestError
+from safeshift.models import ModelBackend, ModelResult, load_model
+from safeshift.plan import Plan
+from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
+from safeshift.store import Store, open_store
+from safeshift.telemetry import Aggregator, Cell, CellKey, Moments, Summary, rows_from_cells
+
+REQUEST_SIGNALS = ("requests", "error_rate", "latency_ms")
+
+
+@dataclass(slots=True)
+class Prediction:
+    """The answer to one predict call."""
+
+    id: str
+    outputs: list[Any]
+    version: str
+    arm: str
+    stage: str
+    fallback: bool = False  # the candidate failed and the baseline answered
+
+
+@dataclass(slots=True)
+class FeedbackResult:
+    id: str
+    accepted: list[str] = field(default_factory=list)
+    duplicate: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Status:
+    """A rollout at a glance."""
+
+    rollout: str
+    endpoint: str
+    phase: Phase
+    stage: str | None
+    stage_index: int
+    traffic: int  # basis points to the candidate
+    shadow: int
+    stage_elapsed: float
+    reason: str
+    pending_stage: str | None
+    analysis: StageAnalysis | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rollout": self.rollout, "endpoint": self.endpoint, "phase": str(self.phase),
+            "stage": self.stage, "stage_index": self.stage_index,
+            "traffic": self.traffic / BASIS_POINTS, "shadow": self.shadow / BASIS_POINTS,
+            "stage_elapsed": self.stage_elapsed, "reason": self.reason,
+            "pending_stage": self.pending_stage,
+            "analysis": self.analysis.to_json() if self.analysis else None,
+        }
+
+
+def split_for(plan: Plan, state: RolloutState) -> Split:
+    """The traffic split a state means."""
+    i = state.stage_index
+    name = plan.stages[i].name if 0 <= i < len(plan.stages) else "-"
+    common = {"stage": name, "stage_index": i, "candidate_version": plan.candidate.version,
+              "baseline_version": plan.baseline.version}
+    if state.phase is Phase.PROMOTED:
+        return Split(traffic=BASIS_POINTS, shadow=0, active=False, serve_candidate_to_all=True,
+                     **common)  # type: ignore[arg-type]
+    if state.phase in (Phase.PENDING, Phase.ROLLED_BACK) or i < 0:
+        return Split(traffic=0, shadow=0, active=False, **common)  # type: ignore[arg-type]
+    stage = plan.stages[i]
+    return Split(traffic=stage.traffic, shadow=stage.shadow, active=True,
+                 **common)  # type: ignore[arg-type]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+class Rollout:
+    """One rollout of a plan against a store. Build it with :meth:`from_plan`."""
+
+    def __init__(self, plan: Plan, store: Store, *, clock: Clock | None = None,
+                 models: Mapping[str, ModelBackend] | None = None) -> None:
+        self.plan = plan
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.controller = Controller(plan, store, self.clock)
+        self.aggregator = Aggregator(plan)
+        self._assigner = Assigner(plan)
+        self._models: dict[str, ModelBackend] = dict(models or {})
+        self._records: list[RequestRecord] = []
+        self._records_lock = threading.Lock()
+        self._split_lock = threading.Lock()
+        self._split: Split = split_for(plan, store.get_state(plan.rollout))
+        self._split_at = time.monotonic()
+        self._refresh = plan.serving.refresh
+        self._keep_records = True
+        self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
+        self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
+        self._shadow: _ShadowWorker | None = None
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_plan(cls, plan: Plan | str | Path, *, store: Store | str | Path | None = None,
+                  clock: Clock | None = None, models: Mapping[str, ModelBackend] | None = None,
+                  start: bool = True) -> Rollout:
+        """Register the plan in the store (or find it there) and, with ``start``, begin the
+        first stage. A rollout name already used by a different, unfinished plan is an error."""
+        if not isinstance(plan, Plan):
+            plan = Plan.load(plan)
+        if store is None or isinstance(store, str | Path):
+            store = open_store(store)
+        clock = clock or SystemClock()
+        now = clock.now()
+        state = store.create_rollout(
+            plan.canonical(),
+            RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now),
+        )
+        if state.plan_hash != plan.hash:
+            raise RolloutError(
+                f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "
+                f"({state.phase}); give the new plan another rollout name"
+            )
+        rollout = cls(plan, store, clock=clock, models=models)
+        if start and state.phase is Phase.PENDING:
+            rollout.tick()
+        return rollout
+
+    # -- models -----------------------------------------------------------------------
+
+    def model(self, arm: str) -> ModelBackend:
+        """The backend for ``arm``, loaded on first use."""
+        m = self._models.get(arm)
+        if m is None:
+            spec = self.plan.candidate if arm == CANDIDATE else self.plan.baseline
+            m = self._models[arm] = load_model(spec.model, self.plan.base_dir)
+        return m
+
+    def load_models(self) -> None:
+        """Load both models now (fail fast at start-up rather than on the first request)."""
+        self.model(BASELINE)
+        self.model(CANDIDATE)
+
+    @property
+    def candidate_timeout(self) -> float:
+        return self.plan.candidate.timeout or self.plan.serving.candidate_timeout
+
+    # -- the split ----------------------------------------------------------------------
+
+    def split(self) -> Split:
+        """The current split, re-read from the store at most every ``serving.refresh``."""
+        if time.monotonic() - self._split_at > self._refresh:
+            self.refresh()
+        return self._split
+
+    def refresh(self) -> Split:
+        state = self.store.get_state(self.plan.rollout)
+        with self._split_lock:
+            self._split = split_for(self.plan, state)
+            self._split_at = time.monotonic()
+        return self._split
+
+    def assign(self, unit: str | None, context: Mapping[str, Any] | None = None) -> Assignment:
+        """Which arm serves ``unit`` now. Pure given the split: sticky and monotone."""
+        if time.monotonic() - self._split_at > self._refresh:
+            self.refresh()
+        return self._assigner.assign(unit, context, self._split)
+
+    # -- serving ------------------------------------------------------------------------
+
+    def predict(self, inputs: Any, *, unit: str | None = None,
+                context: Mapping[str, Any] | None = None, request_id: str | None = None) -> Prediction:
+        """Serve one request in-process: assign, call the arm's model (the baseline answers if
+        the candidate fails), mirror to the candidate in shadow stages, record telemetry."""
+        rows = inputs if isinstance(inputs, list) else [inputs]
+        a = self.assign(unit, context)
+        rid = request_id or uuid.uuid4().hex
+        if a.is_candidate:
+            result = self.model(CANDIDATE).predict(rows)
+            self.record(a, result, context=context, request_id=rid)
+            if result.ok and result.outputs is not None:
+                return Prediction(rid, result.outputs, a.version, a.arm, a.stage)
+            base = self.model(BASELINE).predict(rows)
+            return Prediction(rid, self._outputs(base, rows), self.plan.baseline.version,
+                              BASELINE, a.stage, fallback=True)
+        base = self.model(BASELINE).predict(rows)
+        if a.shadow:
+            self.record(a, base, context=context, request_id=rid, keep=False)
+            self._shadow_worker().submit(a, rows, base, context, rid)
+        else:
+            self.record(a, base, context=context, request_id=rid)
+        return Prediction(rid, self._outputs(base, rows), a.version, a.arm, a.stage)
+
+    @staticmethod
+    def _outputs(result: ModelResult, rows: Sequence[Any]) -> list[Any]:
+        if result.ok and result.outputs is not None:
+            return result.outputs
+        raise RolloutError(f"the baseline model failed: {result.error}")
+
+    def _cell(self, a: Assignment, arm: str, context: Mapping[str, Any] | None) -> CellKey:
+        segment = self.aggregator.keyer.key(context)
+        return self.aggregator.key(a.stage_index, arm, str(a.reason), segment, self.clock.now())
+
+    def record(self, a: Assignment, result: ModelResult, *, context: Mapping[str, Any] | None = None,
+               request_id: str | None = None, arm: str | None = None, keep: bool = True) -> None:
+        """Count one model call on ``arm`` (default: the assigned arm) and keep the compact
+        request record that late feedback joins to."""
+        arm = arm or a.arm
+        key = self._cell(a, arm, context)
+        values = {"requests": 1.0, "error_rate": 0.0 if result.ok else 1.0,
+                  "latency_ms": result.latency_ms}
+        if self._report_signal:
+            values["report_rate"] = 0.0
+        self.aggregator.observe(key, values, hist=True)
+        if keep and request_id is not None and self._keep_records:
+            outputs = {arm: result.outputs} if result.ok else {}
+            self._keep(request_id, a, key, outputs)
+
+    def record_shadow(self, a: Assignment, baseline: ModelResult, candidate: ModelResult, *,
+                      context: Mapping[str, Any] | None, request_id: str | None) -> None:
+        """Count a mirrored candidate call and compare it pairwise with the baseline's answer."""
+        key = self._cell(a, CANDIDATE, context)
+        values: dict[str, float] = {"requests": 1.0, "error_rate": 0.0 if candidate.ok else 1.0,
+                                    "latency_ms": candidate.latency_ms}
+        self.aggregator.observe(key, values, hist=True)
+        if candidate.ok and baseline.ok and candidate.outputs and baseline.outputs:
+            for i, (c, b) in enumerate(zip(candidate.outputs, baseline.outputs, strict=False)):
+                pair: dict[str, float] = {"disagreement": 0.0 if _same(c, b) else 1.0}
+                if candidate.scores and baseline.scores:
+                    pair["score_diff"] = abs(candidate.scores[i] - baseline.scores[i])
+                self.aggregator.observe(key, pair)
+        if request_id is not None and self._keep_records:
+            outputs: dict[str, Any] = {}
+            if baseline.ok:
+                outputs[BASELINE] = baseline.outputs
+            if candidate.ok:
+                outputs[CANDIDATE] = candidate.outputs
+            self._keep(request_id, a, key, outputs)
+
+    def record_shadow_dropped(self, a: Assignment, baseline: ModelResult, *,
+                              context: Mapping[str, Any] | None, request_id: str | None) -> None:
+        """Count a mirror copy that was dropped because the shadow queue was full."""
+        key = self._cell(a, BASELINE, context)
+        self.aggregator.observe(key, {"shadow_dropped": 1.0})
+        if request_id is not None and self._keep_records:
+            self._keep(request_id, a, key, {BASELINE: baseline.outputs} if baseline.ok else {})
+
+    def _keep(self, request_id: str, a: Assignment, key: CellKey, outputs: dict[str, Any]) -> None:
+        now = self.clock.now()
+        rec = RequestRecord(request_id, self.plan.rollout, a.stage_index, a.arm, key.cohort,
+                            key.segment, now, now + self.plan.serving.label_window, outputs)
+        with self._records_lock:
+            self._records.append(rec)
+
+    def _shadow_worker(self) -> _ShadowWorker:
+        if self._shadow is None:
+            self._shadow = _ShadowWorker(self)
+        return self._shadow
+
+    # -- feedback -------------------------------------------------------------------------
+
+    def _find(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+        """The live request records for ``request_ids``; :class:`UnknownRequestError` names
+        the first id that has none (never served here, or past its label window)."""
+        found = self.store.get_requests(request_ids)
+        if len(found) < len(set(request_ids)):
+            if self._shadow is not None:
+                self._shadow.drain()
+            self.flush()
+            found = self.store.get_requests(request_ids)
+        now = self.clock.now()
+        for rid in request_ids:
+            rec = found.get(rid)
+            if rec is None or rec.rollout != self.plan.rollout:
+                raise UnknownRequestError(
+                    f"no request {rid!r} in rollout {self.plan.rollout!r}: it was never served, "
+                    "or its label window has passed; send the id that predict returned")
+            if rec.expires_at <= now:
+                raise UnknownRequestError(
+                    f"request {rid!r} is past its label window "
+                    f"({format_duration(self.plan.serving.label_window)}); feedback is no longer "
+                    "joined")
+        return found
+
+    def _feedback_items(self, rec: RequestRecord, label: Any,
+                        outcome: Mapping[str, float] | None) -> list[FeedbackItem]:
+        now = self.clock.now()
+        window = int(rec.created_at // self.aggregator.window * self.aggregator.window)
+        signals: dict[str, dict[str, list[float]]] = {}
+        if label is not None:
+            labels = label if isinstance(label, list) else [label]
+            for arm, outputs in rec.outputs.items():
+                for out, lab in zip(outputs or [], labels, strict=False):
+                    signals.setdefault("accuracy", {}).setdefault(arm, []).append(
+                        1.0 if _same(out, lab) else 0.0)
+                    if self._abs_error and _number(out) and _number(lab):
+                        signals.setdefault("abs_error", {}).setdefault(arm, []).append(
+                            abs(float(out) - float(lab)))
+        for metric, value in (outcome or {}).items():
+            signals.setdefault(metric, {}).setdefault(rec.arm, []).append(float(value))
+        items = []
+        for signal, per_arm in signals.items():
+            cells: dict[CellKey, Cell] = {}
+            for arm, values in per_arm.items():
+                cell = cells.setdefault(CellKey(rec.stage, arm, rec.cohort, rec.segment, window),
+                                        Cell())
+                for v in values:
+                    cell.moments(signal).add(v)
+            value = sum(sum(v) for v in per_arm.values())
+            items.append(FeedbackItem(rec.id, signal, value, now,
+                                      list(rows_from_cells(self.plan.rollout, cells))))
+        return items
+
+    def feedback(self, request_id: str, *, label: Any = None,
+                 outcome: Mapping[str, float] | None = None) -> FeedbackResult:
+        """Join a label (scored against each arm's stored answer) or outcome metrics to the
+        request that ``request_id`` names. Repeats are ignored per (request, metric)."""
+        return self.feedback_many([{"id": request_id, "label": label, "outcome": outcome}])[0]
+
+    def feedback_many(self, items: Sequence[Mapping[str, Any]]) -> list[FeedbackResult]:
+        """Several feedbacks (``{"id", "label"?, "outcome"?}``) in one transaction. Every item is
+        checked first: one unknown id or empty item rejects the whole batch, nothing stored."""
+        for i, item in enumerate(items):
+            if item.get("label") is None and not item.get("outcome"):
+                raise ValueError(f"item {i}: give a label or an outcome")
+        records = self._find([str(item["id"]) for item in items])
+        plan: list[tuple[str, list[FeedbackItem]]] = []
+        for item in items:
+            rid = str(item["id"])
+            plan.append((rid, self._feedback_items(records[rid], item.get("label"),
+                                                   item.get("outcome"))))
+        flat = [fi for _, fis in plan for fi in fis]
+        fresh = iter(self.store.add_feedback(flat))
+        results = []
+        for rid, fis in plan:
+            result = FeedbackResult(rid)
+            for fi in fis:
+                (result.accepted if next(fresh) else result.duplicate).append(fi.signal)
+            results.append(result)
+        return results
+
+    def report(self, request_id: str, kind: str, text: str = "") -> bool:
+        """Count a user's issue report against the arm that served ``request_id`` (once per
+        request). Returns False for a repeat."""
+        rec = self._find([request_id])[request_id]
+        window = int(rec.created_at // self.aggregator.window * self.aggregator.window)
+        cell = Cell()
+        cell.metrics["report_rate"] = Moments(0.0, 1.0, 1.0)  # a numerator without a request
+        cell.metrics[f"reports:{kind[:32]}"] = Moments(1.0, 1.0, 1.0)
+        rows = rows_from_cells(self.plan.rollout,
+                               {CellKey(rec.stage, rec.arm, rec.cohort, rec.segment, window): cell})
+        item = FeedbackItem(request_id, "report_rate", 1.0, self.clock.now(), list(rows))
+        return self.store.add_feedback([item])[0]
+
+    # -- persistence and control ----------------------------------------------------------
+
+    def flush(self) -> int:
+        """Write buffered telemetry and request records to the store; returns rows written."""
+        rows = self.aggregator.drain()
+        with self._records_lock:
+            records, self._records = self._records, []
+        if rows:
+            self.store.add_telemetry(rows)
+        if records:
+            self.store.put_requests(records)
+        return len(rows) + len(records)
+
+    def tick(self) -> Decision | None:
+        """Flush, then let the controller evaluate and commit at most one decision."""
+        if self._shadow is not None:
+            self._shadow.drain()
+        self.flush()
+        decision = self.controller.tick()
+        if decision is not None:
+            self.refresh()
+        return decision
+
+    def act(self, action: Action, *, actor: str, reason: str = "") -> Decision:
+        decision = self.controller.act(action, actor=actor, reason=reason)
+        self.refresh()
+        return decision
+
+    def approve(self, *, actor: str, reason: str = "") -> Decision:
+        return self.act(Action.APPROVE, actor=actor, reason=reason)
+
+    def pause(self, *, actor: str, reason: str = "") -> Decision:
+        return self.act(Action.PAUSE, actor=actor, reason=reason)
+
+    def resume(self, *, actor: str, reason: str = "") -> Decision:
+        return self.act(Action.RESUME, actor=actor, reason=reason)
+
+    def rollback(self, *, actor: str, reason: str = "") -> Decision:
+        return self.act(Action.ROLLBACK, actor=actor, reason=reason)
+
+    def promote(self, *, actor: str, reason: str = "") -> Decision:
+        return self.act(Action.PROMOTE, actor=actor, reason=reason)
+
+    def state(self) -> RolloutState:
+        return self.store.get_state(self.plan.rollout)
+
+    def decisions(self) -> list[Decision]:
+        return self.store.decisions(self.plan.rollout)
+
+    def analysis(self) -> StageAnalysis | None:
+        state = self.state()
+        if state.stage_index < 0:
+            return None
+        rows = self.store.telemetry(self.plan.rollout, state.stage_index)
+        return analyse(self.plan, state.stage_index, Summary.from_rows(rows))
+
+    def status(self) -> Status:
+        state = self.state()
+        split = split_for(self.plan, state)
+        pending = (self.plan.stages[state.pending_stage].name
+                   if state.pending_stage is not None else None)
+        analysis = self.analysis() if not state.phase.terminal else None
+        return Status(self.plan.rollout, self.plan.endpoint, state.phase,
+                      split.stage if state.stage_index >= 0 else None, state.stage_index,
+                      split.traffic, split.shadow, self.clock.now() - state.stage_started_at,
+                      state.reason, pending, analysis)
+
+    def close(self) -> None:
+        if self._shadow is not None:
+            self._shadow.stop()
+        self.flush()
+        for m in self._models.values():
+            m.close()
+
+
+class _ShadowWorker:
+    """Library-mode shadow calls on one background thread with a bounded queue; when full,
+    copies are dropped and counted (``shadow_dropped``), never blocking the caller."""
+
+    def __init__(self, rollout: Rollout) -> None:
+        self.rollout = rollout
+        self.queue: queue.Queue[tuple[Any, ...] | None] = queue.Queue(rollout.plan.serving.shadow_queue)
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="safeshift-shadow", daemon=True)
+        self._thread.start()
+
+    def submit(self, a: Assignment, rows: list[Any], base: ModelResult,
+               context: Mapping[str, Any] | None, rid: str) -> None:
+        try:
+            self.queue.put_nowait((a, rows, base, context, rid))
+        except queue.Full:
+            self.dropped += 1
+            self.rollout.record_shadow_dropped(a, base, context=context, request_id=rid)
+
+    def _run(self) -> None:
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                a, rows, base, context, rid = item
+                cand = self.rollout.model(CANDIDATE).predict(rows)
+                self.rollout.record_shadow(a, base, cand, context=context, request_id=rid)
+            finally:
+                self.queue.task_done()
+
+    def drain(self) -> None:
+        self.queue.join()
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self._thread.join(timeout=5)
+

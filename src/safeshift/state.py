@@ -1,0 +1,146 @@
+"""The persistent state of a rollout and the records it leaves: decisions and audit events."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Phase(StrEnum):
+    """Where a rollout is in its life."""
+
+    PENDING = "pending"  # created, no stage started
+    RUNNING = "running"  # in a stage
+    AWAITING_APPROVAL = "awaiting_approval"  # next stage needs a person; current stage continues
+    PAUSED = "paused"  # no automatic decisions; traffic split frozen
+    PROMOTED = "promoted"  # candidate serves everyone
+    ROLLED_BACK = "rolled_back"  # baseline serves everyone
+
+    @property
+    def terminal(self) -> bool:
+        return self in (Phase.PROMOTED, Phase.ROLLED_BACK)
+
+
+class Action(StrEnum):
+    """What a decision did."""
+
+    START = "start"
+    ADVANCE = "advance"
+    AWAIT_APPROVAL = "await_approval"
+    APPROVE = "approve"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ROLLBACK = "rollback"
+    PROMOTE = "promote"
+
+
+@dataclass(slots=True)
+class RolloutState:
+    """Everything the controller needs to continue after a restart."""
+
+    name: str
+    plan_hash: str
+    phase: Phase = Phase.PENDING
+    stage_index: int = -1  # -1: before the first stage
+    stage_started_at: float = 0.0
+    pending_stage: int | None = None  # the stage awaiting approval
+    version: int = 0  # compare-and-set counter
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. srm running min p
+
+    def copy(self) -> RolloutState:
+        return RolloutState(**{**asdict(self), "extra": dict(self.extra)})
+
+
+@dataclass(slots=True)
+class Decision:
+    """A change of phase or stage, with the evidence that caused it."""
+
+    rollout: str
+    seq: int
+    at: float
+    action: Action
+    from_stage: int
+    to_stage: int
+    phase: Phase
+    reason: str
+    actor: str = "controller"
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "action": str(self.action), "phase": str(self.phase)}
+
+
+GENESIS = "0" * 64
+
+
+@dataclass(slots=True)
+class AuditEvent:
+    """One entry of a rollout's hash-chained audit log."""
+
+    rollout: str
+    seq: int
+    at: float
+    actor: str
+    action: str
+    detail: dict[str, Any]
+    prev_hash: str = GENESIS
+    hash: str = ""
+
+    def compute_hash(self) -> str:
+        body = json.dumps(
+            {"rollout": self.rollout, "seq": self.seq, "at": round(self.at, 6), "actor": self.actor,
+             "action": self.action, "detail": self.detail, "prev": self.prev_hash},
+            sort_keys=True, separators=(",", ":"), default=str,
+        )
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def seal(self, prev_hash: str) -> AuditEvent:
+        self.prev_hash = prev_hash
+        self.hash = self.compute_hash()
+        return self
+
+
+def verify_chain(events: list[AuditEvent]) -> tuple[bool, str]:
+    """Check a rollout's audit events link up and are unaltered; says where it breaks."""
+    prev = GENESIS
+    for i, e in enumerate(events):
+        if e.seq != i + 1:
+            return False, f"event {i + 1}: sequence number {e.seq}, a gap or reordering"
+        if e.prev_hash != prev:
+            return False, f"event {e.seq}: does not link to the previous event"
+        if e.compute_hash() != e.hash:
+            return False, f"event {e.seq}: content does not match its hash (altered)"
+        prev = e.hash
+    return True, f"{len(events)} events, chain intact"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """The compact, expiring record that lets late feedback find the arm that served."""
+
+    id: str
+    rollout: str
+    stage: int
+    arm: str
+    cohort: str
+    segment: str
+    created_at: float
+    expires_at: float
+    outputs: dict[str, Any]  # arm -> first output (both arms in shadow)
+
+
+@dataclass(slots=True)
+class FeedbackItem:
+    """One piece of feedback to record once per (request, signal), with its telemetry."""
+
+    request_id: str
+    signal: str
+    value: float
+    at: float
+    rows: list[Any]  # TelemetryRow: added only when the feedback is new

@@ -1,0 +1,31 @@
+"""Stores: one protocol, an in-memory and a SQL implementation, chosen by URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safeshift.errors import StoreError
+from safeshift.store.base import SCHEMA_VERSION, Store
+from safeshift.store.memory import MemoryStore
+from safeshift.store.sql import SQLStore, sqlite_url
+
+DEFAULT_STORE = "safeshift.db"
+
+
+def open_store(url: str | Path | None = None) -> Store:
+    """``None`` → ``./safeshift.db``; ``memory://``; a path; or any SQLAlchemy URL."""
+    if url is None:
+        return SQLStore(sqlite_url(DEFAULT_STORE))
+    text = str(url)
+    if text == "memory://":
+        return MemoryStore()
+    if "://" not in text:
+        return SQLStore(sqlite_url(text))
+    if text.startswith(("sqlite", "postgresql")):
+        return SQLStore(text)
+    raise StoreError(f"unsupported store URL {text!r}; use a file path, sqlite:///PATH, "
+                     "postgresql+psycopg://USER:PASS@HOST/DB or memory://")
+
+
+__all__ = ["DEFAULT_STORE", "SCHEMA_VERSION", "MemoryStore", "SQLStore", "Store", "open_store",
+           "sqlite_url"]

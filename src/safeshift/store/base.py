@@ -1,0 +1,60 @@
+"""The store protocol: everything durable goes through these few methods."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from safeshift.state import AuditEvent, Decision, FeedbackItem, RequestRecord, RolloutState
+from safeshift.telemetry import TelemetryRow
+
+SCHEMA_VERSION = 1
+
+
+class Store(Protocol):
+    """Durable state for rollouts. Implementations: :class:`MemoryStore`, :class:`SQLStore`."""
+
+    url: str
+
+    def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
+        """Insert a rollout; if it exists with the same plan hash, return its state."""
+        ...
+
+    def get_plan(self, name: str) -> dict[str, Any]: ...
+
+    def get_state(self, name: str) -> RolloutState: ...
+
+    def list_states(self) -> list[RolloutState]: ...
+
+    def commit(self, state: RolloutState, *, expected_version: int,
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
+        """Atomically write the new state, decisions and audit events if the stored version is
+        still ``expected_version`` (else :class:`ConcurrencyError`); seals the audit chain."""
+        ...
+
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None: ...
+
+    def telemetry(self, rollout: str, stage: int | None = None) -> list[TelemetryRow]: ...
+
+    def put_requests(self, records: Sequence[RequestRecord]) -> None: ...
+
+    def get_request(self, request_id: str) -> RequestRecord | None: ...
+
+    def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+
+    def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
+        """Record each item once per (request, signal) and add its telemetry, all in one
+        transaction. An item already recorded changes nothing and reports False."""
+        ...
+
+    def decisions(self, rollout: str) -> list[Decision]: ...
+
+    def audit_events(self, rollout: str) -> list[AuditEvent]: ...
+
+    def purge_expired(self, now: float) -> int: ...
+
+    def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        """Take or renew the named lease (e.g. the controller's) if free, expired or ours."""
+        ...
+
+    def close(self) -> None: ...

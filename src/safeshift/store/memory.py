@@ -1,0 +1,156 @@
+"""An in-memory store for tests, simulations and benchmarks."""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from safeshift.errors import ConcurrencyError, UnknownRolloutError
+from safeshift.state import (
+    GENESIS,
+    AuditEvent,
+    Decision,
+    FeedbackItem,
+    RequestRecord,
+    RolloutState,
+)
+from safeshift.telemetry import TelemetryRow
+
+_Key = tuple[str, int, str, str, str, int, str]
+
+
+class MemoryStore:
+    """Everything in dictionaries; same semantics as the SQL store, no durability."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._plans: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, RolloutState] = {}
+        self._decisions: dict[str, list[Decision]] = {}
+        self._audit: dict[str, list[AuditEvent]] = {}
+        self._telemetry: dict[_Key, TelemetryRow] = {}
+        self._requests: dict[str, RequestRecord] = {}
+        self._feedback: set[tuple[str, str]] = set()
+        self._leases: dict[str, tuple[str, float]] = {}
+
+    def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
+        with self._lock:
+            existing = self._states.get(state.name)
+            if existing is not None:
+                return existing.copy()
+            self._plans[state.name] = copy.deepcopy(plan)
+            self._states[state.name] = state.copy()
+            return state.copy()
+
+    def get_plan(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            if name not in self._plans:
+                raise UnknownRolloutError(f"no rollout named {name!r}")
+            return copy.deepcopy(self._plans[name])
+
+    def get_state(self, name: str) -> RolloutState:
+        with self._lock:
+            if name not in self._states:
+                raise UnknownRolloutError(f"no rollout named {name!r}")
+            return self._states[name].copy()
+
+    def list_states(self) -> list[RolloutState]:
+        with self._lock:
+            return [s.copy() for s in self._states.values()]
+
+    def commit(self, state: RolloutState, *, expected_version: int,
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
+        with self._lock:
+            current = self.get_state(state.name)
+            if current.version != expected_version:
+                raise ConcurrencyError(
+                    f"rollout {state.name!r} changed (version {current.version}, expected "
+                    f"{expected_version}); re-read it and try again"
+                )
+            new = state.copy()
+            new.version = expected_version + 1
+            self._states[state.name] = new
+            self._decisions.setdefault(state.name, []).extend(decisions)
+            chain = self._audit.setdefault(state.name, [])
+            for event in audit:
+                prev = chain[-1].hash if chain else GENESIS
+                event.seq = len(chain) + 1
+                chain.append(event.seal(prev))
+            return new.copy()
+
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+        with self._lock:
+            for r in rows:
+                key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
+                old = self._telemetry.get(key)
+                if old is None:
+                    self._telemetry[key] = r
+                    continue
+                hist = dict(old.hist or {})
+                for b, c in (r.hist or {}).items():
+                    hist[b] = hist.get(b, 0) + c
+                self._telemetry[key] = TelemetryRow(
+                    r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal,
+                    old.n + r.n, old.s + r.s, old.ss + r.ss, hist or None)
+
+    def telemetry(self, rollout: str, stage: int | None = None) -> list[TelemetryRow]:
+        with self._lock:
+            return [r for r in self._telemetry.values()
+                    if r.rollout == rollout and (stage is None or r.stage == stage)]
+
+    def put_requests(self, records: Sequence[RequestRecord]) -> None:
+        with self._lock:
+            for rec in records:
+                self._requests[rec.id] = rec
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        with self._lock:
+            return self._requests.get(request_id)
+
+    def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+        with self._lock:
+            return {i: self._requests[i] for i in request_ids if i in self._requests}
+
+    def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
+        out = []
+        with self._lock:
+            for item in items:
+                key = (item.request_id, item.signal)
+                if key in self._feedback:
+                    out.append(False)
+                    continue
+                self._feedback.add(key)
+                self.add_telemetry(item.rows)
+                out.append(True)
+        return out
+
+    def decisions(self, rollout: str) -> list[Decision]:
+        with self._lock:
+            return list(self._decisions.get(rollout, []))
+
+    def audit_events(self, rollout: str) -> list[AuditEvent]:
+        with self._lock:
+            return list(self._audit.get(rollout, []))
+
+    def purge_expired(self, now: float) -> int:
+        with self._lock:
+            expired = [k for k, r in self._requests.items() if r.expires_at <= now]
+            for k in expired:
+                del self._requests[k]
+            self._feedback = {f for f in self._feedback if f[0] in self._requests}
+            return len(expired)
+
+    def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        with self._lock:
+            current = self._leases.get(name)
+            if current is None or current[0] == holder or current[1] <= now:
+                self._leases[name] = (holder, now + ttl)
+                return True
+            return False
+
+    def close(self) -> None:
+        return None

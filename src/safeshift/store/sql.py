@@ -1,0 +1,462 @@
+"""The SQL store: SQLite by default, PostgreSQL by URL, through SQLAlchemy Core.
+
+Counters are added in the database (``INSERT ... ON CONFLICT DO UPDATE SET n = n + excluded.n``)
+so that many gateway replicas can write the same cells. Rollout state changes are
+compare-and-set on a version column, so two controllers can never both act on one state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from safeshift.errors import ConcurrencyError, SchemaVersionError, StoreError, UnknownRolloutError
+from safeshift.state import (
+    GENESIS,
+    Action,
+    AuditEvent,
+    Decision,
+    FeedbackItem,
+    Phase,
+    RequestRecord,
+    RolloutState,
+)
+from safeshift.store.base import SCHEMA_VERSION
+from safeshift.telemetry import TelemetryRow
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table("safeshift_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
+
+rollouts = sa.Table(
+    "rollouts", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("plan_json", sa.Text, nullable=False),
+    sa.Column("plan_hash", sa.String(64), nullable=False),
+    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("stage_index", sa.Integer, nullable=False),
+    sa.Column("stage_started_at", sa.Float, nullable=False),
+    sa.Column("pending_stage", sa.Integer),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("extra", sa.Text, nullable=False),
+)
+
+decisions_t = sa.Table(
+    "decisions", metadata,
+    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("from_stage", sa.Integer, nullable=False),
+    sa.Column("to_stage", sa.Integer, nullable=False),
+    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("evidence", sa.Text, nullable=False),
+)
+
+audit_t = sa.Table(
+    "audit", metadata,
+    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(128), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("hash", sa.String(64), nullable=False),
+)
+
+_TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "signal")
+
+telemetry = sa.Table(
+    "telemetry", metadata,
+    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.Integer, primary_key=True),
+    sa.Column("arm", sa.String(64), primary_key=True),
+    sa.Column("cohort", sa.String(16), primary_key=True),
+    sa.Column("segment", sa.String(512), primary_key=True),
+    sa.Column("window", sa.BigInteger, primary_key=True),
+    sa.Column("signal", sa.String(128), primary_key=True),
+    sa.Column("n", sa.Float, nullable=False),
+    sa.Column("s", sa.Float, nullable=False),
+    sa.Column("ss", sa.Float, nullable=False),
+)
+
+histograms = sa.Table(
+    "histograms", metadata,
+    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("stage", sa.Integer, primary_key=True),
+    sa.Column("arm", sa.String(64), primary_key=True),
+    sa.Column("cohort", sa.String(16), primary_key=True),
+    sa.Column("segment", sa.String(512), primary_key=True),
+    sa.Column("window", sa.BigInteger, primary_key=True),
+    sa.Column("signal", sa.String(128), primary_key=True),
+    sa.Column("bucket", sa.Integer, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
+requests = sa.Table(
+    "requests", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("rollout", sa.String(64), nullable=False),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("arm", sa.String(64), nullable=False),
+    sa.Column("cohort", sa.String(16), nullable=False),
+    sa.Column("segment", sa.String(512), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False, index=True),
+    sa.Column("outputs", sa.Text, nullable=False),
+)
+
+feedback = sa.Table(
+    "feedback", metadata,
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("signal", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Float, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+)
+
+leases = sa.Table(
+    "leases", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("holder", sa.String(256), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+)
+
+
+def _migrate_v1(conn: Connection) -> None:
+    metadata.create_all(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1}
+"""Schema version → the step that brings the previous version to it."""
+
+
+def sqlite_url(path: Path | str) -> str:
+    return f"sqlite:///{Path(path).resolve()}"
+
+
+class SQLStore:
+    """A store on any SQLAlchemy URL; ``sqlite:///path.db`` or ``postgresql+psycopg://...``."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        try:
+            self.engine: Engine = _engine(url)
+        except Exception as exc:
+            raise StoreError(f"cannot open store {url!r}: {exc}") from None
+        self.dialect = self.engine.dialect.name
+        # upserts are built once: constructing them costs more than running them
+        stmt = self._insert(telemetry)
+        self._telemetry_upsert = stmt.on_conflict_do_update(
+            index_elements=list(_TELEMETRY_KEY),
+            set_={"n": telemetry.c.n + stmt.excluded.n, "s": telemetry.c.s + stmt.excluded.s,
+                  "ss": telemetry.c.ss + stmt.excluded.ss},
+        )
+        hstmt = self._insert(histograms)
+        self._histogram_upsert = hstmt.on_conflict_do_update(
+            index_elements=[*_TELEMETRY_KEY, "bucket"],
+            set_={"count": histograms.c.count + hstmt.excluded.count},
+        )
+        self._feedback_insert = self._insert(feedback).on_conflict_do_nothing(
+            index_elements=["request_id", "signal"])
+        self._requests_insert = self._insert(requests).on_conflict_do_nothing(
+            index_elements=["id"])
+        if migrate:
+            self.migrate()
+
+    # -- schema ---------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("safeshift_schema"):
+                return 0
+            value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+            return int(value or 0)
+
+    def migrate(self) -> int:
+        """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
+        try:
+            with self.engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+                have = 0
+                if sa.inspect(conn).has_table("safeshift_schema"):
+                    have = int(conn.execute(sa.select(sa.func.max(schema_version.c.version)))
+                               .scalar() or 0)
+                if have > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"store {self.url!r} has schema version {have}, newer than this "
+                        f"release's {SCHEMA_VERSION}; upgrade safeshift"
+                    )
+                for version in range(have + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[version](conn)
+                    conn.execute(schema_version.delete())
+                    conn.execute(schema_version.insert().values(version=version))
+                return have
+        except (SchemaVersionError, StoreError):
+            raise
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot prepare store {self.url!r}: {exc}") from None
+
+    # -- rollouts -------------------------------------------------------------------
+
+    def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(rollouts).where(rollouts.c.name == state.name)).first()
+            if row is not None:
+                return _state(row)
+            conn.execute(rollouts.insert().values(
+                plan_json=json.dumps(plan, sort_keys=True), **_state_values(state)))
+        return state.copy()
+
+    def get_plan(self, name: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            text = conn.execute(sa.select(rollouts.c.plan_json).where(rollouts.c.name == name)).scalar()
+        if text is None:
+            raise UnknownRolloutError(f"no rollout named {name!r} in {self.url}")
+        result: dict[str, Any] = json.loads(text)
+        return result
+
+    def get_state(self, name: str) -> RolloutState:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(rollouts).where(rollouts.c.name == name)).first()
+        if row is None:
+            raise UnknownRolloutError(f"no rollout named {name!r} in {self.url}")
+        return _state(row)
+
+    def list_states(self) -> list[RolloutState]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(rollouts).order_by(rollouts.c.created_at)).fetchall()
+        return [_state(r) for r in rows]
+
+    def commit(self, state: RolloutState, *, expected_version: int,
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
+        new = state.copy()
+        new.version = expected_version + 1
+        values = _state_values(new)
+        values.pop("name")
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                rollouts.update()
+                .where(rollouts.c.name == state.name, rollouts.c.version == expected_version)
+                .values(**values)
+            )
+            if result.rowcount != 1:
+                raise ConcurrencyError(
+                    f"rollout {state.name!r} changed since it was read (expected version "
+                    f"{expected_version}); re-read it and try again"
+                )
+            for d in decisions:
+                conn.execute(decisions_t.insert().values(
+                    rollout=d.rollout, seq=d.seq, at=d.at, action=str(d.action),
+                    from_stage=d.from_stage, to_stage=d.to_stage, phase=str(d.phase),
+                    reason=d.reason, actor=d.actor, evidence=json.dumps(d.evidence, default=str)))
+            if audit:
+                last = conn.execute(
+                    sa.select(audit_t.c.seq, audit_t.c.hash)
+                    .where(audit_t.c.rollout == state.name)
+                    .order_by(audit_t.c.seq.desc()).limit(1)
+                ).first()
+                seq, prev = (int(last[0]), str(last[1])) if last else (0, GENESIS)
+                for event in audit:
+                    seq += 1
+                    event.seq = seq
+                    event.seal(prev)
+                    prev = event.hash
+                    conn.execute(audit_t.insert().values(
+                        rollout=event.rollout, seq=event.seq, at=event.at, actor=event.actor,
+                        action=event.action, detail=json.dumps(event.detail, default=str),
+                        prev_hash=event.prev_hash, hash=event.hash))
+        return new
+
+    # -- telemetry ------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table)
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table)
+
+    def _add_telemetry(self, conn: Connection, rows: Sequence[TelemetryRow]) -> None:
+        if not rows:
+            return
+        merged: dict[tuple[Any, ...], list[float]] = {}
+        hists: dict[tuple[Any, ...], int] = {}
+        for r in rows:
+            key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
+            acc = merged.setdefault(key, [0.0, 0.0, 0.0])
+            acc[0] += r.n
+            acc[1] += r.s
+            acc[2] += r.ss
+            for b, c in (r.hist or {}).items():
+                hists[(*key, int(b))] = hists.get((*key, int(b)), 0) + int(c)
+        # sorted: concurrent writers lock rows in one order, so they cannot deadlock
+        conn.execute(self._telemetry_upsert, [
+            dict(zip(_TELEMETRY_KEY, k, strict=True), n=v[0], s=v[1], ss=v[2])
+            for k, v in sorted(merged.items())])
+        if hists:
+            conn.execute(self._histogram_upsert, [
+                dict(zip((*_TELEMETRY_KEY, "bucket"), k, strict=True), count=c)
+                for k, c in sorted(hists.items())])
+
+    def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
+        with self.engine.begin() as conn:
+            self._add_telemetry(conn, rows)
+
+    def telemetry(self, rollout: str, stage: int | None = None) -> list[TelemetryRow]:
+        where = [telemetry.c.rollout == rollout]
+        hwhere = [histograms.c.rollout == rollout]
+        if stage is not None:
+            where.append(telemetry.c.stage == stage)
+            hwhere.append(histograms.c.stage == stage)
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(telemetry).where(*where)).fetchall()
+            hrows = conn.execute(sa.select(histograms).where(*hwhere)).fetchall()
+        hist: dict[tuple[Any, ...], dict[int, int]] = {}
+        for h in hrows:
+            key = tuple(getattr(h, k) for k in _TELEMETRY_KEY)
+            hist.setdefault(key, {})[int(h.bucket)] = int(h._mapping["count"])
+        out = []
+        for r in rows:
+            key = tuple(getattr(r, k) for k in _TELEMETRY_KEY)
+            out.append(TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, int(r.window),
+                                    r.signal, r.n, r.s, r.ss, hist.get(key)))
+        return out
+
+    # -- requests and feedback --------------------------------------------------------
+
+    def put_requests(self, records: Sequence[RequestRecord]) -> None:
+        if not records:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(self._requests_insert, [
+                {"id": r.id, "rollout": r.rollout, "stage": r.stage, "arm": r.arm,
+                 "cohort": r.cohort, "segment": r.segment, "created_at": r.created_at,
+                 "expires_at": r.expires_at, "outputs": json.dumps(r.outputs, default=str)}
+                for r in records
+            ])
+
+    def get_request(self, request_id: str) -> RequestRecord | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(sa.select(requests).where(requests.c.id == request_id)).first()
+        if r is None:
+            return None
+        return RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment, r.created_at,
+                             r.expires_at, json.loads(r.outputs))
+
+    def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
+        out: dict[str, RequestRecord] = {}
+        ids = list(dict.fromkeys(request_ids))
+        with self.engine.connect() as conn:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i:i + 500]
+                for r in conn.execute(sa.select(requests).where(requests.c.id.in_(chunk))):
+                    out[r.id] = RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment,
+                                              r.created_at, r.expires_at, json.loads(r.outputs))
+        return out
+
+    def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
+        if not items:
+            return []
+        out = []
+        rows: list[TelemetryRow] = []
+        with self.engine.begin() as conn:
+            for item in items:
+                result = conn.execute(self._feedback_insert, {
+                    "request_id": item.request_id, "signal": item.signal, "value": item.value,
+                    "at": item.at})
+                new = result.rowcount == 1
+                out.append(new)
+                if new:
+                    rows.extend(item.rows)
+            self._add_telemetry(conn, rows)
+        return out
+
+    # -- records ---------------------------------------------------------------------
+
+    def decisions(self, rollout: str) -> list[Decision]:
+        t = decisions_t
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.rollout == rollout).order_by(t.c.seq)).fetchall()
+        return [Decision(r.rollout, r.seq, r.at, Action(r.action), r.from_stage, r.to_stage,
+                         Phase(r.phase), r.reason, r.actor, json.loads(r.evidence)) for r in rows]
+
+    def audit_events(self, rollout: str) -> list[AuditEvent]:
+        t = audit_t
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.rollout == rollout).order_by(t.c.seq)).fetchall()
+        return [AuditEvent(r.rollout, r.seq, r.at, r.actor, r.action, json.loads(r.detail),
+                           r.prev_hash, r.hash) for r in rows]
+
+    def purge_expired(self, now: float) -> int:
+        with self.engine.begin() as conn:
+            expired = sa.select(requests.c.id).where(requests.c.expires_at <= now)
+            conn.execute(feedback.delete().where(feedback.c.request_id.in_(expired)))
+            result = conn.execute(requests.delete().where(requests.c.expires_at <= now))
+            return int(result.rowcount or 0)
+
+    def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
+        with self.engine.begin() as conn:
+            stmt = self._insert(leases).values(name=name, holder=holder, expires_at=now + ttl)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=["name"],
+                set_={"holder": holder, "expires_at": now + ttl},
+                where=sa.or_(leases.c.holder == holder, leases.c.expires_at <= now),
+            )
+            conn.execute(stmt)
+            current = conn.execute(sa.select(leases.c.holder).where(leases.c.name == name)).scalar()
+        return bool(current == holder)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def _state_values(state: RolloutState) -> dict[str, Any]:
+    return {
+        "name": state.name, "plan_hash": state.plan_hash, "phase": str(state.phase),
+        "stage_index": state.stage_index, "stage_started_at": state.stage_started_at,
+        "pending_stage": state.pending_stage, "version": state.version,
+        "created_at": state.created_at, "updated_at": state.updated_at, "reason": state.reason,
+        "extra": json.dumps(state.extra, default=str),
+    }
+
+
+def _state(row: Any) -> RolloutState:
+    return RolloutState(
+        name=row.name, plan_hash=row.plan_hash, phase=Phase(row.phase),
+        stage_index=row.stage_index, stage_started_at=row.stage_started_at,
+        pending_stage=row.pending_stage, version=row.version, created_at=row.created_at,
+        updated_at=row.updated_at, reason=row.reason, extra=json.loads(row.extra),
+    )

@@ -1,0 +1,285 @@
+"""Events become mergeable sufficient statistics.
+
+Each observation lands in a *cell* — (stage, arm, cohort, segment, time window) — as count, sum
+and sum of squares per signal, plus a log-bucketed histogram for latencies. Cells from many
+processes merge by addition, so the store grows with time windows, not with traffic.
+
+Signals are named by what they measure: ``requests`` (count), ``error_rate`` (0/1),
+``latency_ms`` (value), ``latency_ms>250`` (0/1, one per latency guardrail threshold),
+``accuracy`` (0/1 per label), ``disagreement`` (0/1 per shadow pair), and so on.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from safeshift.plan import Plan
+
+HIST_MIN = 0.01
+"""Histogram floor (milliseconds); smaller values share bucket 0."""
+HIST_GROWTH = 1.05
+"""Ratio between consecutive bucket bounds: quantiles are within 2.5% of the truth."""
+_LOG_GROWTH = math.log(HIST_GROWTH)
+
+NONE = "(none)"
+OTHER = "(other)"
+
+
+@dataclass(slots=True)
+class Moments:
+    """Count, sum and sum of squares: enough for means, proportions and their variances."""
+
+    n: float = 0.0
+    s: float = 0.0
+    ss: float = 0.0
+
+    def add(self, value: float) -> None:
+        self.n += 1.0
+        self.s += value
+        self.ss += value * value
+
+    def merge(self, other: Moments) -> None:
+        self.n += other.n
+        self.s += other.s
+        self.ss += other.ss
+
+    @property
+    def mean(self) -> float:
+        return self.s / self.n if self.n else math.nan
+
+
+def hist_bucket(value: float) -> int:
+    if value <= HIST_MIN:
+        return 0
+    return max(1, math.ceil(math.log(value / HIST_MIN) / _LOG_GROWTH))
+
+
+def hist_upper(bucket: int) -> float:
+    """Upper bound of a bucket (milliseconds)."""
+    return HIST_MIN * HIST_GROWTH**bucket
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Sparse log-bucketed counts; merge by addition."""
+
+    counts: dict[int, int] = field(default_factory=dict)
+
+    def add(self, value: float) -> None:
+        b = hist_bucket(value)
+        self.counts[b] = self.counts.get(b, 0) + 1
+
+    def merge(self, other: Histogram | Mapping[int, int]) -> None:
+        items = other.counts.items() if isinstance(other, Histogram) else other.items()
+        for b, c in items:
+            self.counts[int(b)] = self.counts.get(int(b), 0) + int(c)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def quantile(self, q: float) -> float:
+        """Approximate ``q``-quantile: the geometric middle of the bucket that holds it."""
+        total = self.total
+        if total == 0:
+            return math.nan
+        rank = q * total
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return HIST_MIN if b == 0 else hist_upper(b) / math.sqrt(HIST_GROWTH)
+        return hist_upper(max(self.counts))
+
+    def share_above(self, threshold: float) -> float:
+        total = self.total
+        if total == 0:
+            return math.nan
+        cut = hist_bucket(threshold)
+        return sum(c for b, c in self.counts.items() if b > cut) / total
+
+
+@dataclass(slots=True)
+class Cell:
+    """Everything observed for one (stage, arm, cohort, segment, window)."""
+
+    metrics: dict[str, Moments] = field(default_factory=dict)
+    hists: dict[str, Histogram] = field(default_factory=dict)
+
+    def moments(self, signal: str) -> Moments:
+        m = self.metrics.get(signal)
+        if m is None:
+            m = self.metrics[signal] = Moments()
+        return m
+
+    def merge(self, other: Cell) -> None:
+        for k, m in other.metrics.items():
+            self.moments(k).merge(m)
+        for k, h in other.hists.items():
+            self.hists.setdefault(k, Histogram()).merge(h)
+
+
+@dataclass(frozen=True, slots=True)
+class CellKey:
+    stage: int
+    arm: str
+    cohort: str  # "hash" for hashed units, "targeted" for targeting rules, "other"
+    segment: str  # canonical "country=BR|plan=pro"
+    window: int  # start of the time window, seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class TelemetryRow:
+    """One signal of one cell, as stored."""
+
+    rollout: str
+    stage: int
+    arm: str
+    cohort: str
+    segment: str
+    window: int
+    signal: str
+    n: float
+    s: float
+    ss: float
+    hist: dict[int, int] | None = None
+
+
+def segment_dict(segment: str) -> dict[str, str]:
+    if not segment:
+        return {}
+    return dict(part.split("=", 1) for part in segment.split("|"))
+
+
+class SegmentKeyer:
+    """Canonical segment key from a request context, with a cap on distinct values."""
+
+    def __init__(self, attributes: Iterable[str], max_values: int = 50) -> None:
+        self.attributes = list(attributes)
+        self.max_values = max_values
+        self._seen: dict[str, set[str]] = {a: set() for a in self.attributes}
+
+    def key(self, context: Mapping[str, Any] | None) -> str:
+        if not self.attributes:
+            return ""
+        parts = []
+        for attr in self.attributes:
+            raw = None if context is None else context.get(attr)
+            if raw is None or raw == "":
+                value = NONE
+            else:
+                value = str(raw)[:64].replace("|", "/").replace("=", ":")
+                seen = self._seen[attr]
+                if value not in seen:
+                    if len(seen) >= self.max_values:
+                        value = OTHER
+                    else:
+                        seen.add(value)
+            parts.append(f"{attr}={value}")
+        return "|".join(parts)
+
+
+class Aggregator:
+    """Thread-safe in-memory accumulation of cells until :meth:`drain`."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.rollout = plan.rollout
+        self.window = plan.serving.telemetry_window
+        self.keyer = SegmentKeyer(plan.segments, plan.analysis.max_segment_values)
+        thresholds: dict[str, set[float]] = {}
+        for g in plan.guardrails:
+            if g.above is not None:
+                thresholds.setdefault(g.metric, set()).add(g.above)
+        self.thresholds = {k: sorted(v) for k, v in thresholds.items()}
+        self._cells: dict[CellKey, Cell] = {}
+        self._lock = threading.Lock()
+
+    def key(self, stage: int, arm: str, cohort: str, segment: str, now: float) -> CellKey:
+        w = int(now // self.window * self.window)
+        return CellKey(stage, arm, cohort, segment, w)
+
+    def observe(self, key: CellKey, values: Mapping[str, float], *, hist: bool = False) -> None:
+        """Add one observation of each signal in ``values`` to the cell ``key``."""
+        with self._lock:
+            cell = self._cells.get(key)
+            if cell is None:
+                cell = self._cells[key] = Cell()
+            for signal, value in values.items():
+                cell.moments(signal).add(value)
+                for cut in self.thresholds.get(signal, ()):
+                    cell.moments(f"{signal}>{cut:g}").add(1.0 if value > cut else 0.0)
+                if hist and signal.endswith("_ms"):
+                    cell.hists.setdefault(signal, Histogram()).add(value)
+
+    def add_cell(self, key: CellKey, cell: Cell) -> None:
+        with self._lock:
+            existing = self._cells.get(key)
+            if existing is None:
+                self._cells[key] = cell
+            else:
+                existing.merge(cell)
+
+    def drain(self) -> list[TelemetryRow]:
+        with self._lock:
+            cells, self._cells = self._cells, {}
+        return rows_from_cells(self.rollout, cells)
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+
+def rows_from_cells(rollout: str, cells: Mapping[CellKey, Cell]) -> list[TelemetryRow]:
+    rows = []
+    for k, cell in cells.items():
+        for signal, m in cell.metrics.items():
+            h = cell.hists.get(signal)
+            rows.append(TelemetryRow(rollout, k.stage, k.arm, k.cohort, k.segment, k.window,
+                                     signal, m.n, m.s, m.ss, dict(h.counts) if h else None))
+    return rows
+
+
+@dataclass(slots=True)
+class Summary:
+    """Telemetry of one stage summed over windows: ``cells[(arm, cohort, segment)][signal]``."""
+
+    cells: dict[tuple[str, str, str], dict[str, Moments]] = field(default_factory=dict)
+    hists: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (arm, signal)
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[TelemetryRow]) -> Summary:
+        out = cls()
+        for r in rows:
+            cell = out.cells.setdefault((r.arm, r.cohort, r.segment), {})
+            m = cell.get(r.signal)
+            if m is None:
+                m = cell[r.signal] = Moments()
+            m.merge(Moments(r.n, r.s, r.ss))
+            if r.hist:
+                out.hists.setdefault((r.arm, r.signal), Histogram()).merge(r.hist)
+        return out
+
+    def total(self, arm: str, signal: str, *, cohort: str | None = "hash",
+              where: tuple[str, str] | None = None) -> Moments:
+        """Sum of ``signal`` on ``arm`` (one cohort, or all with ``None``), optionally for the
+        segment value ``where = (attribute, value)``."""
+        out = Moments()
+        for (a, c, seg), signals in self.cells.items():
+            if a != arm or (cohort is not None and c != cohort):
+                continue
+            if where is not None and segment_dict(seg).get(where[0]) != where[1]:
+                continue
+            m = signals.get(signal)
+            if m is not None:
+                out.merge(m)
+        return out
+
+    def segment_values(self) -> dict[str, set[str]]:
+        values: dict[str, set[str]] = {}
+        for (_, _, seg) in self.cells:
+            for attr, value in segment_dict(seg).items():
+                values.setdefault(attr, set()).add(value)
+        return values

@@ -1,0 +1,111 @@
+"""The command line as a user meets it: exit codes, one clear line per problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import ROOT, plan_dict
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "safeshift.cli", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=120)
+
+
+def write(tmp_path: Path, data: object, name: str = "plan.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_validate_reports_all_three_mistakes(tmp_path: Path) -> None:
+    data = plan_dict()
+    data["stages"][0]["traffic"] = "150%"
+    data["stages"][1]["min_duration"] = "soon"
+    del data["change"]
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2
+    assert "3 problem(s)" in r.stderr
+    for path in ("stages.0.traffic", "stages.1.min_duration", "change"):
+        assert f"  {path}:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (None, "no such file"),
+    ("rollout: [oops\n", "not valid YAML at line"),
+])
+def test_validate_file_problems_are_one_line(tmp_path: Path, content: str | None,
+                                             expected: str) -> None:
+    path = tmp_path / "plan.yaml"
+    if content is not None:
+        path.write_text(content)
+    r = cli("validate", str(path))
+    assert r.returncode == 2
+    assert expected in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_validate_unknown_model_reference(tmp_path: Path) -> None:
+    data = plan_dict()
+    data["candidate"]["model"] = "joblib:models/missing.joblib"
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2
+    assert "candidate.model" in r.stderr and "no such file" in r.stderr
+    data["candidate"]["model"] = "torch:whatever"
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2 and "unknown model reference" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_validate_ok_and_json(tmp_path: Path) -> None:
+    path = write(tmp_path, plan_dict())
+    r = cli("validate", str(path))
+    assert r.returncode == 0 and "ok:" in r.stdout
+    r = cli("validate", "--json", str(path))
+    assert json.loads(r.stdout)["valid"] is True
+
+
+def test_schema_is_json() -> None:
+    r = cli("schema")
+    assert r.returncode == 0
+    assert json.loads(r.stdout)["title"] == "safeshift rollout plan"
+
+
+def test_control_commands_on_a_store(tmp_path: Path) -> None:
+    store = str(tmp_path / "s.db")
+    r = cli("simulate", str(write(tmp_path, plan_dict())), "--scenario", "identical",
+            "--hours", "0.1", "--store", store, "--json")
+    assert r.returncode == 0, r.stderr
+    name = json.loads(r.stdout)["rollout"]
+    r = cli("status", name, "--store", store)
+    assert r.returncode == 0 and name in r.stdout
+    r = cli("pause", name, "--store", store, "--actor", "dana", "--reason", "checking")
+    assert r.returncode == 0 and "paused" in r.stdout
+    r = cli("pause", name, "--store", store)
+    assert r.returncode == 2 and "already paused" in r.stderr
+    r = cli("rollback", name, "--store", store, "--actor", "dana")
+    assert r.returncode == 0
+    r = cli("history", name, "--store", store)
+    assert "dana" in r.stdout and "rollback" in r.stdout
+    r = cli("audit", "verify", name, "--store", store)
+    assert r.returncode == 0 and "chain intact" in r.stdout
+    r = cli("status", "nope", "--store", store)
+    assert r.returncode == 2 and "no rollout named 'nope'" in r.stderr
+
+
+def test_simulate_tells_a_segment_fault_story(tmp_path: Path) -> None:
+    plan = ROOT / "examples" / "churn" / "plan.yaml"
+    r = cli("simulate", str(plan), "--scenario", "segment-fault", "--seed", "3", "--rate", "40")
+    assert r.returncode == 0, r.stderr
+    assert "rolled_back" in r.stdout
+    assert "country=BR" in r.stdout
+    r = cli("simulate", str(plan), "--scenario", "nope")
+    assert r.returncode == 2 and "unknown scenario" in r.stderr

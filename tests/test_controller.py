@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from tests.conftest import plan_dict
+
+from safeshift import FakeModel, InvalidTransitionError, Phase, Plan, Rollout, VirtualClock
+from safeshift.controller import next_stage
+from safeshift.state import Action, verify_chain
+from safeshift.store import Store
+
+COUNTRIES = ["US", "BR", "IN", "GB"]
+
+
+def run(rollout: Rollout, clock: VirtualClock, *, steps: int = 400, per_step: int = 60,
+        seed: int = 3, approve: bool = True) -> list[Any]:
+    rng = random.Random(seed)
+    decisions = []
+    for _ in range(steps):
+        for _ in range(per_step):
+            unit = f"u{rng.randrange(1_000_000)}"
+            rollout.predict({"x": 1}, unit=unit, context={"country": rng.choice(COUNTRIES)})
+        clock.advance(10)
+        d = rollout.tick()
+        if d is not None:
+            decisions.append(d)
+        state = rollout.state()
+        if state.phase.terminal:
+            break
+        if approve and state.phase is Phase.AWAITING_APPROVAL:
+            decisions.append(rollout.approve(actor="alice"))
+    return decisions
+
+
+def make(plan: Plan, store: Store, clock: VirtualClock, *, candidate: FakeModel) -> Rollout:
+    return Rollout.from_plan(plan, store=store, clock=clock,
+                             models={"baseline": FakeModel(output=1), "candidate": candidate})
+
+
+def test_good_candidate_is_promoted_stage_by_stage(plan: Plan, store: Store,
+                                                   clock: VirtualClock) -> None:
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    decisions = run(rollout, clock)
+    assert [d.action for d in decisions] == [Action.ADVANCE, Action.PROMOTE]
+    assert rollout.state().phase is Phase.PROMOTED
+    assert decisions[0].evidence["verdicts"][0]["status"] == "pass"
+    assert all(d.at - 0 >= 0 for d in decisions)
+    assert verify_chain(store.audit_events(plan.rollout))[0]
+    # the promoted split serves the candidate to everyone
+    assert rollout.assign("anyone", {}).is_candidate
+
+
+def test_failing_candidate_is_rolled_back_and_users_get_the_baseline(
+        plan: Plan, store: Store, clock: VirtualClock) -> None:
+    rollout = make(plan, store, clock, candidate=FakeModel(output=2, error_rate=0.3))
+    served = [rollout.predict({"x": 1}, unit=f"u{i}") for i in range(300)]
+    assert all(p.outputs == [1] or (p.arm == "candidate" and p.outputs == [2]) for p in served)
+    assert any(p.fallback for p in served)
+    decisions = run(rollout, clock)
+    assert decisions[-1].action is Action.ROLLBACK
+    assert "error rate" in decisions[-1].reason and "tolerance" in decisions[-1].reason
+    assert not rollout.assign("u1", {}).is_candidate
+
+
+def test_segment_fault_is_named() -> None:
+    clock = VirtualClock()
+    from safeshift import MemoryStore
+
+    plan = Plan.from_dict(plan_dict())
+    rollout = Rollout.from_plan(plan, store=MemoryStore(), clock=clock,
+                                models={"baseline": FakeModel(), "candidate": FakeModel()})
+    # 8% errors in BR only: globally 2 pt, not proven beyond the 2 pt tolerance; in BR, 8 pt
+    bad = FakeModel(error_rate=0.08, seed=1)
+    good = FakeModel()
+    rng = random.Random(5)
+    for _ in range(400):
+        for _ in range(150):
+            country = rng.choice(COUNTRIES)
+            a = rollout.assign(f"u{rng.randrange(10**6)}", {"country": country})
+            model = bad if (a.is_candidate and country == "BR") else good
+            rollout.record(a, model.predict([{}]), context={"country": country})
+        clock.advance(10)
+        d = rollout.tick()
+        if d is not None and d.action is Action.ROLLBACK:
+            assert "country=BR" in d.reason
+            harms = [v for v in d.evidence["verdicts"] if v["status"] == "harm"]
+            assert {v["segment"] for v in harms} >= {"country=BR"}
+            return
+    pytest.fail("the segment fault was not rolled back")
+
+
+def test_approval_gate_waits_for_a_person(store: Store, clock: VirtualClock) -> None:
+    data = plan_dict()
+    data["stages"][1]["approval"] = "required"
+    plan = Plan.from_dict(data)
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    decisions = run(rollout, clock, approve=False, steps=200)
+    assert decisions[-1].action is Action.AWAIT_APPROVAL
+    assert rollout.state().pending_stage == 1
+    assert rollout.state().stage_index == 0  # the previous stage keeps running
+    with pytest.raises(InvalidTransitionError):
+        rollout.resume(actor="bob")
+    d = rollout.approve(actor="bob", reason="looks fine")
+    assert d.actor == "bob" and rollout.state().stage_index == 1
+    assert rollout.state().phase is Phase.RUNNING
+
+
+def test_pause_resume_and_terminal_actions(plan: Plan, store: Store, clock: VirtualClock) -> None:
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rollout.pause(actor="carol", reason="investigating")
+    clock.advance(3600)
+    assert rollout.tick() is None  # paused: no automatic decision
+    rollout.resume(actor="carol")
+    assert rollout.state().phase is Phase.RUNNING
+    rollout.rollback(actor="carol", reason="manual")
+    with pytest.raises(InvalidTransitionError, match="already rolled_back"):
+        rollout.promote(actor="carol")
+    assert [e.action for e in store.audit_events(plan.rollout)] == [
+        "start", "pause", "resume", "rollback"]
+
+
+def test_inconclusive_stage_follows_the_plan(store: Store, clock: VirtualClock) -> None:
+    data = plan_dict()
+    data["stages"][0]["max_duration"] = "20m"
+    data["analysis"]["on_inconclusive"] = "rollback"
+    plan = Plan.from_dict(data)
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    decisions = run(rollout, clock, per_step=1, steps=200)  # a trickle: never conclusive
+    assert decisions[-1].action is Action.ROLLBACK
+    assert "max_duration" in decisions[-1].reason
+
+
+def test_low_traffic_holds_and_never_fails(plan: Plan, store: Store, clock: VirtualClock) -> None:
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    decisions = run(rollout, clock, per_step=1, steps=150)
+    assert decisions == []
+    assert rollout.state().phase is Phase.RUNNING
+
+
+def test_sample_ratio_mismatch_pauses(plan: Plan, store: Store, clock: VirtualClock) -> None:
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    base = FakeModel(output=1)
+    for i in range(4000):
+        a = rollout.assign(f"u{i}", {})
+        if a.is_candidate and i % 2:  # half the candidate's telemetry goes missing
+            continue
+        rollout.record(a, base.predict([{}]))
+    clock.advance(600)
+    d = rollout.tick()
+    assert d is not None and d.action is Action.PAUSE
+    assert "sample-ratio mismatch" in d.reason
+
+
+def test_next_stage_schedule() -> None:
+    data = plan_dict()
+    data["stages"][1]["approval"] = "required"
+    plan = Plan.from_dict(data)
+    assert next_stage(plan, 0) == (1, Action.AWAIT_APPROVAL)
+    assert next_stage(plan, 1) == (2, Action.PROMOTE)  # entering 100% is promotion
+    short = Plan.from_dict(plan_dict(stages=[{"name": "only", "traffic": "20%"}]))
+    assert next_stage(short, 0) == (0, Action.PROMOTE)

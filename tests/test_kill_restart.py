@@ -1,0 +1,69 @@
+"""A controller killed at any moment and restarted continues where it was: no decision is lost
+or repeated, the audit chain stays intact."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import ROOT, plan_dict
+
+from safeshift.state import Action, Phase, verify_chain
+from safeshift.store import SQLStore, sqlite_url
+
+WORKER = Path(__file__).with_name("rollout_worker.py")
+
+
+@pytest.mark.process
+def test_kill_and_restart_mid_rollout(tmp_path: Path) -> None:
+    data = plan_dict(rollout="kill-test")
+    data["stages"] = [
+        {"name": "a", "traffic": "10%", "min_duration": "1s", "min_samples": 150},
+        {"name": "b", "traffic": "30%", "min_duration": "1s", "min_samples": 150},
+        {"name": "c", "traffic": "60%", "min_duration": "1s", "min_samples": 150},
+        {"name": "full", "traffic": "100%"},
+    ]
+    plan_path = tmp_path / "plan.yaml"
+    plan_path.write_text(yaml.safe_dump(data))
+    url = sqlite_url(tmp_path / "kill.db")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    rng = random.Random(11)
+    kills = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        log = tmp_path / f"worker-{kills}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([sys.executable, str(WORKER), url, str(plan_path)], env=env,
+                                    stdout=out, stderr=subprocess.STDOUT)
+            try:
+                proc.wait(timeout=rng.uniform(0.8, 2.5))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                continue
+        assert proc.returncode == 0, log.read_text()
+        break
+    store = SQLStore(url)
+    state = store.get_state("kill-test")
+    assert state.phase is Phase.PROMOTED, f"not finished after {kills} kills: {state}"
+    assert kills >= 2, "the test should have killed the worker mid-rollout at least twice"
+    decisions = store.decisions("kill-test")
+    assert [d.seq for d in decisions] == list(range(1, len(decisions) + 1))
+    assert [d.action for d in decisions] == [Action.START, Action.ADVANCE, Action.ADVANCE,
+                                             Action.PROMOTE]
+    for prev, d in itertools.pairwise(decisions):
+        assert d.from_stage == prev.to_stage  # every decision starts where the last ended
+    assert state.extra["seq"] == len(decisions)
+    events = store.audit_events("kill-test")
+    assert len(events) == len(decisions)
+    assert verify_chain(events)[0]
+    store.close()

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from safeshift import ConcurrencyError, UnknownRolloutError
+from safeshift.errors import SchemaVersionError, StoreError
+from safeshift.state import (
+    Action,
+    AuditEvent,
+    Decision,
+    FeedbackItem,
+    Phase,
+    RequestRecord,
+    RolloutState,
+    verify_chain,
+)
+from safeshift.store import SCHEMA_VERSION, SQLStore, Store, open_store, sqlite_url
+from safeshift.telemetry import TelemetryRow
+
+
+def _state(name: str = "r1") -> RolloutState:
+    return RolloutState(name=name, plan_hash="h1", created_at=1.0, updated_at=1.0)
+
+
+def test_create_is_idempotent_and_keeps_first_plan(store: Store) -> None:
+    created = store.create_rollout({"rollout": "r1"}, _state())
+    again = store.create_rollout({"rollout": "other"}, _state())
+    assert created.version == again.version == 0
+    assert store.get_plan("r1") == {"rollout": "r1"}
+    with pytest.raises(UnknownRolloutError):
+        store.get_state("nope")
+
+
+def test_commit_is_compare_and_set(store: Store) -> None:
+    s = store.create_rollout({}, _state())
+    s.phase = Phase.RUNNING
+    d = Decision("r1", 1, 2.0, Action.START, -1, 0, Phase.RUNNING, "go")
+    new = store.commit(s, expected_version=0, decisions=[d],
+                       audit=[AuditEvent("r1", 0, 2.0, "tester", "start", {"x": 1})])
+    assert new.version == 1 and store.get_state("r1").phase is Phase.RUNNING
+    with pytest.raises(ConcurrencyError):
+        store.commit(s, expected_version=0)
+    assert [x.action for x in store.decisions("r1")] == [Action.START]
+
+
+def test_audit_chain_links_and_detects_tampering(store: Store) -> None:
+    s = store.create_rollout({}, _state())
+    for i in range(3):
+        s = store.commit(s, expected_version=s.version,
+                         audit=[AuditEvent("r1", 0, float(i), "a", "act", {"i": i})])
+    events = store.audit_events("r1")
+    assert [e.seq for e in events] == [1, 2, 3]
+    assert verify_chain(events)[0]
+    events[1].detail["i"] = 99
+    ok, message = verify_chain(events)
+    assert not ok and "event 2" in message
+
+
+def _row(signal: str, n: float, s: float, hist: dict[int, int] | None = None) -> TelemetryRow:
+    return TelemetryRow("r1", 0, "candidate", "hash", "country=BR", 60, signal, n, s, s, hist)
+
+
+def test_telemetry_adds_up(store: Store) -> None:
+    store.add_telemetry([_row("error_rate", 10, 1, {5: 2}), _row("error_rate", 5, 2, {5: 1, 6: 1})])
+    store.add_telemetry([_row("error_rate", 1, 1)])
+    rows = store.telemetry("r1", 0)
+    assert len(rows) == 1
+    assert (rows[0].n, rows[0].s) == (16, 4)
+    assert rows[0].hist == {5: 3, 6: 1}
+    assert store.telemetry("r1", 1) == []
+
+
+def test_feedback_is_recorded_once(store: Store) -> None:
+    rec = RequestRecord("req-1", "r1", 0, "candidate", "hash", "", 0.0, 100.0, {"candidate": [1]})
+    store.put_requests([rec])
+    assert store.get_request("req-1") == rec
+    assert store.get_requests(["req-1", "nope"]) == {"req-1": rec}
+    item = FeedbackItem("req-1", "accuracy", 1.0, 5.0, [_row("accuracy", 1, 1)])
+    assert store.add_feedback([item]) == [True]
+    assert store.add_feedback([item, FeedbackItem("req-1", "other", 1.0, 6.0, [])]) == [False, True]
+    assert [r.n for r in store.telemetry("r1") if r.signal == "accuracy"] == [1]
+    assert store.purge_expired(now=100.0) == 1
+    assert store.get_request("req-1") is None
+
+
+def test_leases(store: Store) -> None:
+    assert store.acquire_lease("controller", "a", ttl=10, now=0)
+    assert not store.acquire_lease("controller", "b", ttl=10, now=5)
+    assert store.acquire_lease("controller", "a", ttl=10, now=5)
+    assert store.acquire_lease("controller", "b", ttl=10, now=16)
+
+
+def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
+    url = sqlite_url(tmp_path / "s.db")
+    store = SQLStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.migrate() == SCHEMA_VERSION  # nothing to do the second time
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE safeshift_schema SET version = 99")
+    with pytest.raises(SchemaVersionError, match="upgrade safeshift"):
+        SQLStore(url)
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    assert open_store("memory://").url == "memory://"
+    assert open_store(tmp_path / "a.db").url.startswith("sqlite:///")
+    with pytest.raises(StoreError, match="unsupported store URL"):
+        open_store("mongodb://x")
