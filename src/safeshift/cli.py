@@ -127,11 +127,10 @@ def plan_duration(
 
     try:
         p = Plan.load(plan)
-        per_second = parse_rate(rate)
-        levels = parse_baselines(baseline or [])
+        report = estimate_durations(p, parse_rate(rate), parse_baselines(baseline or []),
+                                    label_share=label_share)
     except (PlanError, ValueError) as exc:
         fail(str(exc))
-    report = estimate_durations(p, per_second, levels, label_share=label_share)
     if json_out:
         out.print_json(data=report.to_json())
     else:

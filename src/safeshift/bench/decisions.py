@@ -1,0 +1,880 @@
+"""``safeshift bench decisions``: rollout decisions against the methods people use today.
+
+A seeded Monte-Carlo on a virtual clock. Each simulated rollout is one canary stage of a real
+:class:`~safeshift.Plan` (50 % of 50 requests/s on the candidate, guardrails ``error_rate``
+± 0.2 pt and the share of ``latency_ms`` above 250 ms ± 1 pt, ten countries as segments,
+alpha 0.05, default analysis settings). Every 10 virtual seconds the per-arm, per-country
+counts of the last interval are drawn (vectorised over runs) and every method looks at the
+*same* traffic:
+
+``safeshift``
+    the decision engine with the plan's settings — the same for every scenario — and the
+    controller's rule: roll back on any ``HARM`` verdict (global or segment), pause on a
+    sample-ratio mismatch, promote when every global verdict passes and ``min_samples`` and
+    ``min_duration`` are met, stop undecided at ``max_duration``. The verdicts come from a
+    vectorised copy of :func:`safeshift.analysis.analyse` (same formulas, same alpha sharing,
+    same order of floating-point operations), checked against the real ``analyse`` at every
+    look of the first runs of each scenario and by ``tests/bench/test_decisions.py``.
+``naive``
+    the same hypotheses (harm beyond the tolerance) with a fixed-sample one-sided z-test at
+    alpha 0.05 per guardrail, repeated at every look: roll back on the first significant
+    harm, promote at the end of the horizon.
+``threshold``
+    Flagger-like: every 1-minute interval, a guardrail fails its check when the candidate's
+    interval rate exceeds the baseline's by more than the tolerance; roll back after one
+    failed check, promote at the end of the horizon.
+``mannwhitney``
+    Kayenta-like: every 1-minute interval, a Mann-Whitney U test on the per-request 0/1
+    values (two-sided, confidence 0.98); a guardrail is classified *high* — a failure —
+    when the candidate is significantly higher and its mean exceeds the baseline's by more
+    than the 0.25 effect tolerance. Kayenta bounds the Hodges-Lehmann shift instead, which
+    is 0 for rare 0/1 events, so it would never fail at all; the mean ratio is the
+    ``ratio`` Kayenta reports. Roll back on the first failure, promote at the horizon.
+``oracle``
+    Wald's SPRT (alpha = beta = 0.05), request by request, on the one stream the scenario
+    changes, between the true state and the harmful state: H0 = no change and H1 = the true
+    effect when the change is harmful; H0 = the true state and H1 = the harmful alternative
+    (error rate 1 % → 2 %) when it is not. Accepting H1 rolls back, accepting H0 promotes.
+    It knows the baseline rate and the effect, so no test with the same error rates needs
+    fewer samples on average (Wald & Wolfowitz 1948). Within a 10-second look the requests
+    come in a random order consistent with the look's counts.
+
+The horizon of the three baselines is the fixed-horizon sample size a practitioner would plan
+for the tightest guardrail (one-sided alpha 0.05, power 0.8, margin = tolerance), rounded up
+to whole 1-minute checks. Samples are candidate + baseline requests at the decision.
+
+Besides the five methods the JSON carries ``reference`` figures: the textbook peeking
+experiment (``naive_no_tolerance``: a z-test of any difference at every look), the SPRT of
+the hypothesis safeshift actually tests (``oracle_at_tolerance``: H0 harm = tolerance), and,
+on the harmful scenario, the engine's error-rate rule with its guarantees added one at a time
+(``harm_cost_breakdown``), which shows where its samples to a rollback go.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from scipy import special
+
+from safeshift._units import BASIS_POINTS
+from safeshift.analysis import MIN_GLOBAL_SAMPLES, REQUESTS, Status, analyse, tuning_samples
+from safeshift.assign import BASELINE, CANDIDATE
+from safeshift.plan import Direction, Plan
+from safeshift.stats import fixed_horizon_samples_per_arm, mixture_rho2, srm_log_bayes_factor
+from safeshift.telemetry import Moments, Summary
+
+__all__ = [
+    "METHODS",
+    "SCENARIOS",
+    "EngineSpec",
+    "Scenario",
+    "bench_plan",
+    "engine_statuses",
+    "main",
+    "mann_whitney_p",
+    "simulate",
+]
+
+Array = NDArray[np.float64]
+Mask = NDArray[np.bool_]
+
+METHODS = ("safeshift", "naive", "threshold", "mannwhitney", "oracle")
+
+RATE = 50.0
+"""Requests per second reaching the endpoint."""
+LOOK = 10.0
+"""Seconds between controller ticks (looks)."""
+CHECK = 60.0
+"""Seconds per Flagger/Kayenta check interval."""
+TRAFFIC = "50%"
+MIN_DURATION = "10m"
+MAX_DURATION = "2h"
+MIN_SAMPLES = 1000
+BASE_RATE = 0.01
+"""Baseline error rate and share of requests slower than 250 ms, in every country."""
+COUNTRIES: tuple[tuple[str, float], ...] = (
+    ("US", 0.30), ("IN", 0.15), ("BR", 0.10), ("DE", 0.10), ("GB", 0.08),
+    ("FR", 0.07), ("JP", 0.06), ("MX", 0.05), ("CA", 0.05), ("AU", 0.04),
+)
+HARM_COUNTRY = "BR"
+SEGMENT_ATTRIBUTE = "country"
+KAYENTA_TOLERANCE = 0.25
+KAYENTA_CONFIDENCE = 0.98
+SPRT_ALPHA = 0.05
+SPRT_BETA = 0.05
+ORACLE_RATIO_TARGET = 2.5
+
+# verdict codes of the vectorised engine
+NO_DATA, HOLD, PASS, HARM = 0, 1, 2, 3
+STATUS_CODES = {Status.NO_DATA: NO_DATA, Status.HOLD: HOLD, Status.PASS: PASS, Status.HARM: HARM}
+
+# outcome codes
+RUNNING, ROLLBACK, PROMOTE, INCONCLUSIVE, PAUSED = 0, 1, 2, 3, 4
+
+# srm_test's defaults, which analyse() uses
+SRM_MIN_DEVIATION = 0.002
+SRM_MIN_COUNT = 8
+
+
+def bench_plan() -> Plan:
+    """The plan every scenario runs: one canary stage, two guardrails, countries as segments."""
+    return Plan.from_dict({
+        "rollout": "bench-decisions",
+        "endpoint": "bench",
+        "baseline": {"version": "v1", "model": "fake:baseline"},
+        "candidate": {"version": "v2", "model": "fake:candidate"},
+        "change": {"summary": "decision benchmark"},
+        "segments": [SEGMENT_ATTRIBUTE],
+        "stages": [{"name": "canary", "traffic": TRAFFIC, "min_samples": MIN_SAMPLES,
+                    "min_duration": MIN_DURATION, "max_duration": MAX_DURATION}],
+        "guardrails": [
+            {"metric": "error_rate", "tolerance": 0.002},
+            {"metric": "latency_ms", "above": 250, "tolerance": 0.01},
+        ],
+        "analysis": {"alpha": 0.05},
+    })
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """True per-request rates of each signal (error, latency > 250 ms) on each arm."""
+
+    name: str
+    title: str
+    candidate: tuple[float, float]
+    segment_candidate: tuple[float, float] | None = None  # HARM_COUNTRY's candidate rates
+    oracle_signal: int = 0
+    oracle_segment: str | None = None
+    oracle_h0: float = BASE_RATE
+    oracle_h1: float = 2 * BASE_RATE
+    harmful: bool = False
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("aa", "identical models (A/A)", (BASE_RATE, BASE_RATE)),
+    Scenario("harmful", "error rate 1% → 2%", (0.02, BASE_RATE), harmful=True,
+             oracle_h1=0.02),
+    Scenario("within_tolerance", "error rate +0.1 pt (tolerance 0.2 pt)", (0.011, BASE_RATE),
+             oracle_h0=0.011),
+    Scenario("segment_harm", f"{HARM_COUNTRY} (10% of traffic): error rate 1% → 5%",
+             (BASE_RATE, BASE_RATE), segment_candidate=(0.05, BASE_RATE), harmful=True,
+             oracle_segment=HARM_COUNTRY, oracle_h1=0.05),
+    Scenario("latency", "share over 250 ms 1% → 3%", (BASE_RATE, 0.03), harmful=True,
+             oracle_signal=1, oracle_h1=0.03),
+)
+
+
+# -- the engine, vectorised ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What :func:`safeshift.analysis.analyse` and the controller use for one canary stage of
+    rate guardrails, with ``n_segments`` segment values present."""
+
+    signals: tuple[str, ...]
+    tolerances: tuple[float, ...]
+    strict: tuple[bool, ...]
+    segmented: tuple[bool, ...]
+    n_star: float
+    alpha: float
+    alpha_global: float
+    alpha_segment: float
+    segment_min: float
+    share: float
+    srm_alpha: float
+    min_samples: float
+    min_duration: float
+    max_duration: float
+
+    @classmethod
+    def from_plan(cls, plan: Plan, stage_index: int, n_segments: int) -> EngineSpec:
+        stage = plan.stages[stage_index]
+        guardrails = plan.guardrails_for(stage)
+        for g in guardrails:
+            info = g.info
+            if (not info.rate or g.is_bound or g.relative_tolerance is not None
+                    or info.bad is not Direction.INCREASE):
+                raise ValueError(f"the vectorised engine covers absolute-tolerance rate "
+                                 f"guardrails where higher is worse, not {g.describe()!r}")
+        if stage.is_shadow or not 0 < stage.traffic < BASIS_POINTS or len(plan.segments) != 1:
+            raise ValueError("the vectorised engine covers one canary stage and one segment "
+                             "attribute")
+        # alpha sharing exactly as in analyse()
+        alpha = plan.analysis.alpha
+        judged = sum(n_segments for g in guardrails if g.segments)
+        k = max(len(guardrails), 1)
+        alpha_global = (alpha / 2 if judged else alpha) / k
+        alpha_segment = (alpha / 2) / max(judged, 1)
+        return cls(
+            signals=tuple(g.key for g in guardrails),
+            tolerances=tuple(float(g.tolerance or 0.0) for g in guardrails),
+            strict=tuple(g.strict for g in guardrails),
+            segmented=tuple(g.segments for g in guardrails),
+            n_star=tuning_samples(plan, stage),
+            alpha=alpha,
+            alpha_global=alpha_global,
+            alpha_segment=alpha_segment,
+            segment_min=float(plan.analysis.segment_min_samples),
+            share=stage.traffic / BASIS_POINTS,
+            srm_alpha=plan.analysis.srm_alpha,
+            min_samples=float(stage.min_samples),
+            min_duration=stage.min_duration,
+            max_duration=float(stage.max_duration or math.inf),
+        )
+
+
+def _multiplier(n: Array, n_star: float, alpha: float) -> Array:
+    """:func:`safeshift.stats.boundary_multiplier` (one-sided), elementwise."""
+    rho2 = mixture_rho2(n_star, alpha, one_sided=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = rho2 * n
+        m2 = 2.0 * (1.0 + 1.0 / r) * np.log1p(np.sqrt(1.0 + r) / (2.0 * alpha))
+        m = np.sqrt(m2)
+    out: Array = np.where(n > 0, m, np.inf)
+    return out
+
+
+def _compare(nb: Array, xb: Array, nc: Array, xc: Array, *, tol: float, strict: bool,
+             n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
+             known_baseline: float | None = None) -> NDArray[np.int8]:
+    """Verdict codes of :func:`safeshift.analysis.compare` for rate guardrails, elementwise.
+
+    ``known_baseline`` (for the cost breakdown only) replaces the baseline arm by its true
+    rate: a one-sample comparison, on the same time scale as a bound (4·n_c)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        qc = (xc + 1) / (nc + 2)
+        vc = np.maximum(qc * (1.0 - qc), 0.0)
+        if known_baseline is None:
+            diff = xc / nc - xb / nb
+            qb = (xb + 1) / (nb + 2)
+            vb = np.maximum(qb * (1.0 - qb), 0.0)
+            se = np.sqrt(vc / (nc + 2) + vb / (nb + 2))
+            n_eff = np.where((nb > 0) & (nc > 0), 4.0 * nb * nc / (nb + nc), 0.0)
+            no_data = (nb < min_n) | (nc < min_n)
+        else:
+            diff = xc / nc - known_baseline
+            se = np.sqrt(vc / (nc + 2))
+            n_eff = 4.0 * nc
+            no_data = nc < min_n
+    harm_lo = diff - _multiplier(n_eff, n_star, alpha_harm) * se
+    harm_hi = diff + _multiplier(n_eff, n_star, alpha_pass) * se
+    status = np.where(harm_lo > (0.0 if strict else tol), HARM,
+                      np.where(harm_hi < tol, PASS, HOLD))
+    out: NDArray[np.int8] = np.where(no_data, NO_DATA, status).astype(np.int8)
+    return out
+
+
+@dataclass(slots=True)
+class EngineVerdicts:
+    """Verdict codes: ``overall[run, guardrail]``, ``segments[run, segment, guardrail]``."""
+
+    overall: NDArray[np.int8]
+    segments: NDArray[np.int8]
+    srm_mismatch: Mask
+
+
+def engine_statuses(spec: EngineSpec, n: Array, x: Array) -> EngineVerdicts:
+    """``analyse()`` for many runs at once from cumulative counts ``n[run, arm, segment]``
+    (requests; arm 0 baseline, 1 candidate) and ``x[run, arm, segment, guardrail]`` (events)."""
+    runs, _, n_seg = n.shape
+    n_g = len(spec.signals)
+    nb_all, nc_all = n[:, 0].sum(axis=1), n[:, 1].sum(axis=1)
+    xb_all, xc_all = x[:, 0].sum(axis=1), x[:, 1].sum(axis=1)
+    overall = np.empty((runs, n_g), dtype=np.int8)
+    segments = np.full((runs, n_seg, n_g), NO_DATA, dtype=np.int8)
+    for j in range(n_g):
+        tol, strict = spec.tolerances[j], spec.strict[j]
+        overall[:, j] = _compare(nb_all, xb_all[:, j], nc_all, xc_all[:, j], tol=tol,
+                                 strict=strict, n_star=spec.n_star, alpha_harm=spec.alpha_global,
+                                 alpha_pass=spec.alpha, min_n=MIN_GLOBAL_SAMPLES)
+        if spec.segmented[j]:
+            segments[:, :, j] = _compare(n[:, 0], x[:, 0, :, j], n[:, 1], x[:, 1, :, j], tol=tol,
+                                         strict=strict, n_star=spec.n_star,
+                                         alpha_harm=spec.alpha_segment, alpha_pass=spec.alpha,
+                                         min_n=spec.segment_min)
+    return EngineVerdicts(overall, segments, _srm_mismatch(spec, nb_all, nc_all))
+
+
+def _srm_mismatch(spec: EngineSpec, nb: Array, nc: Array) -> Mask:
+    """``srm_test(...).mismatch`` as analyse() calls it, elementwise."""
+    counts = np.stack([nb, nc], axis=-1)
+    expected = np.array([1 - spec.share, spec.share])
+    expected = expected / expected.sum()
+    log_bf = srm_log_bayes_factor(counts, [1 - spec.share, spec.share])
+    with np.errstate(over="ignore"):
+        p_value = np.where(log_bf <= 0, 1.0, np.exp(-np.maximum(log_bf, 0.0)))
+    total = counts.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        observed = np.where(total > 0, counts / total, 0.0)
+    deviation = np.abs(observed - expected).max(axis=-1)
+    enough = (counts >= SRM_MIN_COUNT).all(axis=-1)
+    out: Mask = (p_value < spec.srm_alpha) & (deviation >= SRM_MIN_DEVIATION) & enough
+    return out
+
+
+def summary_from_counts(spec: EngineSpec, countries: Sequence[str], n: Array,
+                        x: Array) -> Summary:
+    """Telemetry cells for one run, as the store would hand them to ``analyse()``."""
+    summary = Summary()
+    for a, arm in enumerate((BASELINE, CANDIDATE)):
+        for s, country in enumerate(countries):
+            cell = {REQUESTS: Moments(float(n[a, s]), float(n[a, s]), float(n[a, s]))}
+            for j, signal in enumerate(spec.signals):
+                v = float(x[a, s, j])
+                cell[signal] = Moments(float(n[a, s]), v, v)
+            summary.cells[(arm, "hash", f"{SEGMENT_ATTRIBUTE}={country}")] = cell
+    return summary
+
+
+def check_against_analyse(plan: Plan, spec: EngineSpec, countries: Sequence[str], n: Array,
+                          x: Array, fast: EngineVerdicts, row: int) -> int:
+    """Mismatches between the vectorised verdicts of ``row`` and the real ``analyse()``."""
+    result = analyse(plan, 0, summary_from_counts(spec, countries, n[row], x[row]))
+    index = {signal: j for j, signal in enumerate(spec.signals)}
+    mismatches = 0
+    for v in result.verdicts:
+        j = index[v.guardrail]
+        if v.segment is None:
+            code = fast.overall[row, j]
+        else:
+            code = fast.segments[row, list(countries).index(v.segment.split("=", 1)[1]), j]
+        mismatches += int(STATUS_CODES[v.status] != code)
+    srm = result.srm.mismatch if result.srm is not None else False
+    return mismatches + int(srm != bool(fast.srm_mismatch[row]))
+
+
+# -- the baselines ---------------------------------------------------------------------------
+
+
+def mann_whitney_p(k1: Array, n1: Array, k2: Array, n2: Array) -> Array:
+    """Two-sided Mann-Whitney U p-value of two samples of 0/1 values (``k`` ones out of
+    ``n``), with the tie correction and continuity correction of
+    ``scipy.stats.mannwhitneyu(method="asymptotic")``; NaN when every value is tied."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        u1 = k1 * (n2 - k2) + 0.5 * (k1 * k2 + (n1 - k1) * (n2 - k2))
+        u = np.maximum(u1, n1 * n2 - u1)
+        n = n1 + n2
+        ones, zeros = k1 + k2, n - k1 - k2
+        tie_term = ones**3 - ones + zeros**3 - zeros
+        s = np.sqrt(n1 * n2 / 12 * ((n + 1) - tie_term / (n * (n - 1))))
+        z = (u - n1 * n2 / 2 - 0.5) / s
+        p: Array = np.clip(2 * special.ndtr(-z), 0, 1)
+    return np.where(s > 0, p, np.nan)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """Per-run decision, samples and virtual seconds of one method in one scenario."""
+
+    code: NDArray[np.int8]
+    samples: Array
+    seconds: Array
+
+    @classmethod
+    def empty(cls, runs: int) -> Outcome:
+        return cls(np.zeros(runs, np.int8), np.full(runs, np.nan), np.full(runs, np.nan))
+
+    def decide(self, which: Mask, code: int, samples: Array | float,
+               seconds: Array | float) -> None:
+        which = which & (self.code == RUNNING)
+        self.code[which] = code
+        self.samples[which] = samples if np.isscalar(samples) else np.asarray(samples)[which]
+        self.seconds[which] = seconds if np.isscalar(seconds) else np.asarray(seconds)[which]
+
+    @property
+    def running(self) -> Mask:
+        out: Mask = self.code == RUNNING
+        return out
+
+
+class _Sprt:
+    """Wald's SPRTs on one 0/1 stream, request by request, sharing the within-look order."""
+
+    def __init__(self, runs: int, probes: Sequence[tuple[float, float]]) -> None:
+        self.probes = [(math.log(p1 / p0), math.log((1 - p1) / (1 - p0))) for p0, p1 in probes]
+        self.upper = math.log((1 - SPRT_BETA) / SPRT_ALPHA)
+        self.lower = math.log(SPRT_BETA / (1 - SPRT_ALPHA))
+        self.llr = [np.zeros(runs) for _ in probes]
+        self.outcomes = [Outcome.empty(runs) for _ in probes]
+
+    def look(self, rng: np.random.Generator, m: NDArray[np.int64], k: NDArray[np.int64],
+             before: float, per_look: float, t0: float) -> None:
+        active = np.flatnonzero(np.logical_or.reduce([o.running for o in self.outcomes]))
+        if active.size == 0:
+            return
+        mm, kk = m[active], k[active]
+        width = int(mm.max()) if mm.size else 0
+        if width == 0:
+            return
+        pos = np.arange(width)
+        valid = pos[None, :] < mm[:, None]
+        keys = np.where(valid, rng.random((active.size, width)), 2.0)
+        ranks = keys.argsort(axis=1).argsort(axis=1)
+        event = ranks < kk[:, None]
+        for (a, b), llr, out in zip(self.probes, self.llr, self.outcomes, strict=True):
+            path = llr[active, None] + np.cumsum(np.where(valid, np.where(event, a, b), 0.0),
+                                                 axis=1)
+            up = (path >= self.upper) & valid
+            lo = (path <= self.lower) & valid
+            first_up = np.where(up.any(axis=1), up.argmax(axis=1), width)
+            first_lo = np.where(lo.any(axis=1), lo.argmax(axis=1), width)
+            first = np.minimum(first_up, first_lo)
+            hit = (first < width) & out.running[active]
+            frac = (first + 1) / np.maximum(mm, 1)
+            samples = np.ceil(before + frac * per_look)
+            seconds = t0 + frac * LOOK
+            for code, cond in ((ROLLBACK, first_up < first_lo), (PROMOTE, first_lo < first_up)):
+                sel = np.zeros(out.code.size, bool)
+                sel[active[hit & cond]] = True
+                full_samples = np.zeros(out.code.size)
+                full_seconds = np.zeros(out.code.size)
+                full_samples[active] = samples
+                full_seconds[active] = seconds
+                out.decide(sel, code, full_samples, full_seconds)
+            llr[active] = path[:, -1]
+
+
+@dataclass(slots=True)
+class ScenarioResult:
+    outcomes: dict[str, Outcome]
+    segment_named: Mask
+    references: dict[str, Outcome] = field(default_factory=dict)
+    engine_checks: int = 0
+    engine_mismatches: int = 0
+
+
+def baseline_horizon(spec: EngineSpec) -> float:
+    """Seconds a fixed-horizon test of the tightest guardrail would be planned for."""
+    variance = BASE_RATE * (1 - BASE_RATE)
+    per_arm = max(fixed_horizon_samples_per_arm(variance, tol, alpha=0.05, power=0.8)
+                  for tol in spec.tolerances)
+    seconds = per_arm / (RATE * min(spec.share, 1 - spec.share))
+    return math.ceil(seconds / CHECK) * CHECK
+
+
+def simulate(plan: Plan, scenario: Scenario, runs: int, rng: np.random.Generator, *,
+             verify: int = 0) -> ScenarioResult:
+    """Run ``runs`` rollouts of ``scenario`` with every method on the same traffic."""
+    countries = [c for c, _ in COUNTRIES]
+    weights = np.array([w for _, w in COUNTRIES])
+    n_seg = len(countries)
+    spec = EngineSpec.from_plan(plan, 0, n_seg)
+    n_g = len(spec.signals)
+    hs = countries.index(HARM_COUNTRY)
+    per_look = round(RATE * LOOK)
+    looks_per_check = round(CHECK / LOOK)
+    max_looks = math.ceil(spec.max_duration / LOOK)
+    horizon = baseline_horizon(spec)
+    z_naive = NormalDist().inv_cdf(0.95)
+    tolerances = np.array(spec.tolerances)
+
+    # true rates p[arm, segment, signal]
+    p = np.full((2, n_seg, n_g), BASE_RATE)
+    p[1, :, :] = scenario.candidate
+    if scenario.segment_candidate is not None:
+        p[1, hs, :] = scenario.segment_candidate
+    pvals = np.concatenate([(1 - spec.share) * weights, spec.share * weights])
+
+    n = np.zeros((runs, 2, n_seg))
+    x = np.zeros((runs, 2, n_seg, n_g))
+    ni = np.zeros((runs, 2))
+    xi = np.zeros((runs, 2, n_g))
+    out = {m: Outcome.empty(runs) for m in METHODS if m != "oracle"}  # the SPRT's comes last
+    named = np.zeros(runs, bool)
+    oracle_probes = [(scenario.oracle_h0, scenario.oracle_h1)]
+    if scenario.harmful:  # the same SPRT for the hypothesis safeshift tests: harm = tolerance
+        oracle_probes.append((scenario.oracle_h0 + spec.tolerances[scenario.oracle_signal],
+                              scenario.oracle_h1))
+    sprt = _Sprt(runs, oracle_probes)
+    breakdown = _Breakdown(runs, spec) if scenario.name == "harmful" else None
+    peek = Outcome.empty(runs)
+    result = ScenarioResult(out, named, {"naive_no_tolerance": peek})
+
+    for look in range(1, max_looks + 1):
+        t = look * LOOK
+        before = (look - 1) * per_look
+        total = look * per_look
+        draw = rng.multinomial(per_look, pvals, size=runs).reshape(runs, 2, n_seg)
+        events = rng.binomial(draw[..., None], p).astype(np.float64)
+        n += draw
+        x += events
+        ni += draw.sum(axis=2)
+        xi += events.sum(axis=2)
+
+        # oracle: the changed stream on the candidate arm, request by request
+        cols = slice(hs, hs + 1) if scenario.oracle_segment is not None else slice(None)
+        m_stream = draw[:, 1, cols].sum(axis=1)
+        k_stream = events[:, 1, cols, scenario.oracle_signal].sum(axis=1).astype(np.int64)
+        sprt.look(rng, m_stream, k_stream, before, per_look, t - LOOK)
+
+        # safeshift: analyse() + the controller's rule
+        ss = out["safeshift"]
+        live = np.flatnonzero(ss.running)
+        if live.size:
+            n_live, x_live = n[live], x[live]
+            v = engine_statuses(spec, n_live, x_live)
+            for row in np.flatnonzero(live < verify):
+                result.engine_checks += 1
+                result.engine_mismatches += check_against_analyse(plan, spec, countries, n_live,
+                                                                  x_live, v, int(row))
+            harm = (v.overall == HARM).any(axis=1) | (v.segments == HARM).any(axis=(1, 2))
+            pause = ~harm & v.srm_mismatch
+            arms = n_live.sum(axis=2)
+            promote = (~harm & ~pause & (v.overall == PASS).all(axis=1)
+                       & (arms.min(axis=1) >= spec.min_samples) & (t >= spec.min_duration))
+            stop = np.zeros(runs, bool)
+            for code, cond in ((ROLLBACK, harm), (PAUSED, pause), (PROMOTE, promote)):
+                stop[:] = False
+                stop[live[cond]] = True
+                ss.decide(stop, code, float(total), t)
+            named[live[harm]] = (v.segments[harm, hs, :] == HARM).any(axis=1)
+            if t >= spec.max_duration:
+                ss.decide(np.ones(runs, bool), INCONCLUSIVE, float(total), t)
+
+        # naive: fixed-sample z-test of harm beyond the tolerance, at every look
+        nv = out["naive"]
+        if nv.running.any() or peek.running.any():
+            nb, nc = n[:, 0].sum(axis=1), n[:, 1].sum(axis=1)
+            pb = x[:, 0].sum(axis=1) / nb[:, None]
+            pc = x[:, 1].sum(axis=1) / nc[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                se = np.sqrt(pb * (1 - pb) / nb[:, None] + pc * (1 - pc) / nc[:, None])
+                z = (pc - pb - tolerances) / se
+                z0 = (pc - pb) / se
+            nv.decide(((se > 0) & (z > z_naive)).any(axis=1), ROLLBACK, float(total), t)
+            # the textbook peeking experiment: any significant difference in the bad direction
+            peek.decide(((se > 0) & (z0 > z_naive)).any(axis=1), ROLLBACK, float(total), t)
+
+        if look % looks_per_check == 0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rb = xi[:, 0] / ni[:, 0, None]
+                rc = xi[:, 1] / ni[:, 1, None]
+                out["threshold"].decide((rc > rb + tolerances).any(axis=1), ROLLBACK,
+                                        float(total), t)
+                pmw = mann_whitney_p(xi[:, 1], ni[:, 1, None], xi[:, 0], ni[:, 0, None])
+                high = ((pmw < 1 - KAYENTA_CONFIDENCE) & (rc > rb)
+                        & ((rb == 0) | (rc / rb > 1 + KAYENTA_TOLERANCE)))
+            out["mannwhitney"].decide(high.any(axis=1), ROLLBACK, float(total), t)
+            ni[:] = 0
+            xi[:] = 0
+        if t >= horizon:
+            for o in (out["naive"], out["threshold"], out["mannwhitney"], peek):
+                o.decide(np.ones(runs, bool), PROMOTE, float(total), t)
+
+        if breakdown is not None:
+            breakdown.look(n, x, float(total), t)
+
+        pending = any(o.running.any() for o in (*out.values(), peek))
+        pending = pending or any(o.running.any() for o in sprt.outcomes)
+        if not pending and (breakdown is None or breakdown.done):
+            break
+
+    every = np.ones(runs, bool)
+    for o in (*out.values(), *sprt.outcomes, peek):
+        o.decide(every, INCONCLUSIVE, np.nan, np.nan)
+    out["oracle"] = sprt.outcomes[0]
+    if len(sprt.outcomes) > 1:
+        result.references["oracle_at_tolerance"] = sprt.outcomes[1]
+    if breakdown is not None:
+        result.references.update(breakdown.outcomes)
+    return result
+
+
+class _Breakdown:
+    """Where the engine's samples to roll back go, on the harmful scenario's traffic: the
+    error-rate rule of ``compare()`` with its guarantees added one at a time."""
+
+    STEPS = (
+        ("mixture_known_baseline_no_tolerance", "always-valid, baseline known, no tolerance, "
+                                                "alpha 0.05"),
+        ("mixture_two_sample_no_tolerance", "+ baseline estimated from its arm"),
+        ("mixture_two_sample_tolerance", "+ harm must exceed the 0.2 pt tolerance"),
+        ("mixture_shared_alpha", "+ alpha shared over guardrails and segments (= safeshift's "
+                                 "global error-rate verdict)"),
+    )
+
+    def __init__(self, runs: int, spec: EngineSpec) -> None:
+        self.spec = spec
+        self.outcomes = {name: Outcome.empty(runs) for name, _ in self.STEPS}
+
+    @property
+    def done(self) -> bool:
+        return not any(o.running.any() for o in self.outcomes.values())
+
+    def look(self, n: Array, x: Array, total: float, t: float) -> None:
+        spec = self.spec
+        nb, nc = n[:, 0].sum(axis=1), n[:, 1].sum(axis=1)
+        xb, xc = x[:, 0, :, 0].sum(axis=1), x[:, 1, :, 0].sum(axis=1)
+        tol = spec.tolerances[0]
+        def rule(tol: float, alpha_harm: float, known: float | None = None) -> NDArray[np.int8]:
+            return _compare(nb, xb, nc, xc, tol=tol, strict=False, n_star=spec.n_star,
+                            alpha_harm=alpha_harm, alpha_pass=spec.alpha,
+                            min_n=MIN_GLOBAL_SAMPLES, known_baseline=known)
+
+        variants = {
+            "mixture_known_baseline_no_tolerance": rule(0.0, spec.alpha, BASE_RATE),
+            "mixture_two_sample_no_tolerance": rule(0.0, spec.alpha),
+            "mixture_two_sample_tolerance": rule(tol, spec.alpha),
+            "mixture_shared_alpha": rule(tol, spec.alpha_global),
+        }
+        for name, status in variants.items():
+            self.outcomes[name].decide(status == HARM, ROLLBACK, total, t)
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def _quantile(values: Array, q: float) -> float | None:
+    values = values[np.isfinite(values)]
+    return float(np.quantile(values, q)) if values.size else None
+
+
+def figures(o: Outcome) -> dict[str, Any]:
+    """Rates and the median and 90th percentile of samples and seconds to a decision."""
+    decided = (o.code == ROLLBACK) | (o.code == PROMOTE)
+    rolled = o.code == ROLLBACK
+    return {
+        "rollback_rate": float(np.mean(o.code == ROLLBACK)),
+        "promote_rate": float(np.mean(o.code == PROMOTE)),
+        "inconclusive_rate": float(np.mean(~decided)),
+        "paused_rate": float(np.mean(o.code == PAUSED)),  # sample-ratio mismatch
+        "median_samples": _quantile(o.samples[decided], 0.5),
+        "p90_samples": _quantile(o.samples[decided], 0.9),
+        "median_seconds": _quantile(o.seconds[decided], 0.5),
+        "p90_seconds": _quantile(o.seconds[decided], 0.9),
+        "median_rollback_samples": _quantile(o.samples[rolled], 0.5),
+    }
+
+
+def must_show(methods: dict[str, dict[str, dict[str, Any]]],
+              named: dict[str, float]) -> list[dict[str, Any]]:
+    """The properties the benchmark exists to show, each with its figure and verdict."""
+    s, o = methods["safeshift"], methods["oracle"]
+    ratio = math.nan
+    if s["harmful"]["median_rollback_samples"] and o["harmful"]["median_rollback_samples"]:
+        ratio = s["harmful"]["median_rollback_samples"] / o["harmful"]["median_rollback_samples"]
+    checks = [
+        ("A/A: false rollbacks ≤ 5%", s["aa"]["rollback_rate"], s["aa"]["rollback_rate"] <= 0.05),
+        ("A/A: promoted within max_duration ≥ 80%", s["aa"]["promote_rate"],
+         s["aa"]["promote_rate"] >= 0.80),
+        ("harmful: rolled back ≥ 99%", s["harmful"]["rollback_rate"],
+         s["harmful"]["rollback_rate"] >= 0.99),
+        ("harmful: promoted ≤ 1%", s["harmful"]["promote_rate"],
+         s["harmful"]["promote_rate"] <= 0.01),
+        (f"harmful: median samples to roll back ≤ {ORACLE_RATIO_TARGET}× the oracle SPRT's",
+         ratio, ratio <= ORACLE_RATIO_TARGET),
+        ("within tolerance: rolled back ≤ 5%", s["within_tolerance"]["rollback_rate"],
+         s["within_tolerance"]["rollback_rate"] <= 0.05),
+        ("segment harm: rolled back ≥ 95%", s["segment_harm"]["rollback_rate"],
+         s["segment_harm"]["rollback_rate"] >= 0.95),
+        (f"segment harm: rolled back naming {SEGMENT_ATTRIBUTE}={HARM_COUNTRY} ≥ 95%",
+         named["segment_harm"], named["segment_harm"] >= 0.95),
+    ]
+    return [{"check": c, "value": v, "ok": bool(ok)} for c, v, ok in checks]
+
+
+def _fmt_n(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _fmt_s(value: float | None) -> str:
+    if value is None:
+        return "-"
+    seconds = round(value)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def render(result: dict[str, Any], console: Console) -> None:
+    plan = result["plan"]
+    console.print(f"rollout decisions, {result['runs']:,} rollouts per scenario: "
+                  f"{plan['rate']:g} req/s, {plan['traffic']} on the candidate, a look every "
+                  f"{plan['look_seconds']:g} s, min {plan['min_duration']}, max "
+                  f"{plan['max_duration']}, alpha {plan['alpha']:g}", markup=False)
+    for sc in result["scenarios"]:
+        table = Table(title=f"{sc}: {result['titles'][sc]}", box=box.SIMPLE_HEAD,
+                      title_justify="left", pad_edge=False,
+                      collapse_padding=True)
+        table.add_column("method", no_wrap=True)
+        for col in ("rollback", "promote", "neither", "n med", "n p90", "t med", "t p90"):
+            table.add_column(col, justify="right", no_wrap=True)
+        for method in METHODS:
+            f = result["methods"][method][sc]
+            table.add_row(method, f"{f['rollback_rate']:.1%}", f"{f['promote_rate']:.1%}",
+                          f"{f['inconclusive_rate']:.1%}", _fmt_n(f["median_samples"]),
+                          _fmt_n(f["p90_samples"]), _fmt_s(f["median_seconds"]),
+                          _fmt_s(f["p90_seconds"]))
+        console.print(table)
+    console.print(f"baselines (naive, threshold, mannwhitney) promote at their horizon of "
+                  f"{_fmt_s(plan['baseline_horizon_seconds'])}; the oracle is Wald's SPRT with "
+                  f"alpha = beta = {SPRT_ALPHA}; samples are candidate + baseline requests.",
+                  markup=False)
+    console.print(f"segment harm named {SEGMENT_ATTRIBUTE}={HARM_COUNTRY} in "
+                  f"{result['segment_named_rate']['segment_harm']:.1%} of rollouts", markup=False)
+    check = result["engine_check"]
+    console.print(f"vectorised engine checked against analysis.analyse() at {check['looks']:,} "
+                  f"looks: {check['mismatches']} mismatching verdicts", markup=False)
+    peek = result["reference"].get("naive_no_tolerance", {}).get("aa")
+    if peek:
+        console.print(f"naive z-test of any difference (no tolerance), peeking every look for "
+                      f"{_fmt_s(plan['baseline_horizon_seconds'])}: A/A false rollbacks "
+                      f"{peek['rollback_rate']:.1%}", markup=False)
+    br = result.get("harm_cost_breakdown")
+    if br:
+        t = Table(title="harmful: median samples to roll back, guarantees added one at a time",
+                  box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False,
+                  collapse_padding=True)
+        t.add_column("rule")
+        t.add_column("median n", justify="right")
+        t.add_column("× oracle", justify="right")
+        for row in br:
+            t.add_row(row["rule"], _fmt_n(row["median_samples"]),
+                      "-" if row["vs_oracle"] is None else f"{row['vs_oracle']:.2f}")
+        console.print(t)
+    for c in result["must_show"]:
+        mark = "[green]✓[/green]" if c["ok"] else "[red]✗[/red]"
+        v = c["value"]
+        shown = "nan" if v is None or not math.isfinite(v) else (
+            f"{v:.2f}×" if "×" in c["check"] else f"{v:.1%}")
+        console.print(f"{mark} {c['check']}: {shown}")
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Rollback and promotion rates and samples to a decision, per scenario and method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = result["scenarios"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    width = 0.8 / len(METHODS)
+    xs = np.arange(len(scenarios))
+    for i, method in enumerate(METHODS):
+        f = [result["methods"][method][sc] for sc in scenarios]
+        offset = xs + (i - (len(METHODS) - 1) / 2) * width
+        axes[0].bar(offset, [v["rollback_rate"] for v in f], width, label=method)
+        axes[1].bar(offset, [v["promote_rate"] for v in f], width, label=method)
+        med = np.array([v["median_samples"] or np.nan for v in f], dtype=float)
+        p90 = np.array([v["p90_samples"] or np.nan for v in f], dtype=float)
+        axes[2].bar(offset, med, width, label=method)
+        axes[2].errorbar(offset, med, yerr=[np.zeros_like(med), np.nan_to_num(p90 - med)],
+                         fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    for ax, title in zip(axes, ("rollback rate", "promotion rate",
+                                "samples to a decision (median, bar to p90)"), strict=True):
+        ax.set_xticks(xs, [sc.replace("_", "\n") for sc in scenarios])
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].axhline(0.05, color="grey", lw=0.8, ls="--")
+    axes[2].set_yscale("log")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(METHODS), frameon=False)
+    fig.suptitle(f"safeshift bench decisions — {result['runs']:,} rollouts per cell, "
+                 f"seed {result['seed']}")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Path | None,
+         seed: int, console: Console) -> dict[str, Any]:
+    """Run every scenario with every method, print the table, optionally write JSON and PNG."""
+    runs = runs if runs is not None else (200 if quick else 2000)
+    if runs < 1:
+        raise ValueError("runs must be at least 1")
+    verify = 2 if quick else 10
+    plan = bench_plan()
+    started = time.perf_counter()
+    results: dict[str, ScenarioResult] = {}
+    for index, scenario in enumerate(SCENARIOS):
+        rng = np.random.default_rng([seed, index])
+        results[scenario.name] = simulate(plan, scenario, runs, rng, verify=verify)
+    elapsed = time.perf_counter() - started
+
+    spec = EngineSpec.from_plan(plan, 0, len(COUNTRIES))
+    methods = {m: {name: figures(r.outcomes[m]) for name, r in results.items()} for m in METHODS}
+    named = {name: float(np.mean(r.segment_named & (r.outcomes["safeshift"].code == ROLLBACK)))
+             for name, r in results.items()}
+    references: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, r in results.items():
+        for ref, o in r.references.items():
+            references.setdefault(ref, {})[name] = figures(o)
+    oracle_rb = methods["oracle"]["harmful"]["median_rollback_samples"]
+    breakdown: list[dict[str, Any]] = [
+        {"rule": "oracle: SPRT, H0 no change vs H1 the true effect (baseline known)",
+         "median_samples": oracle_rb, "vs_oracle": 1.0 if oracle_rb else None},
+    ]
+    if "oracle_at_tolerance" in references:
+        med = references["oracle_at_tolerance"]["harmful"]["median_rollback_samples"]
+        breakdown.append({"rule": "SPRT, H0 harm = tolerance vs H1 the true effect "
+                                  "(baseline and effect known)",
+                          "median_samples": med,
+                          "vs_oracle": med / oracle_rb if med and oracle_rb else None})
+    for key, rule in _Breakdown.STEPS:
+        if key in references:
+            med = references[key]["harmful"]["median_rollback_samples"]
+            breakdown.append({"rule": rule, "median_samples": med,
+                              "vs_oracle": med / oracle_rb if med and oracle_rb else None})
+    safeshift_rb = methods["safeshift"]["harmful"]["median_rollback_samples"]
+    breakdown.append({"rule": "safeshift (every guardrail and segment, controller rule)",
+                      "median_samples": safeshift_rb,
+                      "vs_oracle": safeshift_rb / oracle_rb if safeshift_rb and oracle_rb
+                      else None})
+    out: dict[str, Any] = {
+        "runs": runs,
+        "seed": seed,
+        "quick": quick,
+        "seconds": round(elapsed, 1),
+        "plan": {"rate": RATE, "traffic": TRAFFIC, "look_seconds": LOOK,
+                 "check_seconds": CHECK, "min_duration": MIN_DURATION,
+                 "max_duration": MAX_DURATION, "min_samples": MIN_SAMPLES,
+                 "n_star": spec.n_star, "alpha": spec.alpha, "alpha_global": spec.alpha_global,
+                 "alpha_segment": spec.alpha_segment,
+                 "guardrails": dict(zip(spec.signals, spec.tolerances, strict=True)),
+                 "segments": dict(COUNTRIES),
+                 "baseline_horizon_seconds": baseline_horizon(spec)},
+        "scenarios": [s.name for s in SCENARIOS],
+        "titles": {s.name: s.title for s in SCENARIOS},
+        "methods": methods,
+        "segment_named_rate": named,
+        "reference": references,
+        "harm_cost_breakdown": breakdown,
+        "engine_check": {"looks": sum(r.engine_checks for r in results.values()),
+                         "mismatches": sum(r.engine_mismatches for r in results.values())},
+    }
+    out["must_show"] = must_show(methods, named)
+    render(out, console)
+    console.print(f"{len(SCENARIOS)} scenarios × {runs:,} rollouts in {elapsed:.1f} s",
+                  markup=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(_finite(out), indent=2, ensure_ascii=False))
+    if plot_path is not None:
+        plot(out, plot_path)
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,162 @@
+"""``safeshift bench decisions``: its vectorised engine is ``analyse()`` exactly, its
+Mann-Whitney is scipy's, and a small seeded run shows the must-show properties."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from rich.console import Console
+from scipy import stats as sps
+
+from safeshift.bench import decisions as bench
+from safeshift.plan import Plan
+
+
+def _plan(traffic: str = "50%", *, strict: bool = False, segments: bool = True,
+          alpha: float = 0.05, expected: int | None = None) -> Plan:
+    stage: dict[str, Any] = {"name": "canary", "traffic": traffic, "min_samples": 500,
+                             "max_duration": "1h"}
+    if expected:
+        stage["expected_samples"] = expected
+    return Plan.from_dict({
+        "rollout": "t", "endpoint": "t",
+        "baseline": {"version": "v1", "model": "fake:a"},
+        "candidate": {"version": "v2", "model": "fake:b"},
+        "change": {"summary": "t"},
+        "segments": ["country"],
+        "stages": [stage],
+        "guardrails": [
+            {"metric": "error_rate", "tolerance": 0.002, "strict": strict},
+            {"metric": "latency_ms", "above": 250, "tolerance": 0.01, "segments": segments},
+        ],
+        "analysis": {"alpha": alpha, "segment_min_samples": 50},
+    })
+
+
+@pytest.mark.parametrize("plan", [
+    bench.bench_plan(),
+    _plan("10%", strict=True, expected=30000),
+    _plan("2%", segments=False, alpha=0.1),
+], ids=["bench", "strict-10pct", "unsegmented-2pct"])
+def test_fast_path_reproduces_analyse(plan: Plan) -> None:
+    rng = np.random.default_rng(3)
+    countries = [f"C{i}" for i in range(6)]
+    spec = bench.EngineSpec.from_plan(plan, 0, len(countries))
+    runs = 150
+    share = spec.share
+    # arm sizes from a handful to ~10^5 per segment, sometimes off the configured split (SRM)
+    size = np.exp(rng.uniform(np.log(5), np.log(2e5), (runs, 1, len(countries))))
+    skew = np.where(rng.random((runs, 1, 1)) < 0.2, rng.uniform(0.8, 1.25, (runs, 1, 1)), 1.0)
+    n = np.floor(np.concatenate([size * (1 - share), size * share * skew], axis=1))
+    p_b = rng.uniform(0.0, 0.05, (runs, 1, len(countries), 2))
+    p_c = np.clip(p_b + rng.choice([-0.01, 0.0, 0.002, 0.005, 0.01, 0.03], p_b.shape)
+                  + rng.normal(0, 0.002, p_b.shape), 0, 1)
+    p = np.concatenate([p_b, p_c], axis=1)
+    x = rng.binomial(n[..., None].astype(np.int64), p).astype(float)
+    fast = bench.engine_statuses(spec, n, x)
+    seen: set[int] = set()
+    for row in range(runs):
+        assert bench.check_against_analyse(plan, spec, countries, n, x, fast, row) == 0, row
+        seen.update(int(c) for c in fast.overall[row])
+        seen.update(int(c) for c in fast.segments[row].ravel())
+    # the random inputs reach every verdict, and the SRM check both ways
+    assert seen == {bench.NO_DATA, bench.HOLD, bench.PASS, bench.HARM}
+    assert 0 < fast.srm_mismatch.sum() < runs
+
+
+def test_mann_whitney_matches_scipy() -> None:
+    rng = np.random.default_rng(9)
+    for _ in range(60):
+        n1, n2 = rng.integers(2, 400, 2)
+        p1, p2 = rng.uniform(0, 0.3, 2)
+        a = (rng.random(n1) < p1).astype(float)
+        b = (rng.random(n2) < p2).astype(float)
+        ours = bench.mann_whitney_p(np.array([a.sum()]), np.array([float(n1)]),
+                                    np.array([b.sum()]), np.array([float(n2)]))[0]
+        if np.ptp(np.concatenate([a, b])) == 0:
+            assert np.isnan(ours)
+            continue
+        ref = sps.mannwhitneyu(a, b, alternative="two-sided", method="asymptotic").pvalue
+        assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png = out / "decisions.json", out / "decisions.png"
+    console = Console(file=io.StringIO(), width=120)
+    result = bench.main(quick=True, runs=200, json_path=json_path, plot_path=png, seed=11,
+                        console=console)
+    return result, json_path, png
+
+
+def test_quick_run_shows_the_must_show_properties(
+        quick: tuple[dict[str, Any], Path, Path]) -> None:
+    result, _, _ = quick
+    s = result["methods"]["safeshift"]
+    # A/A: at most alpha false rollbacks, and it promotes within the plan's max_duration
+    assert s["aa"]["rollback_rate"] <= 0.05
+    assert s["aa"]["promote_rate"] >= 0.80
+    # peeking methods roll back identical models far more often
+    for method in ("naive", "threshold", "mannwhitney"):
+        assert result["methods"][method]["aa"]["rollback_rate"] > s["aa"]["rollback_rate"] + 0.03
+    # a harmful change is caught, a change within the tolerance is not rolled back
+    assert s["harmful"]["rollback_rate"] >= 0.97
+    assert s["harmful"]["promote_rate"] <= 0.02
+    assert s["latency"]["rollback_rate"] >= 0.97
+    assert s["within_tolerance"]["rollback_rate"] <= 0.05
+    # segment-local harm: rolled back, naming the segment
+    assert s["segment_harm"]["rollback_rate"] >= 0.95
+    assert result["segment_named_rate"]["segment_harm"] >= 0.93
+    # the vectorised engine agreed with analyse() wherever it was checked
+    assert result["engine_check"]["looks"] > 100
+    assert result["engine_check"]["mismatches"] == 0
+
+
+def test_quick_run_harm_detection_cost_does_not_regress(
+        quick: tuple[dict[str, Any], Path, Path]) -> None:
+    """The issue's target (<= 2.5x the oracle SPRT) is not met: docs/decisions.md explains why
+    no test with safeshift's guarantees can reach it. This guards the measured cost instead
+    (quick run: 7.9x; full run: 8.6x) so that a change that slows harm detection fails."""
+    result, _, _ = quick
+    m = result["methods"]
+    ratio = (m["safeshift"]["harmful"]["median_rollback_samples"]
+             / m["oracle"]["harmful"]["median_rollback_samples"])
+    assert ratio <= 10.0
+
+
+def test_quick_run_breakdown_explains_the_cost(quick: tuple[dict[str, Any], Path, Path]) -> None:
+    result, _, _ = quick
+    steps = [row["median_samples"] for row in result["harm_cost_breakdown"]]
+    # each guarantee costs samples; the last step is safeshift's own global verdict
+    assert steps == sorted(steps)
+    assert steps[-2] == steps[-1]
+
+
+def test_quick_run_writes_json_and_png(quick: tuple[dict[str, Any], Path, Path]) -> None:
+    _, json_path, png = quick
+    data = json.loads(json_path.read_text())
+    assert data["runs"] == 200
+    assert set(data["methods"]) == set(bench.METHODS)
+    for method in bench.METHODS:
+        assert set(data["methods"][method]) == {"aa", "harmful", "within_tolerance",
+                                                "segment_harm", "latency"}
+        for cell in data["methods"][method].values():
+            assert {"rollback_rate", "promote_rate", "median_samples", "p90_samples"} <= set(cell)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_same_seed_same_figures() -> None:
+    plan = bench.bench_plan()
+    scenario = bench.SCENARIOS[1]
+    a = bench.simulate(plan, scenario, 40, np.random.default_rng(1))
+    b = bench.simulate(plan, scenario, 40, np.random.default_rng(1))
+    for method in bench.METHODS:
+        assert np.array_equal(a.outcomes[method].code, b.outcomes[method].code)
+        assert np.array_equal(a.outcomes[method].samples, b.outcomes[method].samples,
+                              equal_nan=True)
