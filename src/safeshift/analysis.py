@@ -29,18 +29,27 @@ from safeshift._units import BASIS_POINTS
 from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.plan import Direction, Guardrail, Plan, Source, Stage
 from safeshift.stats import (
+    PSI_THRESHOLD,
     SRMResult,
     boundary_multiplier,
+    chi_square_classes,
     diff_means,
     diff_proportions,
+    jensen_shannon,
     one_sample_mean,
     one_sample_proportion,
+    psi,
     srm_test,
+    wasserstein_from_histograms,
 )
-from safeshift.telemetry import Moments, Summary
+from safeshift.telemetry import SCORE_BINS, Moments, Summary
 
 MIN_GLOBAL_SAMPLES = 30
 """Observations per arm below which a global comparison is not judged (asymptotics)."""
+
+DRIFT_MIN_SAMPLES = 1000
+"""Predictions per arm before prediction drift is judged: PSI's sampling noise over ten bins
+is about 9·(1/n_b + 1/n_c), under 0.02 here, well below the usual 0.1 threshold."""
 
 REQUESTS = "requests"
 
@@ -93,6 +102,7 @@ class StageAnalysis:
     n_candidate: float
     verdicts: list[Verdict] = field(default_factory=list)
     srm: SRMResult | None = None
+    drift: dict[str, Any] | None = None
 
     @property
     def harms(self) -> list[Verdict]:
@@ -118,7 +128,8 @@ class StageAnalysis:
                    "mismatch": self.srm.mismatch}
         return {"stage": self.stage, "stage_index": self.stage_index,
                 "n_baseline": self.n_baseline, "n_candidate": self.n_candidate,
-                "verdicts": [v.to_json() for v in self.verdicts], "srm": srm}
+                "verdicts": [v.to_json() for v in self.verdicts], "srm": srm,
+                "drift": self.drift}
 
 
 def tuning_samples(plan: Plan, stage: Stage) -> float:
@@ -202,10 +213,10 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     diff_text = (f"{_fmt(est.diff, info.rate, relative)} "
                  f"[{_fmt(lo, info.rate, relative)}, {_fmt(hi, info.rate, relative)}]")
     tol_text = _fmt(tol, info.rate, relative, signed=False)  # a margin on a difference: pt
-    worse = "higher" if sign > 0 else "lower"
     if status is Status.HARM:
         limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
-        sentence = f"{label} {diff_text}{where} is {worse} beyond {limit}"
+        verb = "exceeds" if sign > 0 else "falls short by more than"
+        sentence = f"{label} {diff_text}{where} {verb} {limit}"
     elif status is Status.PASS:
         sentence = f"{label} {diff_text}{where} is proven within the {tol_text} tolerance"
     else:
@@ -258,6 +269,56 @@ def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_p
                    math.nan, c.s / c.n, kind, alpha_harm, alpha_pass, test, sentence, excess)
 
 
+def prediction_drift(summary: Summary) -> dict[str, Any] | None:
+    """How the candidate's predictions are distributed against the baseline's: PSI,
+    Jensen-Shannon and Wasserstein over score bins, or PSI, Jensen-Shannon and a chi-square
+    test over classes. Descriptive: ``prediction_drift`` guardrails compare PSI with a max."""
+    keys = [str(i) for i in range(SCORE_BINS)]
+    b = summary.counts(BASELINE, "score_bin:")
+    c = summary.counts(CANDIDATE, "score_bin:")
+    if b and c:
+        pb = [b.get(k, 0.0) for k in keys]
+        pc = [c.get(k, 0.0) for k in keys]
+        edges = [i / SCORE_BINS for i in range(SCORE_BINS + 1)]
+        return {"kind": "scores", "n_baseline": sum(pb), "n_candidate": sum(pc),
+                "psi": psi(pb, pc), "jensen_shannon": jensen_shannon(pb, pc),
+                "wasserstein": wasserstein_from_histograms(edges, pb, pc),
+                "baseline": pb, "candidate": pc}
+    b = summary.counts(BASELINE, "class:")
+    c = summary.counts(CANDIDATE, "class:")
+    if b and c:
+        classes = sorted(set(b) | set(c))
+        pb = [b.get(k, 0.0) for k in classes]
+        pc = [c.get(k, 0.0) for k in classes]
+        result: dict[str, Any] = {"kind": "classes", "n_baseline": sum(pb),
+                                  "n_candidate": sum(pc), "psi": psi(pb, pc),
+                                  "jensen_shannon": jensen_shannon(pb, pc),
+                                  "classes": classes, "baseline": pb, "candidate": pc}
+        if len(classes) > 1:
+            result["chi_square"], result["chi_square_p"] = chi_square_classes(b, c)
+        return result
+    return None
+
+
+def drift_verdict(g: Guardrail, drift: dict[str, Any] | None, min_n: float) -> Verdict:
+    limit = float(g.max if g.max is not None else PSI_THRESHOLD)
+    test = "population stability index of the prediction distributions (descriptive)"
+    nb = float(drift["n_baseline"]) if drift else 0.0
+    nc = float(drift["n_candidate"]) if drift else 0.0
+    if drift is None or min(nb, nc) < min_n:
+        return Verdict(g.key, None, Status.NO_DATA, math.nan, -math.inf, math.inf, limit, False,
+                       False, nb, nc, math.nan, math.nan, "max", 0.0, 0.0, test,
+                       f"prediction drift: {int(nc)} candidate and {int(nb)} baseline predictions, "
+                       f"fewer than {int(min_n)} per arm; not judged yet")
+    value = float(drift["psi"])
+    status = Status.HARM if value > limit else Status.PASS
+    word = "exceeds" if status is Status.HARM else "is within"
+    return Verdict(g.key, None, status, value, value, value, limit, False, False, nb, nc,
+                   math.nan, math.nan, "max", 0.0, 0.0, test,
+                   f"prediction drift PSI {value:.3f} ({drift['kind']}) {word} the max of "
+                   f"{limit:g}", value - limit)
+
+
 def _judge(g: Guardrail, summary: Summary, *, where: tuple[str, str] | None, n_star: float,
            alpha_harm: float, alpha_pass: float, min_n: float) -> Verdict:
     signal = _signal(g)
@@ -285,7 +346,7 @@ def analyse(plan: Plan, stage_index: int, summary: Summary) -> StageAnalysis:
     seg_values = summary.segment_values()
     judged: list[tuple[Guardrail, tuple[str, str]]] = []
     for g in guardrails:
-        if not g.segments:
+        if not g.segments or g.metric == "prediction_drift":
             continue
         for attr in plan.segments:
             for value in sorted(seg_values.get(attr, ())):
@@ -294,7 +355,11 @@ def analyse(plan: Plan, stage_index: int, summary: Summary) -> StageAnalysis:
     has_segments = bool(judged)
     alpha_global = (alpha / 2 if has_segments else alpha) / k
     alpha_segment = (alpha / 2) / max(len(judged), 1)
+    out.drift = prediction_drift(summary)
     for g in guardrails:
+        if g.metric == "prediction_drift":
+            out.verdicts.append(drift_verdict(g, out.drift, DRIFT_MIN_SAMPLES))
+            continue
         out.verdicts.append(_judge(g, summary, where=None, n_star=n_star, alpha_harm=alpha_global,
                                    alpha_pass=alpha, min_n=MIN_GLOBAL_SAMPLES))
     for g, where in judged:

@@ -212,6 +212,8 @@ BUILTIN_METRICS: dict[str, MetricInfo] = {
     "disagreement": MetricInfo(source=Source.SHADOW, bad=Direction.INCREASE, rate=True),
     "score_diff": MetricInfo(source=Source.SHADOW, bad=Direction.INCREASE, rate=False),
     "report_rate": MetricInfo(source=Source.REPORT, bad=Direction.INCREASE, rate=True),
+    # population stability index of the candidate's predictions against the baseline's
+    "prediction_drift": MetricInfo(source=Source.REQUEST, bad=Direction.INCREASE, rate=False),
 }
 
 
@@ -452,6 +454,9 @@ def semantic_problems(plan: Plan) -> list[Problem]:
             if name not in names:
                 problems.append(Problem(f"{where}.stage",
                                         f"no stage named {name!r}; stages are {', '.join(names)}"))
+        if g.metric == "prediction_drift" and (g.max is None or g.tolerance is not None
+                                               or g.relative_tolerance is not None):
+            problems.append(Problem(where, "prediction_drift takes a max (a PSI, e.g. 0.1 or 0.25)"))
         if g.metric not in BUILTIN_METRICS and g.direction is None and g.source is None:
             problems.append(Problem(
                 f"{where}.direction",

@@ -27,7 +27,15 @@ from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.plan import Plan
 from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
 from safeshift.store import Store, open_store
-from safeshift.telemetry import Aggregator, Cell, CellKey, Moments, Summary, rows_from_cells
+from safeshift.telemetry import (
+    Aggregator,
+    Cell,
+    CellKey,
+    Moments,
+    Summary,
+    prediction_signals,
+    rows_from_cells,
+)
 
 REQUEST_SIGNALS = ("requests", "error_rate", "latency_ms")
 
@@ -241,6 +249,8 @@ class Rollout:
         if self._report_signal:
             values["report_rate"] = 0.0
         self.aggregator.observe(key, values, hist=True)
+        if result.ok:
+            self._observe_predictions(key, result)
         if keep and request_id is not None and self._keep_records:
             outputs = {arm: result.outputs} if result.ok else {}
             self._keep(request_id, a, key, outputs)
@@ -252,6 +262,8 @@ class Rollout:
         values: dict[str, float] = {"requests": 1.0, "error_rate": 0.0 if candidate.ok else 1.0,
                                     "latency_ms": candidate.latency_ms}
         self.aggregator.observe(key, values, hist=True)
+        if candidate.ok:
+            self._observe_predictions(key, candidate)
         if candidate.ok and baseline.ok and candidate.outputs and baseline.outputs:
             for i, (c, b) in enumerate(zip(candidate.outputs, baseline.outputs, strict=False)):
                 pair: dict[str, float] = {"disagreement": 0.0 if _same(c, b) else 1.0}
@@ -265,6 +277,11 @@ class Rollout:
             if candidate.ok:
                 outputs[CANDIDATE] = candidate.outputs
             self._keep(request_id, a, key, outputs)
+
+    def _observe_predictions(self, key: CellKey, result: ModelResult) -> None:
+        counts = prediction_signals(result.outputs, result.scores)
+        if counts:
+            self.aggregator.add_counts(key, counts)
 
     def record_shadow_dropped(self, a: Assignment, baseline: ModelResult, *,
                               context: Mapping[str, Any] | None, request_id: str | None) -> None:

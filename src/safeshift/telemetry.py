@@ -28,6 +28,27 @@ _LOG_GROWTH = math.log(HIST_GROWTH)
 NONE = "(none)"
 OTHER = "(other)"
 
+SCORE_BINS = 10
+"""Prediction scores in [0, 1] are counted in this many equal bins (``score_bin:k``); other
+outputs by class (``class:VALUE``). Both feed the prediction-drift comparison."""
+MAX_CLASSES = 20
+
+
+def prediction_signals(outputs: list[Any] | None, scores: list[float] | None) -> dict[str, float]:
+    """Counts of one answer's predictions by score bin, or by class for non-numeric outputs."""
+    out: dict[str, float] = {}
+    if scores:
+        for score in scores:
+            if 0.0 <= score <= 1.0:
+                key = f"score_bin:{min(int(score * SCORE_BINS), SCORE_BINS - 1)}"
+                out[key] = out.get(key, 0.0) + 1.0
+        return out
+    for value in outputs or ():
+        if isinstance(value, bool | int | str):
+            key = f"class:{str(value)[:32]}"
+            out[key] = out.get(key, 0.0) + 1.0
+    return out if len(out) <= MAX_CLASSES else {}
+
 
 @dataclass(slots=True)
 class Moments:
@@ -215,6 +236,18 @@ class Aggregator:
                 if hist and signal.endswith("_ms"):
                     cell.hists.setdefault(signal, Histogram()).add(value)
 
+    def add_counts(self, key: CellKey, counts: Mapping[str, float]) -> None:
+        """Add counts (n and sum both grow by the count: a 0/1 signal that was 1)."""
+        with self._lock:
+            cell = self._cells.get(key)
+            if cell is None:
+                cell = self._cells[key] = Cell()
+            for signal, count in counts.items():
+                m = cell.moments(signal)
+                m.n += count
+                m.s += count
+                m.ss += count
+
     def add_cell(self, key: CellKey, cell: Cell) -> None:
         with self._lock:
             existing = self._cells.get(key)
@@ -275,6 +308,18 @@ class Summary:
             m = signals.get(signal)
             if m is not None:
                 out.merge(m)
+        return out
+
+    def counts(self, arm: str, prefix: str, *, cohort: str | None = "hash") -> dict[str, float]:
+        """``{suffix: n}`` for every signal ``prefix + suffix`` on ``arm``."""
+        out: dict[str, float] = {}
+        for (a, c, _), signals in self.cells.items():
+            if a != arm or (cohort is not None and c != cohort):
+                continue
+            for signal, m in signals.items():
+                if signal.startswith(prefix):
+                    key = signal[len(prefix):]
+                    out[key] = out.get(key, 0.0) + m.n
         return out
 
     def segment_values(self) -> dict[str, set[str]]:
