@@ -21,6 +21,7 @@ no events yet does not look certain.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -84,6 +85,7 @@ class Verdict:
     test: str
     sentence: str
     harm: float = math.nan  # the estimate oriented so that larger is worse
+    arm: str = CANDIDATE  # the candidate variant judged (a challenger's name in an experiment)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,9 +114,14 @@ class StageAnalysis:
     def global_verdicts(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.segment is None]
 
+    def passes(self, arm: str | None = None) -> bool:
+        """Every global verdict (of ``arm``, or of every arm) passes."""
+        return all(v.status is Status.PASS for v in self.global_verdicts
+                   if arm is None or v.arm == arm)
+
     @property
     def all_pass(self) -> bool:
-        return all(v.status is Status.PASS for v in self.global_verdicts)
+        return self.passes()
 
     @property
     def waiting_on(self) -> list[Verdict]:
@@ -269,13 +276,13 @@ def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_p
                    math.nan, c.s / c.n, kind, alpha_harm, alpha_pass, test, sentence, excess)
 
 
-def prediction_drift(summary: Summary) -> dict[str, Any] | None:
+def prediction_drift(summary: Summary, arm: str = CANDIDATE) -> dict[str, Any] | None:
     """How the candidate's predictions are distributed against the baseline's: PSI,
     Jensen-Shannon and Wasserstein over score bins, or PSI, Jensen-Shannon and a chi-square
     test over classes. Descriptive: ``prediction_drift`` guardrails compare PSI with a max."""
     keys = [str(i) for i in range(SCORE_BINS)]
     b = summary.counts(BASELINE, "score_bin:")
-    c = summary.counts(CANDIDATE, "score_bin:")
+    c = summary.counts(arm, "score_bin:")
     if b and c:
         pb = [b.get(k, 0.0) for k in keys]
         pc = [c.get(k, 0.0) for k in keys]
@@ -285,7 +292,7 @@ def prediction_drift(summary: Summary) -> dict[str, Any] | None:
                 "wasserstein": wasserstein_from_histograms(edges, pb, pc),
                 "baseline": pb, "candidate": pc}
     b = summary.counts(BASELINE, "class:")
-    c = summary.counts(CANDIDATE, "class:")
+    c = summary.counts(arm, "class:")
     if b and c:
         classes = sorted(set(b) | set(c))
         pb = [b.get(k, 0.0) for k in classes]
@@ -319,30 +326,38 @@ def drift_verdict(g: Guardrail, drift: dict[str, Any] | None, min_n: float) -> V
                    f"{limit:g}", value - limit)
 
 
-def _judge(g: Guardrail, summary: Summary, *, where: tuple[str, str] | None, n_star: float,
-           alpha_harm: float, alpha_pass: float, min_n: float) -> Verdict:
+def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] | None,
+           n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
+           several: bool) -> Verdict:
     signal = _signal(g)
     segment = f"{where[0]}={where[1]}" if where else None
-    c = summary.total(CANDIDATE, signal, where=where)
+    c = summary.total(arm, signal, where=where)
     if g.is_bound or g.info.source is Source.SHADOW:
-        return bound(g, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
-                      min_n=min_n, segment=segment)
-    b = summary.total(BASELINE, signal, where=where)
-    return compare(g, b, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
+        v = bound(g, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
+                  min_n=min_n, segment=segment)
+    else:
+        b = summary.total(BASELINE, signal, where=where)
+        v = compare(g, b, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
                     min_n=min_n, segment=segment)
+    v.arm = arm
+    if several:
+        v.sentence = f"[{arm}] {v.sentence}"
+    return v
 
 
-def analyse(plan: Plan, stage_index: int, summary: Summary) -> StageAnalysis:
-    """Judge every guardrail that applies to the stage, globally and per segment value."""
+def analyse(plan: Plan, stage_index: int, summary: Summary,
+            variants: Sequence[str] = (CANDIDATE,)) -> StageAnalysis:
+    """Judge every guardrail that applies to the stage, globally and per segment value, for
+    each candidate variant (several only in an experiment stage) against the baseline."""
     stage = plan.stages[stage_index]
     guardrails = plan.guardrails_for(stage)
     alpha = plan.analysis.alpha
     n_star = tuning_samples(plan, stage)
     n_b = summary.total(BASELINE, REQUESTS).n
-    n_c = summary.total(CANDIDATE, REQUESTS).n
+    n_c = sum(summary.total(v, REQUESTS).n for v in variants)
     out = StageAnalysis(stage.name, stage_index, n_b, n_c)
+    several = len(variants) > 1
 
-    seg_min = plan.analysis.segment_min_samples
     seg_values = summary.segment_values()
     judged: list[tuple[Guardrail, tuple[str, str]]] = []
     for g in guardrails:
@@ -351,23 +366,33 @@ def analyse(plan: Plan, stage_index: int, summary: Summary) -> StageAnalysis:
         for attr in plan.segments:
             for value in sorted(seg_values.get(attr, ())):
                 judged.append((g, (attr, value)))
-    k = max(len(guardrails), 1)
+    # false rollbacks are shared over every harm test: guardrails x variants globally, and
+    # guardrails x segment values x variants for the segments
+    k = max(len(guardrails), 1) * len(variants)
     has_segments = bool(judged)
     alpha_global = (alpha / 2 if has_segments else alpha) / k
-    alpha_segment = (alpha / 2) / max(len(judged), 1)
-    out.drift = prediction_drift(summary)
-    for g in guardrails:
-        if g.metric == "prediction_drift":
-            out.verdicts.append(drift_verdict(g, out.drift, DRIFT_MIN_SAMPLES))
-            continue
-        out.verdicts.append(_judge(g, summary, where=None, n_star=n_star, alpha_harm=alpha_global,
-                                   alpha_pass=alpha, min_n=MIN_GLOBAL_SAMPLES))
-    for g, where in judged:
-        out.verdicts.append(_judge(g, summary, where=where, n_star=n_star,
-                                   alpha_harm=alpha_segment, alpha_pass=alpha, min_n=seg_min))
+    alpha_segment = (alpha / 2) / max(len(judged) * len(variants), 1)
+    out.drift = prediction_drift(summary, variants[0])
+    for arm in variants:
+        for g in guardrails:
+            if g.metric == "prediction_drift":
+                verdict = drift_verdict(g, prediction_drift(summary, arm), DRIFT_MIN_SAMPLES)
+                verdict.arm = arm
+                out.verdicts.append(verdict)
+                continue
+            out.verdicts.append(_judge(g, summary, arm=arm, where=None, n_star=n_star,
+                                       alpha_harm=alpha_global, alpha_pass=alpha,
+                                       min_n=MIN_GLOBAL_SAMPLES, several=several))
+        for g, where in judged:
+            out.verdicts.append(_judge(g, summary, arm=arm, where=where, n_star=n_star,
+                                       alpha_harm=alpha_segment, alpha_pass=alpha,
+                                       min_n=plan.analysis.segment_min_samples, several=several))
     if not stage.is_shadow and 0 < stage.traffic < BASIS_POINTS:
+        # every candidate variant that served in the stage, dropped experiment arms included
+        n_all = sum(summary.total(arm, REQUESTS).n for arm in summary.arms() if arm != BASELINE)
         share = stage.traffic / BASIS_POINTS
-        out.srm = srm_test([int(n_b), int(n_c)], [1 - share, share], alpha=plan.analysis.srm_alpha)
+        out.srm = srm_test([int(n_b), int(n_all)], [1 - share, share],
+                           alpha=plan.analysis.srm_alpha)
     return out
 
 

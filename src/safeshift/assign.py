@@ -54,6 +54,16 @@ class Split:
     baseline_version: str
     active: bool  # a stage is running (hash assignment and targeting apply)
     serve_candidate_to_all: bool = False  # promoted
+    variants: tuple[tuple[str, str, int], ...] = ()
+    """Which candidate model serves: ``(name, version, cumulative share of the candidate
+    traffic in basis points)``; several only in an experiment stage. Empty: ``candidate``."""
+
+    @property
+    def primary(self) -> tuple[str, str]:
+        """The (variant, version) that serves when there is one candidate."""
+        if self.variants:
+            return self.variants[0][0], self.variants[0][1]
+        return CANDIDATE, self.candidate_version
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +76,16 @@ class Assignment:
     stage_index: int
     shadow: bool
     reason: Reason
+    variant: str = CANDIDATE  # which candidate model (a challenger's name in an experiment)
 
     @property
     def is_candidate(self) -> bool:
         return self.arm == CANDIDATE
+
+    @property
+    def telemetry_arm(self) -> str:
+        """The arm telemetry is counted under: ``baseline`` or the candidate variant."""
+        return self.variant if self.arm == CANDIDATE else self.arm
 
 
 class Assigner:
@@ -92,6 +108,24 @@ class Assigner:
                 return True
         return False
 
+    def _candidate(self, unit: str | None, split: Split, reason: Reason) -> Assignment:
+        variants = split.variants
+        if len(variants) <= 1:
+            name, version = split.primary
+            return Assignment(CANDIDATE, version, split.stage, split.stage_index, False, reason,
+                              name)
+        # a second, independent hash picks the variant inside the candidate traffic
+        if unit:
+            position = int(mmh3.hash(f"{self._prefix}variant/{unit}", signed=False)) % BASIS_POINTS
+        else:
+            position = random.randrange(BASIS_POINTS)  # not for security
+        for name, version, upper in variants:
+            if position < upper:
+                return Assignment(CANDIDATE, version, split.stage, split.stage_index, False,
+                                  reason, name)
+        name, version, _ = variants[-1]
+        return Assignment(CANDIDATE, version, split.stage, split.stage_index, False, reason, name)
+
     def assign(self, unit: str | None, context: Mapping[str, Any] | None, split: Split) -> Assignment:
         if not split.active and not split.serve_candidate_to_all:
             return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
@@ -100,11 +134,9 @@ class Assigner:
             return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
                               False, Reason.EXCLUDED)
         if split.serve_candidate_to_all:
-            return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
-                              False, Reason.INACTIVE)
+            return self._candidate(unit, split, Reason.INACTIVE)
         if self._always and split.traffic > 0 and self._matches(self._always, unit, context):
-            return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
-                              False, Reason.TARGETED)
+            return self._candidate(unit, split, Reason.TARGETED)
         if unit is None or unit == "":
             if self._anon_random:
                 b = random.randrange(BASIS_POINTS)
@@ -114,6 +146,8 @@ class Assigner:
         else:
             b = int(mmh3.hash(self._prefix + unit, signed=False)) % BASIS_POINTS
         if b < split.traffic:
+            if split.variants:
+                return self._candidate(unit, split, Reason.HASH)
             return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
                               False, Reason.HASH)
         return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,

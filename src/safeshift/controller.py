@@ -20,13 +20,14 @@ from typing import Any
 from safeshift.analysis import StageAnalysis, Status, analyse, describe_harm
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
-from safeshift.plan import Plan, Stage
+from safeshift.experiment import allocation, best_arm, current_variants, moved, new_allocation
+from safeshift.plan import Experiment, Plan, Stage
 from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
-_PRIORITY = {Action.ROLLBACK: 0, Action.PAUSE: 1, Action.PROMOTE: 2, Action.AWAIT_APPROVAL: 3,
-             Action.ADVANCE: 4, Action.START: 5}
+_PRIORITY = {Action.ROLLBACK: 0, Action.DROP_ARM: 1, Action.PAUSE: 2, Action.PROMOTE: 3,
+             Action.AWAIT_APPROVAL: 4, Action.ADVANCE: 5, Action.START: 6, Action.REALLOCATE: 7}
 
 
 @dataclass(slots=True)
@@ -36,6 +37,8 @@ class Intent:
     to_stage: int
     phase: Phase
     evidence: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the state's extra
+    quiet: bool = False  # a state update only: no decision record, no audit event
 
 
 @dataclass(slots=True)
@@ -47,7 +50,13 @@ class TickContext:
     now: float
     store: Store
     analysis: StageAnalysis | None = None
+    summary: Summary | None = None
     intents: list[Intent] = field(default_factory=list)
+
+    @property
+    def experiment(self) -> Experiment | None:
+        stage = self.stage
+        return stage.experiment if stage is not None and "winner" not in self.state.extra else None
 
     @property
     def stage(self) -> Stage | None:
@@ -79,11 +88,12 @@ def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
     return nxt, Action.ADVANCE
 
 
-def _transition(plan: Plan, current: int, reason: str, evidence: dict[str, Any]) -> Intent:
+def _transition(plan: Plan, current: int, reason: str, evidence: dict[str, Any],
+                extra: dict[str, Any] | None = None) -> Intent:
     to, action = next_stage(plan, current)
     phase = {Action.PROMOTE: Phase.PROMOTED, Action.AWAIT_APPROVAL: Phase.AWAITING_APPROVAL,
              Action.ADVANCE: Phase.RUNNING}[action]
-    return Intent(action, reason, to, phase, evidence)
+    return Intent(action, reason, to, phase, evidence, dict(extra or {}))
 
 
 def step_start(ctx: TickContext) -> None:
@@ -102,11 +112,55 @@ def step_analyse(ctx: TickContext) -> None:
     if ctx.state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL) or ctx.stage is None:
         return
     rows = ctx.store.telemetry(ctx.plan.rollout, ctx.state.stage_index)
-    ctx.analysis = analyse(ctx.plan, ctx.state.stage_index, Summary.from_rows(rows))
+    ctx.summary = Summary.from_rows(rows)
+    ctx.analysis = analyse(ctx.plan, ctx.state.stage_index, ctx.summary,
+                           current_variants(ctx.plan, ctx.state))
+
+
+def step_experiment(ctx: TickContext) -> None:
+    """In an experiment stage: drop an arm with proven harm (roll back when none is left),
+    pick a winner when one is best with the plan's confidence and passes every guardrail,
+    otherwise re-allocate the candidate traffic by Thompson sampling."""
+    exp, a, summary, stage = ctx.experiment, ctx.analysis, ctx.summary, ctx.stage
+    if exp is None or a is None or summary is None or stage is None:
+        return
+    if ctx.state.phase is not Phase.RUNNING:
+        return
+    arms = current_variants(ctx.plan, ctx.state)
+    harmed = [arm for arm in arms if any(v.arm == arm for v in a.harms)]
+    if harmed:
+        if len(harmed) == len(arms):
+            ctx.want(Intent(Action.ROLLBACK, "harm proven for every arm of the experiment: "
+                            + describe_harm(a), -1, Phase.ROLLED_BACK, a.to_json()))
+            return
+        arm = harmed[0]
+        sentences = "; ".join(v.sentence for v in a.harms if v.arm == arm)
+        dropped = [*ctx.state.extra.get("dropped", []), arm]
+        ctx.want(Intent(Action.DROP_ARM, f"{arm} dropped from the experiment: {sentences}",
+                        ctx.state.stage_index, Phase.RUNNING, a.to_json(),
+                        {"dropped": dropped, "allocation": None}))
+        return
+    best, p_best, probs = best_arm(ctx.plan, ctx.state, summary, ctx.now)
+    ready = (ctx.elapsed >= stage.min_duration and p_best >= exp.confidence
+             and summary.total(best, "requests").n >= stage.min_samples
+             and a.n_baseline >= stage.min_samples and a.passes(best))
+    if ready:
+        version = ctx.plan.variant(best).version
+        named = best if version == best else f"{best} ({version})"
+        reason = (f"experiment in stage {stage.name!r} chose {named}: best on {exp.objective} "
+                  f"with probability {p_best:.3f}, every guardrail proven within tolerance")
+        evidence = {**a.to_json(), "probability_best": probs}
+        ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, evidence,
+                             {"winner": best, "allocation": None}))
+        return
+    new = new_allocation(ctx.plan, ctx.state, summary, ctx.now)
+    if moved(allocation(ctx.plan, ctx.state), new):
+        ctx.want(Intent(Action.REALLOCATE, "bandit re-allocation", ctx.state.stage_index,
+                        Phase.RUNNING, {}, {"allocation": new}, quiet=True))
 
 
 def step_harm(ctx: TickContext) -> None:
-    if ctx.analysis is None or not ctx.analysis.harms:
+    if ctx.analysis is None or not ctx.analysis.harms or ctx.experiment is not None:
         return
     ctx.want(Intent(Action.ROLLBACK, "harm proven: " + describe_harm(ctx.analysis), -1,
                     Phase.ROLLED_BACK, ctx.analysis.to_json()))
@@ -130,6 +184,8 @@ def step_progress(ctx: TickContext) -> None:
     a, stage = ctx.analysis, ctx.stage
     if ctx.state.phase is not Phase.RUNNING or a is None or stage is None:
         return
+    if ctx.experiment is not None:
+        return  # step_experiment decides
     if ctx.elapsed < stage.min_duration:
         return
     if min(a.n_baseline, a.n_candidate) < stage.min_samples:
@@ -157,15 +213,20 @@ def step_deadline(ctx: TickContext) -> None:
         ctx.want(Intent(Action.ROLLBACK, base + "; on_inconclusive: rollback", -1,
                         Phase.ROLLED_BACK, evidence))
     elif policy == "promote":
+        extra: dict[str, Any] = {}
+        if ctx.experiment is not None and ctx.summary is not None:
+            best, p_best, _ = best_arm(ctx.plan, ctx.state, ctx.summary, ctx.now)
+            extra = {"winner": best, "allocation": None}
+            base += f"; {best} leads the experiment (probability best {p_best:.2f})"
         ctx.want(_transition(ctx.plan, ctx.state.stage_index,
-                             base + "; on_inconclusive: promote", evidence))
+                             base + "; on_inconclusive: promote", evidence, extra))
     else:
         ctx.want(Intent(Action.PAUSE, base + "; holding for a person to decide", ctx.state.stage_index,
                         Phase.PAUSED, evidence))
 
 
-PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_harm, step_srm, step_progress,
-                              step_deadline)
+PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,
+                              step_progress, step_deadline)
 
 
 def _dur(seconds: float) -> str:
@@ -205,8 +266,17 @@ class Controller:
         intent = min(ctx.intents, key=lambda i: _PRIORITY[i.action])
         return self._commit(ctx.state, intent, "controller", ctx.now)
 
-    def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision:
+    def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision | None:
         new = state.copy()
+        for key, value in intent.extra.items():
+            if value is None:
+                new.extra.pop(key, None)
+            else:
+                new.extra[key] = value
+        if intent.quiet:
+            new.updated_at = now
+            self.store.commit(new, expected_version=state.version)
+            return None
         seq = int(state.extra.get("seq", 0)) + 1
         new.extra["seq"] = seq
         new.phase = intent.phase
@@ -272,7 +342,9 @@ class Controller:
                             Phase.PROMOTED)
         else:
             raise InvalidTransitionError(f"{action} is not an operator action")
-        return self._commit(state, intent, actor, now)
+        decision = self._commit(state, intent, actor, now)
+        assert decision is not None  # operator actions are never quiet
+        return decision
 
 
 def harm_summary(analysis: StageAnalysis) -> list[str]:

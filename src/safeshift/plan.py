@@ -114,6 +114,33 @@ class ModelSpec(_Strict):
 MODEL_SCHEMES = ("joblib", "python", "fake", "oip", "mlflow")
 
 
+class Challenger(ModelSpec):
+    """Another candidate that competes with ``candidate`` in an experiment stage."""
+
+    name: Name
+
+
+class Experiment(_Strict):
+    """A bandit over the candidate and the challengers inside a stage's candidate traffic.
+
+    Thompson sampling (or top-two Thompson sampling, for identifying the best arm) moves the
+    stage's candidate traffic towards the arm that does best on ``objective``; every arm is
+    still judged against the baseline by the guardrails' always-valid tests, an arm with
+    proven harm is dropped, and the stage ends when one arm is the best with probability
+    ``confidence`` and passes every guardrail. That arm is the candidate from then on.
+    """
+
+    objective: Name = Field(description="the metric to optimise, e.g. accuracy")
+    direction: Direction | None = Field(
+        default=None, description="the direction in which the objective gets worse")
+    method: Literal["thompson", "top_two"] = "thompson"
+    floor: Share = Field(default=100, description="minimum share of the stage's candidate "
+                         "traffic per arm (default 1%)")
+    min_units: int = Field(default=100, ge=1, description="observations per arm before adapting")
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0,
+                              description="probability of being best needed to pick a winner")
+
+
 class Change(_Strict):
     """The change record: what changed, why, who owns it, how it was validated offline."""
 
@@ -162,6 +189,9 @@ class Stage(_Strict):
     approval: Literal["required", "none"] = Field(
         default="none", description="whether a person must approve before this stage starts"
     )
+    experiment: Experiment | None = Field(
+        default=None, description="split the candidate traffic among the candidate and the "
+        "plan's challengers with a bandit, and pick a winner")
 
     @field_validator("approval", mode="before")
     @classmethod
@@ -312,6 +342,8 @@ class Plan(_Strict):
     endpoint: Name = Field(description="the logical model name clients call")
     baseline: ModelSpec
     candidate: ModelSpec
+    challengers: list[Challenger] = Field(
+        default_factory=list, description="more candidates, for an experiment stage")
     change: Change
     unit: str = Field(default="unit", min_length=1, description="the key that makes it sticky")
     segments: list[str] = Field(default_factory=list, description="attributes analysed apart")
@@ -338,6 +370,22 @@ class Plan(_Strict):
             if stage.name == name:
                 return i
         raise KeyError(name)
+
+    def variant(self, name: str) -> ModelSpec:
+        """The model spec of the candidate (``"candidate"``) or of a challenger, by name."""
+        if name == "candidate":
+            return self.candidate
+        if name == "baseline":
+            return self.baseline
+        for c in self.challengers:
+            if c.name == name:
+                return c
+        raise KeyError(f"no candidate or challenger named {name!r}")
+
+    @property
+    def variants(self) -> list[str]:
+        """The candidate and the challengers, by name."""
+        return ["candidate", *(c.name for c in self.challengers)]
 
     def guardrails_for(self, stage: Stage) -> list[Guardrail]:
         return [g for g in self.guardrails if g.applies_to(stage)]
@@ -440,6 +488,27 @@ def semantic_problems(plan: Plan) -> list[Problem]:
     if plan.stages and plan.stages[-1].is_full and plan.stages[-1].min_samples:
         problems.append(Problem(f"stages.{len(names) - 1}.min_samples",
                                 "a 100% stage has no baseline to compare with; remove min_samples"))
+    experiments = [i for i, st in enumerate(plan.stages) if st.experiment is not None]
+    for i in experiments:
+        stage = plan.stages[i]
+        if not plan.challengers:
+            problems.append(Problem(f"stages.{i}.experiment",
+                                    "an experiment needs challengers: add them under challengers"))
+        if stage.traffic == 0 or stage.is_full:
+            problems.append(Problem(f"stages.{i}.traffic",
+                                    "an experiment stage needs a traffic share between 0% and 100%"))
+    if len(experiments) > 1:
+        problems.append(Problem(f"stages.{experiments[1]}.experiment",
+                                "only one experiment stage per plan"))
+    if plan.challengers and not experiments:
+        problems.append(Problem("challengers", "challengers compete only in an experiment stage; "
+                                "add experiment: {objective: ...} to a stage"))
+    seen: set[str] = set()
+    for i, c in enumerate(plan.challengers):
+        if c.name in {"baseline", "candidate"} or c.name in seen:
+            problems.append(Problem(f"challengers.{i}.name",
+                                    f"{c.name!r} is taken; give each challenger its own name"))
+        seen.add(c.name)
     for i, g in enumerate(plan.guardrails):
         where = f"guardrails.{i}"
         margins = [g.tolerance is not None, g.relative_tolerance is not None, g.is_bound]

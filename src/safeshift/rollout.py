@@ -13,16 +13,17 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from safeshift._units import BASIS_POINTS, format_duration
 from safeshift.analysis import StageAnalysis, analyse
-from safeshift.assign import BASELINE, CANDIDATE, Assigner, Assignment, Split
+from safeshift.assign import BASELINE, Assigner, Assignment, Split
 from safeshift.clock import Clock, SystemClock
 from safeshift.controller import Controller
 from safeshift.errors import RolloutError, UnknownRequestError
+from safeshift.experiment import allocation, current_variants, variant_split
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.plan import Plan
 from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
@@ -74,6 +75,7 @@ class Status:
     reason: str
     pending_stage: str | None
     analysis: StageAnalysis | None
+    variants: dict[str, float] = field(default_factory=dict)  # candidate variant -> share of it
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -81,13 +83,12 @@ class Status:
             "stage": self.stage, "stage_index": self.stage_index,
             "traffic": self.traffic / BASIS_POINTS, "shadow": self.shadow / BASIS_POINTS,
             "stage_elapsed": self.stage_elapsed, "reason": self.reason,
-            "pending_stage": self.pending_stage,
+            "pending_stage": self.pending_stage, "variants": self.variants,
             "analysis": self.analysis.to_json() if self.analysis else None,
         }
 
 
-def split_for(plan: Plan, state: RolloutState) -> Split:
-    """The traffic split a state means."""
+def _base_split(plan: Plan, state: RolloutState) -> Split:
     i = state.stage_index
     name = plan.stages[i].name if 0 <= i < len(plan.stages) else "-"
     common = {"stage": name, "stage_index": i, "candidate_version": plan.candidate.version,
@@ -100,6 +101,15 @@ def split_for(plan: Plan, state: RolloutState) -> Split:
     stage = plan.stages[i]
     return Split(traffic=stage.traffic, shadow=stage.shadow, active=True,
                  **common)  # type: ignore[arg-type]
+
+
+def split_for(plan: Plan, state: RolloutState) -> Split:
+    """The traffic split a state means, with the candidate variant(s) that serve."""
+    split = _base_split(plan, state)
+    if not plan.challengers:
+        return split
+    variants = variant_split(plan, state)
+    return replace(split, variants=variants, candidate_version=variants[0][1])
 
 
 def _number(value: Any) -> bool:
@@ -169,14 +179,13 @@ class Rollout:
         """The backend for ``arm``, loaded on first use."""
         m = self._models.get(arm)
         if m is None:
-            spec = self.plan.candidate if arm == CANDIDATE else self.plan.baseline
-            m = self._models[arm] = load_model(spec.model, self.plan.base_dir)
+            m = self._models[arm] = load_model(self.plan.variant(arm).model, self.plan.base_dir)
         return m
 
     def load_models(self) -> None:
-        """Load both models now (fail fast at start-up rather than on the first request)."""
-        self.model(BASELINE)
-        self.model(CANDIDATE)
+        """Load every model now (fail fast at start-up rather than on the first request)."""
+        for arm in (BASELINE, *self.plan.variants):
+            self.model(arm)
 
     @property
     def candidate_timeout(self) -> float:
@@ -197,6 +206,11 @@ class Rollout:
             self._split_at = time.monotonic()
         return self._split
 
+    @property
+    def shadow_variant(self) -> str:
+        """The candidate variant that shadow copies go to."""
+        return self._split.primary[0]
+
     def assign(self, unit: str | None, context: Mapping[str, Any] | None = None) -> Assignment:
         """Which arm serves ``unit`` now. Pure given the split: sticky and monotone."""
         if time.monotonic() - self._split_at > self._refresh:
@@ -213,7 +227,7 @@ class Rollout:
         a = self.assign(unit, context)
         rid = request_id or uuid.uuid4().hex
         if a.is_candidate:
-            result = self.model(CANDIDATE).predict(rows)
+            result = self.model(a.variant).predict(rows)
             self.record(a, result, context=context, request_id=rid)
             if result.ok and result.outputs is not None:
                 return Prediction(rid, result.outputs, a.version, a.arm, a.stage)
@@ -240,9 +254,9 @@ class Rollout:
 
     def record(self, a: Assignment, result: ModelResult, *, context: Mapping[str, Any] | None = None,
                request_id: str | None = None, arm: str | None = None, keep: bool = True) -> None:
-        """Count one model call on ``arm`` (default: the assigned arm) and keep the compact
-        request record that late feedback joins to."""
-        arm = arm or a.arm
+        """Count one model call on ``arm`` (default: the assigned arm, or the candidate variant
+        that served) and keep the compact request record that late feedback joins to."""
+        arm = arm or a.telemetry_arm
         key = self._cell(a, arm, context)
         values = {"requests": 1.0, "error_rate": 0.0 if result.ok else 1.0,
                   "latency_ms": result.latency_ms}
@@ -258,7 +272,7 @@ class Rollout:
     def record_shadow(self, a: Assignment, baseline: ModelResult, candidate: ModelResult, *,
                       context: Mapping[str, Any] | None, request_id: str | None) -> None:
         """Count a mirrored candidate call and compare it pairwise with the baseline's answer."""
-        key = self._cell(a, CANDIDATE, context)
+        key = self._cell(a, self.shadow_variant, context)
         values: dict[str, float] = {"requests": 1.0, "error_rate": 0.0 if candidate.ok else 1.0,
                                     "latency_ms": candidate.latency_ms}
         self.aggregator.observe(key, values, hist=True)
@@ -275,7 +289,7 @@ class Rollout:
             if baseline.ok:
                 outputs[BASELINE] = baseline.outputs
             if candidate.ok:
-                outputs[CANDIDATE] = candidate.outputs
+                outputs[self.shadow_variant] = candidate.outputs
             self._keep(request_id, a, key, outputs)
 
     def _observe_predictions(self, key: CellKey, result: ModelResult) -> None:
@@ -293,7 +307,7 @@ class Rollout:
 
     def _keep(self, request_id: str, a: Assignment, key: CellKey, outputs: dict[str, Any]) -> None:
         now = self.clock.now()
-        rec = RequestRecord(request_id, self.plan.rollout, a.stage_index, a.arm, key.cohort,
+        rec = RequestRecord(request_id, self.plan.rollout, a.stage_index, a.telemetry_arm, key.cohort,
                             key.segment, now, now + self.plan.serving.label_window, outputs)
         with self._records_lock:
             self._records.append(rec)
@@ -417,8 +431,7 @@ class Rollout:
             self._shadow.drain()
         self.flush()
         decision = self.controller.tick()
-        if decision is not None:
-            self.refresh()
+        self.refresh()  # also after quiet updates such as a bandit re-allocation
         return decision
 
     def act(self, action: Action, *, actor: str, reason: str = "") -> Decision:
@@ -452,7 +465,8 @@ class Rollout:
         if state.stage_index < 0:
             return None
         rows = self.store.telemetry(self.plan.rollout, state.stage_index)
-        return analyse(self.plan, state.stage_index, Summary.from_rows(rows))
+        return analyse(self.plan, state.stage_index, Summary.from_rows(rows),
+                       current_variants(self.plan, state))
 
     def status(self) -> Status:
         state = self.state()
@@ -463,7 +477,7 @@ class Rollout:
         return Status(self.plan.rollout, self.plan.endpoint, state.phase,
                       split.stage if state.stage_index >= 0 else None, state.stage_index,
                       split.traffic, split.shadow, self.clock.now() - state.stage_started_at,
-                      state.reason, pending, analysis)
+                      state.reason, pending, analysis, allocation(self.plan, state))
 
     def close(self) -> None:
         if self._shadow is not None:
@@ -499,7 +513,7 @@ class _ShadowWorker:
                 if item is None:
                     return
                 a, rows, base, context, rid = item
-                cand = self.rollout.model(CANDIDATE).predict(rows)
+                cand = self.rollout.model(self.rollout.shadow_variant).predict(rows)
                 self.rollout.record_shadow(a, base, cand, context=context, request_id=rid)
             finally:
                 self.queue.task_done()

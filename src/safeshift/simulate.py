@@ -21,8 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
-from safeshift.assign import BASELINE, CANDIDATE, Assignment
+from safeshift.assign import BASELINE, Assignment
 from safeshift.clock import VirtualClock
 from safeshift.errors import SafeshiftError
 from safeshift.models import FakeModel, ModelResult
@@ -60,6 +61,7 @@ class Scenario:
     baseline: ArmBehaviour = ArmBehaviour()
     candidate: ArmBehaviour = ArmBehaviour()
     fault: Fault | None = None
+    challengers: tuple[ArmBehaviour, ...] = ()  # in the order of the plan's challengers
     label_delay: float = 300.0  # seconds until a label arrives
     label_share: float = 0.5  # share of requests that ever get a label
     mix: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: {
@@ -82,6 +84,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fault=Fault("country", "BR", error_rate=0.2)),
     Scenario("low-traffic", "a good candidate at a trickle of traffic: stages hold, never fail",
              candidate=ArmBehaviour(accuracy=0.90)),
+    Scenario("bandit", "for plans with challengers: the first challenger is 5 points more "
+             "accurate, the second fails 5% of requests",
+             challengers=(ArmBehaviour(accuracy=0.95), ArmBehaviour(error_rate=0.05))),
 )}
 
 
@@ -114,15 +119,19 @@ class Responder(Protocol):
 class SyntheticResponder:
     """Draws errors, latencies and correctness from the scenario."""
 
-    def __init__(self, scenario: Scenario, rng: np.random.Generator) -> None:
+    def __init__(self, scenario: Scenario, rng: np.random.Generator,
+                 challengers: Sequence[str] = ()) -> None:
         self.scenario = scenario
         self.rng = rng
+        # challengers the scenario does not describe behave like the candidate
+        self.variants = dict(zip(challengers, scenario.challengers, strict=False))
 
     def _behaviour(self, arm: str, context: Mapping[str, str]) -> tuple[float, float, float, float]:
-        b = self.scenario.candidate if arm == CANDIDATE else self.scenario.baseline
+        candidate = self.variants.get(arm, self.scenario.candidate)
+        b = self.scenario.baseline if arm == BASELINE else candidate
         err, acc, lat, sigma = b.error_rate, b.accuracy, b.latency_ms, b.latency_sigma
         f = self.scenario.fault
-        if arm == CANDIDATE and f is not None and context.get(f.attribute) == f.value:
+        if arm != BASELINE and f is not None and context.get(f.attribute) == f.value:
             err = f.error_rate if f.error_rate is not None else err
             acc = f.accuracy if f.accuracy is not None else acc
             lat *= f.latency_factor
@@ -224,7 +233,7 @@ def drive(
         users = rng.integers(0, population.size, size=n)
         inputs, truths = rows(rng, n)
         uniforms = rng.random(n)
-        batch: dict[str, list[Request]] = {BASELINE: [], CANDIDATE: []}
+        batch: dict[str, list[Request]] = {BASELINE: []}
         shadowed: list[Request] = []
         for k in range(n):
             uid = int(users[k])
@@ -233,7 +242,7 @@ def drive(
             a = rollout.assign(unit, ctx)
             counter += 1
             req = Request(f"sim-{counter}", unit, ctx, a, inputs[k], truths[k], float(uniforms[k]))
-            batch[a.arm].append(req)
+            batch.setdefault(a.telemetry_arm, []).append(req)
             if a.shadow:
                 shadowed.append(req)
         results: dict[str, list[ModelResult]] = {
@@ -243,18 +252,21 @@ def drive(
             base_by_id[req.id] = res
             rollout.record(req.assignment, res, context=req.context, request_id=req.id,
                            keep=not req.assignment.shadow)
-        for req, res in zip(batch[CANDIDATE], results[CANDIDATE], strict=True):
-            rollout.record(req.assignment, res, context=req.context, request_id=req.id)
-            if not res.ok:
-                fallbacks += 1
+        for arm, reqs in batch.items():
+            if arm == BASELINE:
+                continue
+            for req, res in zip(reqs, results[arm], strict=True):
+                rollout.record(req.assignment, res, context=req.context, request_id=req.id)
+                if not res.ok:
+                    fallbacks += 1
+            candidate_total += len(reqs)
         if shadowed:
-            for req, res in zip(shadowed, respond(CANDIDATE, shadowed), strict=True):
+            for req, res in zip(shadowed, respond(rollout.shadow_variant, shadowed), strict=True):
                 rollout.record_shadow(req.assignment, base_by_id[req.id], res,
                                       context=req.context, request_id=req.id)
         requests_total += n
-        candidate_total += len(batch[CANDIDATE])
         now = clock.now()
-        for req in batch[BASELINE] + batch[CANDIDATE]:
+        for req in (r for reqs in batch.values() for r in reqs):
             if rng.random() < label_share:
                 arrives = now + float(rng.exponential(label_delay))
                 heapq.heappush(labels, (arrives, counter, req.id, req.label))
@@ -278,8 +290,8 @@ def drive(
             if decision is not None and on_decision is not None:
                 on_decision(decision, now)
             state = rollout.state()
-            if state.phase.terminal:
-                break
+            if state.phase.terminal or state.phase is Phase.PAUSED:
+                break  # nobody resumes a simulated rollout
             if state.phase is Phase.AWAITING_APPROVAL:
                 awaiting_since = awaiting_since or now
                 if now - awaiting_since >= approve_after:
@@ -312,7 +324,7 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
     # synthetic traffic: the plan's models are not loaded
     plan = plan.model_copy(update={"rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}"})
     rollout = Rollout.from_plan(plan, store=store, clock=clock,
-                                models={BASELINE: FakeModel(), CANDIDATE: FakeModel()})
+                                models={v: FakeModel() for v in (BASELINE, *plan.variants)})
     pop = Population(scenario.mix, population, rng)
     start = clock.now()
     wall = time.perf_counter()
@@ -322,11 +334,13 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
 
     def told(d: Decision, now: float) -> None:
         if console is not None:
-            console.print(f"  {_when(start, now)}  [bold]{d.action}[/] → {d.phase}: {d.reason}",
-                          markup=True, highlight=False)
+            console.print(f"  {_when(start, now)}  [bold]{d.action}[/] → {d.phase}: "
+                          f"{escape(d.reason)}", markup=True, highlight=False)
 
     n, nc, fb, labels = drive(
-        rollout, clock, respond=SyntheticResponder(scenario, rng), rows=_binary_rows,
+        rollout, clock,
+        respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers]),
+        rows=_binary_rows,
         population=pop, rng=rng, rate=rate, max_seconds=max_hours * 3600,
         label_delay=scenario.label_delay, label_share=scenario.label_share, on_decision=told)
     state = rollout.state()

@@ -35,6 +35,8 @@ class Action(StrEnum):
     RESUME = "resume"
     ROLLBACK = "rollback"
     PROMOTE = "promote"
+    DROP_ARM = "drop_arm"  # an experiment arm with proven harm leaves the experiment
+    REALLOCATE = "reallocate"  # bandit allocation update (state only, not a decision)
 
 
 @dataclass(slots=True)

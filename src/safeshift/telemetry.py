@@ -322,6 +322,9 @@ class Summary:
                     out[key] = out.get(key, 0.0) + m.n
         return out
 
+    def arms(self) -> set[str]:
+        return {arm for (arm, _, _) in self.cells}
+
     def segment_values(self) -> dict[str, set[str]]:
         values: dict[str, set[str]] = {}
         for (_, _, seg) in self.cells:
