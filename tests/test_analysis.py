@@ -157,3 +157,27 @@ def test_compare_matches_between_entry_points() -> None:
     a = analyse(plan, 0, summary_of({("baseline", ""): {"error_rate": rate(10_000, 100)},
                                       ("candidate", ""): {"error_rate": rate(10_000, 150)}}))
     assert v.estimate == a.global_verdicts[0].estimate
+
+
+def test_paired_shadow_labels_are_compared_pairwise() -> None:
+    plan = plan_with({"metric": "accuracy", "tolerance": 0.01})
+    # 2,000 labelled pairs; the models disagree on 2% of inputs, split evenly
+    diffs = Moments()
+    for i in range(2000):
+        diffs.add(1.0 if i % 100 == 0 else -1.0 if i % 100 == 1 else 0.0)
+    independent = {"accuracy": rate(2000, 1800)}
+    s = summary_of({("baseline", ""): dict(independent),
+                    ("candidate", ""): {**independent, "accuracy:paired": diffs}})
+    v = analyse(plan, 0, s).global_verdicts[0]
+    assert v.status is Status.PASS and "on the same inputs" in v.sentence
+    # the same labels compared as independent samples cannot prove it yet
+    unpaired = summary_of({("baseline", ""): dict(independent), ("candidate", ""): independent})
+    assert analyse(plan, 0, unpaired).global_verdicts[0].status is Status.HOLD
+
+
+def test_perfect_agreement_on_few_pairs_is_not_certainty() -> None:
+    plan = plan_with({"metric": "accuracy", "tolerance": 0.01})
+    s = summary_of({("baseline", ""): {"accuracy": rate(40, 36)},
+                    ("candidate", ""): {"accuracy": rate(40, 36),
+                                        "accuracy:paired": Moments(40, 0, 0)}})
+    assert analyse(plan, 0, s).global_verdicts[0].status is Status.HOLD

@@ -161,3 +161,18 @@ def test_next_stage_schedule() -> None:
     assert next_stage(plan, 1) == (2, Action.PROMOTE)  # entering 100% is promotion
     short = Plan.from_dict(plan_dict(stages=[{"name": "only", "traffic": "20%"}]))
     assert next_stage(short, 0) == (0, Action.PROMOTE)
+
+
+def test_shadow_labels_are_recorded_as_pairs(store: Store, clock: VirtualClock) -> None:
+    data = plan_dict(guardrails=[{"metric": "accuracy", "tolerance": 0.02}])
+    data["stages"][0] = {"name": "shadow", "shadow": "100%", "min_samples": 10}
+    plan = Plan.from_dict(data)
+    rollout = make(plan, store, clock, candidate=FakeModel(output=0))
+    ids = [rollout.predict({"x": 1}, unit=f"u{i}").id for i in range(50)]
+    assert all(rollout.predict({"x": 1}, unit="u1").arm == "baseline" for _ in range(3))
+    results = rollout.feedback_many([{"id": i, "label": 1} for i in ids])
+    assert all(r.accepted == ["accuracy"] for r in results)
+    rows = {(r.arm, r.signal): r for r in store.telemetry(plan.rollout, 0)}
+    paired = rows[("candidate", "accuracy:paired")]
+    assert paired.n == 50 and paired.s == -50  # the candidate is wrong where the baseline is right
+    rollout.close()

@@ -233,6 +233,42 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
                    sentence, harm)
 
 
+def compare_paired(g: Guardrail, d: Moments, *, n_star: float, alpha_harm: float,
+                   alpha_pass: float, segment: str | None) -> Verdict:
+    """Candidate against baseline on the *same* inputs (shadow, both answers labelled): a
+    one-sample confidence sequence on the mean paired difference. One discordant pair each
+    way is added to the variance so that perfect agreement on few labels is not certainty."""
+    info = g.info
+    tol = float(g.tolerance or 0.0)
+    sign = 1.0 if info.bad is Direction.INCREASE else -1.0
+    mean = d.s / d.n
+    _, se = one_sample_mean(d.n + 2, d.s, d.ss + 2)
+    n_eff = 2.0 * d.n  # n pairs carry the information of 2n observations split evenly
+    harm = sign * mean
+    harm_lo = harm - boundary_multiplier(n_eff, n_star, alpha_harm, one_sided=True) * se
+    harm_hi = harm + boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True) * se
+    lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
+    status = (Status.HARM if harm_lo > (0.0 if g.strict else tol)
+              else Status.PASS if harm_hi < tol else Status.HOLD)
+    where = f" for {segment}" if segment else ""
+    diff_text = f"{_fmt(mean, info.rate, False)} [{_fmt(lo, info.rate, False)}, {_fmt(hi, info.rate, False)}]"
+    tol_text = _fmt(tol, info.rate, False, signed=False)
+    label = g.describe()
+    if status is Status.HARM:
+        verb = "exceeds" if sign > 0 else "falls short by more than"
+        limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
+        sentence = f"{label} {diff_text}{where} on the same inputs {verb} {limit}"
+    elif status is Status.PASS:
+        sentence = f"{label} {diff_text}{where} on the same inputs is proven within the {tol_text} tolerance"
+    else:
+        sentence = (f"{label} {diff_text}{where} on the same inputs: not yet conclusive against the "
+                    f"{tol_text} tolerance")
+    return Verdict(g.key, segment, status, mean, lo, hi, tol, False, info.rate, d.n, d.n,
+                   math.nan, math.nan, None, alpha_harm, alpha_pass,
+                   "one-sided normal-mixture confidence sequence on paired differences", sentence,
+                   harm)
+
+
 def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_pass: float,
            min_n: float, segment: str | None) -> Verdict:
     info = g.info
@@ -339,6 +375,11 @@ def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] |
         b = summary.total(BASELINE, signal, where=where)
         v = compare(g, b, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
                     min_n=min_n, segment=segment)
+    if g.info.source is Source.FEEDBACK:
+        paired = summary.total(arm, f"{signal}:paired", where=where)
+        if paired.n >= min_n:
+            v = compare_paired(g, paired, n_star=n_star, alpha_harm=alpha_harm,
+                               alpha_pass=alpha_pass, segment=segment)
     v.arm = arm
     if several:
         v.sentence = f"[{arm}] {v.sentence}"

@@ -366,6 +366,14 @@ class Rollout:
                                         Cell())
                 for v in values:
                     cell.moments(signal).add(v)
+            # shadow: both models answered this input, so the label scores a pair (candidate
+            # minus baseline), a far more precise comparison than two independent means
+            others = [arm for arm in per_arm if arm != BASELINE]
+            base = per_arm.get(BASELINE)
+            if base is not None and len(others) == 1 and len(per_arm[others[0]]) == len(base):
+                key = CellKey(rec.stage, others[0], rec.cohort, rec.segment, window)
+                for c, b in zip(per_arm[others[0]], base, strict=True):
+                    cells[key].moments(f"{signal}:paired").add(c - b)
             value = sum(sum(v) for v in per_arm.values())
             items.append(FeedbackItem(rec.id, signal, value, now,
                                       list(rows_from_cells(self.plan.rollout, cells))))
