@@ -176,6 +176,28 @@ def _fmt(value: float, rate: bool, relative: bool, *, signed: bool = True,
     return f"{value:{sign}.3g}"
 
 
+def _status(g: Guardrail, harm_lo: float, harm_hi: float, tol: float) -> Status:
+    if harm_lo > (0.0 if g.strict else tol):
+        return Status.HARM
+    return Status.PASS if harm_hi < tol else Status.HOLD
+
+
+def _sentence(g: Guardrail, status: Status, diff: float, lo: float, hi: float, tol: float, *,
+              relative: bool, where: str, sign: float) -> str:
+    """One plain sentence: the difference, its interval, where, and what that means."""
+    rate = g.info.rate
+    text = (f"{g.describe()} {_fmt(diff, rate, relative)} "
+            f"[{_fmt(lo, rate, relative)}, {_fmt(hi, rate, relative)}]{where}")
+    tol_text = _fmt(tol, rate, relative, signed=False)  # a margin on a difference: pt
+    if status is Status.HARM:
+        limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
+        verb = "exceeds" if sign > 0 else "falls short by more than"
+        return f"{text} {verb} {limit}"
+    if status is Status.PASS:
+        return f"{text} is proven within the {tol_text} tolerance"
+    return f"{text}: not yet conclusive against the {tol_text} tolerance"
+
+
 def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: float,
              alpha_pass: float, min_n: float, segment: str | None) -> Verdict:
     info = g.info
@@ -210,24 +232,9 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     harm_hi = harm + m_pass * est.se
     # interval on the natural difference (candidate - baseline)
     lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
-    threshold = 0.0 if g.strict else tol
-    if harm_lo > threshold:
-        status = Status.HARM
-    elif harm_hi < tol:
-        status = Status.PASS
-    else:
-        status = Status.HOLD
-    diff_text = (f"{_fmt(est.diff, info.rate, relative)} "
-                 f"[{_fmt(lo, info.rate, relative)}, {_fmt(hi, info.rate, relative)}]")
-    tol_text = _fmt(tol, info.rate, relative, signed=False)  # a margin on a difference: pt
-    if status is Status.HARM:
-        limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
-        verb = "exceeds" if sign > 0 else "falls short by more than"
-        sentence = f"{label} {diff_text}{where} {verb} {limit}"
-    elif status is Status.PASS:
-        sentence = f"{label} {diff_text}{where} is proven within the {tol_text} tolerance"
-    else:
-        sentence = f"{label} {diff_text}{where}: not yet conclusive against the {tol_text} tolerance"
+    status = _status(g, harm_lo, harm_hi, tol)
+    sentence = _sentence(g, status, est.diff, lo, hi, tol, relative=relative,
+                         where=where, sign=sign)
     return Verdict(g.key, segment, status, est.diff, lo, hi, tol, relative, info.rate, b.n, c.n,
                    est.mean_baseline, est.mean_candidate, None, alpha_harm, alpha_pass, test,
                    sentence, harm)
@@ -248,21 +255,10 @@ def compare_paired(g: Guardrail, d: Moments, *, n_star: float, alpha_harm: float
     harm_lo = harm - boundary_multiplier(n_eff, n_star, alpha_harm, one_sided=True) * se
     harm_hi = harm + boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True) * se
     lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
-    status = (Status.HARM if harm_lo > (0.0 if g.strict else tol)
-              else Status.PASS if harm_hi < tol else Status.HOLD)
+    status = _status(g, harm_lo, harm_hi, tol)
     where = f" for {segment}" if segment else ""
-    diff_text = f"{_fmt(mean, info.rate, False)} [{_fmt(lo, info.rate, False)}, {_fmt(hi, info.rate, False)}]"
-    tol_text = _fmt(tol, info.rate, False, signed=False)
-    label = g.describe()
-    if status is Status.HARM:
-        verb = "exceeds" if sign > 0 else "falls short by more than"
-        limit = "any harm (strict)" if g.strict else f"the {tol_text} tolerance"
-        sentence = f"{label} {diff_text}{where} on the same inputs {verb} {limit}"
-    elif status is Status.PASS:
-        sentence = f"{label} {diff_text}{where} on the same inputs is proven within the {tol_text} tolerance"
-    else:
-        sentence = (f"{label} {diff_text}{where} on the same inputs: not yet conclusive against the "
-                    f"{tol_text} tolerance")
+    sentence = _sentence(g, status, mean, lo, hi, tol, relative=False,
+                         where=f"{where} on the same inputs", sign=sign)
     return Verdict(g.key, segment, status, mean, lo, hi, tol, False, info.rate, d.n, d.n,
                    math.nan, math.nan, None, alpha_harm, alpha_pass,
                    "one-sided normal-mixture confidence sequence on paired differences", sentence,

@@ -289,39 +289,26 @@ def _action(action: str, rollout: str, store: str | None, actor: str | None, rea
         out.print(f"{rollout}: {decision.action} → {decision.phase}; {decision.reason}", markup=False)
 
 
-@app.command()
-def approve(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
-            json_out: JsonOpt = False) -> None:
-    """Approve the stage a rollout is waiting for."""
-    _action("approve", rollout, store, actor, reason, json_out)
+_ACTIONS = {
+    "approve": "Approve the stage a rollout is waiting for.",
+    "pause": "Stop automatic decisions; traffic stays where it is.",
+    "resume": "Resume a paused rollout.",
+    "rollback": "Send all traffic back to the baseline now.",
+    "promote": "Promote the candidate now, skipping the remaining stages.",
+}
 
 
-@app.command()
-def pause(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
-          json_out: JsonOpt = False) -> None:
-    """Stop automatic decisions; traffic stays where it is."""
-    _action("pause", rollout, store, actor, reason, json_out)
+def _register_action(name: str, doc: str) -> None:
+    def command(rollout: str, store: StoreOpt = None, actor: ActorOpt = None,
+                reason: ReasonOpt = "", json_out: JsonOpt = False) -> None:
+        _action(name, rollout, store, actor, reason, json_out)
+
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def resume(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
-           json_out: JsonOpt = False) -> None:
-    """Resume a paused rollout."""
-    _action("resume", rollout, store, actor, reason, json_out)
-
-
-@app.command()
-def rollback(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
-             json_out: JsonOpt = False) -> None:
-    """Send all traffic back to the baseline now."""
-    _action("rollback", rollout, store, actor, reason, json_out)
-
-
-@app.command()
-def promote(rollout: str, store: StoreOpt = None, actor: ActorOpt = None, reason: ReasonOpt = "",
-            json_out: JsonOpt = False) -> None:
-    """Promote the candidate now, skipping the remaining stages."""
-    _action("promote", rollout, store, actor, reason, json_out)
+for _name, _doc in _ACTIONS.items():
+    _register_action(_name, _doc)
 
 
 @app.command()

@@ -77,29 +77,29 @@ audit_t = sa.Table(
 
 _TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "signal")
 
+
+def _cell_key() -> list[sa.Column[Any]]:
+    """The primary-key columns of a telemetry cell's signal (fresh objects for each table)."""
+    return [
+        sa.Column("rollout", sa.String(64), primary_key=True),
+        sa.Column("stage", sa.Integer, primary_key=True),
+        sa.Column("arm", sa.String(64), primary_key=True),
+        sa.Column("cohort", sa.String(16), primary_key=True),
+        sa.Column("segment", sa.String(512), primary_key=True),
+        sa.Column("window", sa.BigInteger, primary_key=True),
+        sa.Column("signal", sa.String(128), primary_key=True),
+    ]
+
+
 telemetry = sa.Table(
-    "telemetry", metadata,
-    sa.Column("rollout", sa.String(64), primary_key=True),
-    sa.Column("stage", sa.Integer, primary_key=True),
-    sa.Column("arm", sa.String(64), primary_key=True),
-    sa.Column("cohort", sa.String(16), primary_key=True),
-    sa.Column("segment", sa.String(512), primary_key=True),
-    sa.Column("window", sa.BigInteger, primary_key=True),
-    sa.Column("signal", sa.String(128), primary_key=True),
+    "telemetry", metadata, *_cell_key(),
     sa.Column("n", sa.Float, nullable=False),
     sa.Column("s", sa.Float, nullable=False),
     sa.Column("ss", sa.Float, nullable=False),
 )
 
 histograms = sa.Table(
-    "histograms", metadata,
-    sa.Column("rollout", sa.String(64), primary_key=True),
-    sa.Column("stage", sa.Integer, primary_key=True),
-    sa.Column("arm", sa.String(64), primary_key=True),
-    sa.Column("cohort", sa.String(16), primary_key=True),
-    sa.Column("segment", sa.String(512), primary_key=True),
-    sa.Column("window", sa.BigInteger, primary_key=True),
-    sa.Column("signal", sa.String(128), primary_key=True),
+    "histograms", metadata, *_cell_key(),
     sa.Column("bucket", sa.Integer, primary_key=True),
     sa.Column("count", sa.BigInteger, nullable=False),
 )
