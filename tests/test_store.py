@@ -108,3 +108,41 @@ def test_open_store_urls(tmp_path: Path) -> None:
     assert open_store(tmp_path / "a.db").url.startswith("sqlite:///")
     with pytest.raises(StoreError, match="unsupported store URL"):
         open_store("mongodb://x")
+
+
+class _FailingStore:
+    """Wraps a store; telemetry writes fail while ``down`` is set."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def add_telemetry(self, rows: object) -> None:
+        if self.down:
+            raise StoreError("store unreachable")
+        self.inner.add_telemetry(rows)  # type: ignore[arg-type]
+
+
+def test_flush_keeps_telemetry_when_the_store_write_fails(store: Store) -> None:
+    from tests.conftest import plan_dict
+
+    from safeshift import FakeModel, Plan, Rollout, VirtualClock
+
+    flaky = _FailingStore(store)
+    plan = Plan.from_dict(plan_dict())
+    rollout = Rollout.from_plan(plan, store=flaky, clock=VirtualClock(),  # type: ignore[arg-type]
+                                models={"baseline": FakeModel(), "candidate": FakeModel()})
+    for i in range(50):
+        rollout.predict({"x": 1}, unit=f"u{i}")
+    flaky.down = True
+    with pytest.raises(StoreError):
+        rollout.flush()
+    for i in range(50, 80):
+        rollout.predict({"x": 1}, unit=f"u{i}")
+    flaky.down = False
+    rollout.flush()
+    requests = sum(r.n for r in store.telemetry(plan.rollout) if r.signal == "requests")
+    assert requests == 80  # nothing lost, nothing counted twice

@@ -187,9 +187,13 @@ class Rollout:
         for arm in (BASELINE, *self.plan.variants):
             self.model(arm)
 
+    def timeout(self, variant: str = "candidate") -> float:
+        """Per-call timeout of a candidate variant: its own, else ``serving.candidate_timeout``."""
+        return self.plan.variant(variant).timeout or self.plan.serving.candidate_timeout
+
     @property
     def candidate_timeout(self) -> float:
-        return self.plan.candidate.timeout or self.plan.serving.candidate_timeout
+        return self.timeout()
 
     # -- the split ----------------------------------------------------------------------
 
@@ -197,6 +201,12 @@ class Rollout:
         """The current split, re-read from the store at most every ``serving.refresh``."""
         if time.monotonic() - self._split_at > self._refresh:
             self.refresh()
+        return self._split
+
+    @property
+    def cached_split(self) -> Split:
+        """The split last read, without touching the store (for callers that refresh it
+        off the request path themselves, like the gateway)."""
         return self._split
 
     def refresh(self) -> Split:
@@ -211,9 +221,11 @@ class Rollout:
         """The candidate variant that shadow copies go to."""
         return self._split.primary[0]
 
-    def assign(self, unit: str | None, context: Mapping[str, Any] | None = None) -> Assignment:
-        """Which arm serves ``unit`` now. Pure given the split: sticky and monotone."""
-        if time.monotonic() - self._split_at > self._refresh:
+    def assign(self, unit: str | None, context: Mapping[str, Any] | None = None, *,
+               refresh: bool = True) -> Assignment:
+        """Which arm serves ``unit`` now. Pure given the split: sticky and monotone.
+        ``refresh=False`` never reads the store (the caller keeps the split current)."""
+        if refresh and time.monotonic() - self._split_at > self._refresh:
             self.refresh()
         return self._assigner.assign(unit, context, self._split)
 
@@ -427,11 +439,21 @@ class Rollout:
         rows = self.aggregator.drain()
         with self._records_lock:
             records, self._records = self._records, []
-        if rows:
-            self.store.add_telemetry(rows)
-        if records:
-            self.store.put_requests(records)
-        return len(rows) + len(records)
+        written = 0
+        try:
+            if rows:
+                self.store.add_telemetry(rows)
+                written, rows = written + len(rows), []
+            if records:
+                self.store.put_requests(records)
+                written, records = written + len(records), []
+        except Exception:
+            # keep what was not written for the next flush rather than lose it
+            self.aggregator.restore(rows)
+            with self._records_lock:
+                self._records[:0] = records
+            raise
+        return written
 
     def tick(self) -> Decision | None:
         """Flush, then let the controller evaluate and commit at most one decision."""

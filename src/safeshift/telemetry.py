@@ -256,6 +256,15 @@ class Aggregator:
             else:
                 existing.merge(cell)
 
+    def restore(self, rows: Iterable[TelemetryRow]) -> None:
+        """Put drained rows back (their write failed); they merge with newer observations."""
+        for r in rows:
+            cell = Cell()
+            cell.metrics[r.signal] = Moments(r.n, r.s, r.ss)
+            if r.hist:
+                cell.hists[r.signal] = Histogram(dict(r.hist))
+            self.add_cell(CellKey(r.stage, r.arm, r.cohort, r.segment, r.window), cell)
+
     def drain(self) -> list[TelemetryRow]:
         with self._lock:
             cells, self._cells = self._cells, {}

@@ -1,0 +1,129 @@
+"""Feedback (labels, outcomes) and user reports, joined to the request that was served.
+
+A batch is validated whole — schema first, then every id must name a live request record —
+before anything is written, so a bad item never leaves the batch half-applied. Joins happen in
+a worker thread (SQL off the event loop). Repeats are idempotent per (request, metric).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from safeshift.gateway._http import HTTPError
+
+MAX_BATCH = 1000
+MAX_TEXT = 10_000
+_METRIC = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,31}$")
+_FEEDBACK_FIELDS = frozenset({"id", "label", "outcome"})
+_REPORT_FIELDS = frozenset({"id", "kind", "text"})
+
+
+@dataclass(slots=True)
+class FeedbackItem:
+    id: str
+    label: Any
+    outcome: dict[str, float] | None
+
+
+@dataclass(slots=True)
+class ReportItem:
+    id: str
+    kind: str
+    text: str
+
+
+def _load(body: bytes, what: str) -> tuple[list[Any], bool]:
+    if not body.strip():
+        raise HTTPError(422, f"request body is empty; send {what} object or a list of them",
+                        field="body")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(422, f"malformed JSON: {exc}", field="body") from None
+    if isinstance(doc, list):
+        if not doc:
+            raise HTTPError(422, "the batch is empty", field="body")
+        if len(doc) > MAX_BATCH:
+            raise HTTPError(422, f"at most {MAX_BATCH} items a batch", field="body")
+        return doc, True
+    if isinstance(doc, dict):
+        return [doc], False
+    raise HTTPError(422, f"the body must be {what} object or a list of them", field="body")
+
+
+def _where(batch: bool, i: int, name: str) -> str:
+    return f"[{i}].{name}" if batch else name
+
+
+def _id(item: dict[str, Any], where: str) -> str:
+    rid = item.get("id")
+    if not isinstance(rid, str) or not 0 < len(rid) <= 128:
+        raise HTTPError(422, "'id' is required: the id that predict returned", field=where)
+    return rid
+
+
+def parse_feedback(body: bytes) -> tuple[list[FeedbackItem], bool]:
+    """``{"id", "label"}`` or ``{"id", "outcome": {metric: number}}``, or a list of them."""
+    docs, batch = _load(body, "a feedback")
+    items = []
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise HTTPError(422, "each feedback must be an object", field=f"[{i}]")
+        extra = sorted(doc.keys() - _FEEDBACK_FIELDS)
+        if extra:
+            raise HTTPError(422, f"unknown field {extra[0]!r}; the fields are id, label and "
+                                 "outcome", field=_where(batch, i, extra[0]))
+        rid = _id(doc, _where(batch, i, "id"))
+        label = doc.get("label")
+        outcome = doc.get("outcome")
+        if outcome is not None:
+            if not isinstance(outcome, dict) or not outcome:
+                raise HTTPError(422, "'outcome' must be a non-empty object of metric: number",
+                                field=_where(batch, i, "outcome"))
+            for metric, value in outcome.items():
+                where = _where(batch, i, f"outcome.{metric}")
+                if not _METRIC.match(metric):
+                    raise HTTPError(422, "metric names use lower-case letters, digits, '.', "
+                                         "'_' or '-'", field=where)
+                if isinstance(value, bool) or not isinstance(value, int | float) \
+                        or not math.isfinite(value):
+                    raise HTTPError(422, "outcome values must be finite numbers", field=where)
+        if label is None and outcome is None:
+            raise HTTPError(422, "give a 'label' or an 'outcome'", field=_where(batch, i, "label"))
+        if isinstance(label, float) and not math.isfinite(label):
+            raise HTTPError(422, "'label' must be a finite value (or a list, one per row)",
+                            field=_where(batch, i, "label"))
+        items.append(FeedbackItem(rid, label, {k: float(v) for k, v in outcome.items()}
+                                  if outcome else None))
+    return items, batch
+
+
+def parse_reports(body: bytes) -> tuple[list[ReportItem], bool]:
+    """``{"id", "kind", "text"}``, or a list of them."""
+    docs, batch = _load(body, "a report")
+    items = []
+    for i, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise HTTPError(422, "each report must be an object", field=f"[{i}]")
+        extra = sorted(doc.keys() - _REPORT_FIELDS)
+        if extra:
+            raise HTTPError(422, f"unknown field {extra[0]!r}; the fields are id, kind and "
+                                 "text", field=_where(batch, i, extra[0]))
+        rid = _id(doc, _where(batch, i, "id"))
+        kind = doc.get("kind")
+        if not isinstance(kind, str) or not _KIND.match(kind):
+            raise HTTPError(422, "'kind' is required: 1-32 letters, digits, spaces or _.:-, "
+                                 "e.g. 'wrong_answer'", field=_where(batch, i, "kind"))
+        text = doc.get("text", "")
+        if text is None:
+            text = ""
+        if not isinstance(text, str) or len(text) > MAX_TEXT:
+            raise HTTPError(422, f"'text' must be a string of at most {MAX_TEXT} characters",
+                            field=_where(batch, i, "text"))
+        items.append(ReportItem(rid, kind, text))
+    return items, batch

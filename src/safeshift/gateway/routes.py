@@ -1,0 +1,186 @@
+"""The FastAPI part of the gateway: every route but the fast path's, documented versions of
+the fast-path routes (same handlers), JSON error handlers and the OpenAPI document."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Path, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from safeshift.gateway import handlers, schemas
+from safeshift.gateway._http import BodyTooLarge, HTTPError, Scope, request_id
+from safeshift.gateway.logs import gateway_logger
+from safeshift.gateway.metrics import CONTENT_TYPE
+from safeshift.gateway.runtime import Gateway
+
+
+def internal_error(scope: Scope) -> dict[str, Any]:
+    return {"error": "internal error; the gateway's log has the details under request id "
+                     f"{request_id(scope) or '-'}"}
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": schemas.ErrorBody, "description": text} for code, text in (
+    (404, "unknown endpoint or request id"), (413, "request body too large"),
+    (422, "malformed JSON or wrong schema; `field` names the culprit"),
+    (429, "rate limit exceeded"), (502, "the baseline model could not answer"))}
+
+
+def _reply(reply: handlers.Reply) -> Response:
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers}
+    return Response(reply.body, reply.status, headers=headers,
+                    media_type=reply.content_type.decode())
+
+
+def build_api(gw: Gateway) -> FastAPI:
+    """Routes other than the fast path, plus documented versions of the fast-path routes."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        try:
+            yield
+        finally:
+            await gw.stop()
+
+    from safeshift import __version__
+
+    # documents (does not validate) the endpoints served, so clients and fuzzers know them
+    def endpoint_name() -> Any:
+        return Path(description="the endpoint (model) name",
+                    json_schema_extra={"enum": sorted(gw.endpoints)})
+
+    api = FastAPI(title="safeshift gateway", version=__version__, lifespan=lifespan,
+                  redoc_url=None, description="Predictions while rollouts run, feedback, "
+                  "reports and the Open Inference Protocol. See docs/gateway.md.")
+    _exception_handlers(api, gw)
+
+    @api.post("/v1/endpoints/{name}/predict", tags=["predict"], summary="Predict",
+              response_model=schemas.PredictResponse, responses=_ERRORS,
+              openapi_extra=schemas.request_body(schemas.ref("PredictRequest")))
+    async def predict(request: Request, name: str = endpoint_name()) -> Response:
+        return _reply(await handlers.predict(gw, name, await request.body(), request.scope))
+
+    @api.post("/v2/models/{name}/infer", tags=["open inference protocol"], summary="Infer",
+              response_model=schemas.InferResponse, responses=_ERRORS,
+              openapi_extra=schemas.request_body(schemas.ref("InferRequest")))
+    async def infer(request: Request, name: str = endpoint_name()) -> Response:
+        return _reply(await handlers.infer(gw, name, await request.body(), request.scope))
+
+    @api.post("/v1/feedback", tags=["feedback"], summary="Labels and outcomes",
+              response_model=schemas.FeedbackResult | schemas.FeedbackBatchResult,
+              responses=_ERRORS,
+              openapi_extra=schemas.request_body(schemas.one_or_batch("FeedbackItem")))
+    async def feedback(request: Request) -> Response:
+        return _reply(await handlers.feedback(gw, await request.body(), request.scope))
+
+    @api.post("/v1/reports", tags=["feedback"], summary="User issue reports",
+              response_model=schemas.ReportResult | schemas.ReportBatchResult,
+              responses=_ERRORS,
+              openapi_extra=schemas.request_body(schemas.one_or_batch("ReportItem")))
+    async def reports(request: Request) -> Response:
+        return _reply(await handlers.reports(gw, await request.body(), request.scope))
+
+    @api.get("/healthz", tags=["operations"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", tags=["operations"], summary="Readiness",
+             responses={503: {"description": "starting or shutting down"}})
+    async def readyz() -> JSONResponse:
+        body = {"ready": gw.ready, "endpoints": gw.status(),
+                "store": "ok" if gw.last_refresh_error is None else gw.last_refresh_error}
+        return JSONResponse(body, 200 if gw.ready else 503)
+
+    @api.get("/metrics", tags=["operations"], summary="Prometheus metrics",
+             response_class=Response)
+    async def metrics() -> Response:
+        return Response(gw.metrics.exposition(), media_type=CONTENT_TYPE)
+
+    @api.get("/v2", tags=["open inference protocol"], summary="Server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "safeshift", "version": __version__,
+                "extensions": ["binary_tensor_data"]}
+
+    @api.get("/v2/health/live", tags=["open inference protocol"], summary="Server live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", tags=["open inference protocol"], summary="Server ready",
+             responses={503: {"description": "starting or shutting down"}})
+    async def ready() -> JSONResponse:
+        return JSONResponse({"ready": gw.ready}, 200 if gw.ready else 503)
+
+    @api.get("/v2/models/{name}", tags=["open inference protocol"], summary="Model metadata",
+             responses={404: _ERRORS[404]})
+    async def model_metadata(name: str = endpoint_name()) -> dict[str, Any]:
+        return handlers.model_metadata(gw, name)
+
+    @api.get("/v2/models/{name}/ready", tags=["open inference protocol"],
+             summary="Model ready", responses={404: _ERRORS[404],
+                                               503: {"description": "not ready"}})
+    async def model_ready(name: str = endpoint_name()) -> JSONResponse:
+        handlers.endpoint(gw, name)
+        return JSONResponse({"name": name, "ready": gw.ready}, 200 if gw.ready else 503)
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=api.title, version=api.version,
+                              description=api.description, routes=api.routes)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in schemas.component_schemas().items():
+                components.setdefault(name, schema)
+            api.openapi_schema = doc
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+    return api
+
+
+def _exception_handlers(api: FastAPI, gw: Gateway) -> None:
+    def route_of(request: Request) -> str:
+        route = request.scope.get("route")
+        return str(getattr(route, "name", None) or "other")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        gw.metrics.error(route_of(request), exc.status)
+        headers = {k.decode(): v.decode() for k, v in exc.headers}
+        return JSONResponse(exc.body(), exc.status, headers=headers)
+
+    async def starlette_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        gw.metrics.error("other", exc.status_code)
+        message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
+                   else str(exc.detail))
+        return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "path"))
+        return JSONResponse({"error": str(first.get("msg", "invalid request")),
+                             "field": loc or None}, 422)
+
+    async def too_large(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, BodyTooLarge)
+        return JSONResponse({"error": str(exc), "field": "body"}, 413)
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        gw.metrics.error(route_of(request), 500)
+        gateway_logger.error("unhandled error", exc_info=exc)
+        return JSONResponse(internal_error(request.scope), 500)
+
+    api.add_exception_handler(HTTPError, http_error)
+    api.add_exception_handler(StarletteHTTPException, starlette_error)
+    api.add_exception_handler(RequestValidationError, validation_error)
+    api.add_exception_handler(BodyTooLarge, too_large)
+    api.add_exception_handler(Exception, internal)
+

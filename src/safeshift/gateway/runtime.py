@@ -1,0 +1,266 @@
+"""The gateway's running state: endpoints, background tasks and the feedback join.
+
+Background tasks, all with their SQL in worker threads:
+
+- *refresh* every ``serving.refresh / 2``: re-read each rollout's stage from the store, so a
+  decision taken anywhere (another replica, the CLI, the control API) reaches every new
+  request within ``serving.refresh``; publish stage and traffic gauges;
+- *flush* every ``flush_interval``: write telemetry and request records (``Rollout.flush``);
+- *controller* (unless disabled) every ``tick_interval``: ``Rollout.tick`` for each rollout
+  whose controller lease this process holds; a decision refreshes the split at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from safeshift.errors import SafeshiftError
+from safeshift.gateway._http import HTTPError
+from safeshift.gateway.logs import flush_logs, gateway_logger
+from safeshift.gateway.metrics import GatewayMetrics
+from safeshift.gateway.serving import Endpoint, cached_split
+from safeshift.gateway.settings import GatewaySettings
+from safeshift.plan import Plan
+from safeshift.rollout import Rollout
+from safeshift.state import Decision, RequestRecord
+from safeshift.store import Store
+
+T = TypeVar("T")
+
+
+class Gateway:
+    """Everything one gateway app serves and runs."""
+
+    def __init__(self, rollouts: Sequence[Rollout], store: Store, *, settings: GatewaySettings,
+                 metrics: GatewayMetrics, controller: bool, tick_interval: float,
+                 owns_store: bool) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.controller = controller
+        self.tick_interval = tick_interval
+        self.owns_store = owns_store
+        self.executor = ThreadPoolExecutor(settings.candidate_threads,
+                                           thread_name_prefix="safeshift-candidate")
+        self.endpoints: dict[str, Endpoint] = {}
+        self.rollouts: dict[str, Rollout] = {}
+        for rollout in rollouts:
+            ep = Endpoint(rollout, metrics.endpoint(rollout.plan.endpoint,
+                                                    tuple(rollout.plan.variants)),
+                          executor=self.executor, shadow_workers=settings.shadow_workers)
+            self.endpoints[ep.name] = ep
+            self.rollouts[rollout.plan.rollout] = rollout
+        self._foreign: dict[str, Rollout] = {}  # rollouts met only through feedback
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.ready = False
+        self.started_at = 0.0
+        self.last_refresh_error: str | None = None
+        self._phase: dict[str, str] = {}
+        self._phase_at: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping: asyncio.Event | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._stopping = asyncio.Event()
+        for ep in self.endpoints.values():
+            ep.shadow.start()
+        await self._run(self._refresh_all)
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="safeshift-refresh"))
+        self._tasks.append(asyncio.create_task(self._flush_loop(), name="safeshift-flush"))
+        if self.controller:
+            self._tasks.append(asyncio.create_task(self._control_loop(),
+                                                   name="safeshift-controller"))
+        self.started_at = time.time()
+        self.ready = True
+        gateway_logger.info("gateway started", extra={
+            "endpoints": {n: ep.rollout.plan.rollout for n, ep in self.endpoints.items()},
+            "controller": self.controller})
+
+    async def stop(self) -> None:
+        """Stop taking decisions, finish shadow copies, flush telemetry, close models."""
+        self.ready = False
+        if self._stopping is not None:
+            self._stopping.set()  # background loops finish their current step (SQL included)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for ep in self.endpoints.values():
+            await ep.shadow.stop(self.settings.drain_timeout)
+        for ep in self.endpoints.values():
+            for model in ep.models():
+                aclose = getattr(model, "aclose", None)
+                if aclose is not None:
+                    with contextlib.suppress(Exception):
+                        await aclose()
+        written = await self._run(self._close_all)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        gateway_logger.info("gateway stopped", extra={"flushed": written})
+        flush_logs()
+
+    def _close_all(self) -> int:
+        written = 0
+        for rollout in [*self.rollouts.values(), *self._foreign.values()]:
+            try:
+                written += rollout.flush()
+            except Exception as exc:
+                gateway_logger.error("final flush failed", extra={
+                    "rollout": rollout.plan.rollout, "error": str(exc)})
+            for ep in self.endpoints.values():
+                if ep.rollout is rollout:
+                    for model in ep.models():
+                        with contextlib.suppress(Exception):
+                            model.close()
+        if self.owns_store:
+            self.store.close()
+        return written
+
+    @staticmethod
+    async def _run(fn: Callable[[], T]) -> T:
+        return await asyncio.to_thread(fn)
+
+    async def _wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``; False when the gateway is stopping (the loop should end)."""
+        stopping = self._stopping
+        if stopping is None or stopping.is_set():
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), seconds)
+        return not stopping.is_set()
+
+    # -- background tasks ----------------------------------------------------------------
+
+    def _refresh_all(self) -> None:
+        """Re-read every rollout's split; the phase (for the gauges) only when the split
+        changed or every few seconds — one query per rollout per period otherwise."""
+        now = time.monotonic()
+        for ep in self.endpoints.values():
+            before = cached_split(ep.rollout)
+            split = ep.rollout.refresh()
+            name = ep.rollout.plan.rollout
+            if split != before or now - self._phase_at.get(name, 0.0) > 5.0:
+                self._phase[name] = str(ep.rollout.state().phase)
+                self._phase_at[name] = now
+            ep.metrics.split(name, split, self._phase.get(name, "unknown"))
+
+    async def _refresh_loop(self) -> None:
+        period = max(0.05, min(ep.rollout.plan.serving.refresh
+                               for ep in self.endpoints.values()) / 2)
+        while await self._wait(period):
+            try:
+                await self._run(self._refresh_all)
+                self.last_refresh_error = None
+            except Exception as exc:
+                self._background_error("refresh", exc)
+                self.last_refresh_error = str(exc)
+
+    def flush_all(self) -> int:
+        return sum(r.flush() for r in self.rollouts.values())
+
+    async def _flush_loop(self) -> None:
+        while await self._wait(self.settings.flush_interval):
+            try:
+                await self._run(self.flush_all)
+            except Exception as exc:
+                self._background_error("flush", exc)
+            flush_logs()
+
+    def _tick(self, rollout: Rollout) -> Decision | None:
+        name = rollout.plan.rollout
+        ttl = max(self.settings.controller_lease, 3 * self.tick_interval)
+        if not self.store.acquire_lease(f"controller:{name}", self.holder, ttl,
+                                        rollout.clock.now()):
+            rollout.flush()  # another replica decides; keep our telemetry flowing
+            return None
+        return rollout.tick()
+
+    async def tick(self) -> list[Decision]:
+        """One controller tick for every rollout (what the controller task runs)."""
+        decisions = []
+        for ep in self.endpoints.values():
+            decision = await self._run(lambda r=ep.rollout: self._tick(r))  # type: ignore[misc]
+            if decision is None:
+                continue
+            decisions.append(decision)
+            ep.metrics.decision(decision.action)
+            self._phase[decision.rollout] = str(decision.phase)
+            ep.metrics.split(ep.rollout.plan.rollout, cached_split(ep.rollout), str(decision.phase))
+            gateway_logger.info("decision", extra={
+                "rollout": decision.rollout, "action": str(decision.action),
+                "phase": str(decision.phase), "reason": decision.reason})
+        return decisions
+
+    async def _control_loop(self) -> None:
+        while await self._wait(self.tick_interval):
+            try:
+                await self.tick()
+            except Exception as exc:
+                self._background_error("tick", exc)
+
+    def _background_error(self, operation: str, exc: Exception) -> None:
+        self.metrics.store_errors.labels(operation).inc()
+        gateway_logger.error(f"{operation} failed", exc_info=exc,
+                             extra={"operation": operation})
+
+    # -- the feedback join ---------------------------------------------------------------
+
+    def rollout_named(self, name: str) -> Rollout:
+        """The rollout a request record names: served here, or built from the stored plan
+        (a request served by another replica that runs other plans)."""
+        rollout = self.rollouts.get(name) or self._foreign.get(name)
+        if rollout is None:
+            clock = next(iter(self.rollouts.values())).clock
+            plan = Plan.from_dict(self.store.get_plan(name), source=f"stored plan of {name}")
+            rollout = self._foreign[name] = Rollout(plan, self.store, clock=clock)
+        return rollout
+
+    def _lookup(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
+        return self.store.get_requests(list(dict.fromkeys(ids)))
+
+    async def join(self, ids: Sequence[str], fields: Sequence[str]
+                   ) -> dict[str, tuple[Rollout, RequestRecord]]:
+        """Find the live request record of every id, or raise 404 naming the first missing
+        one (nothing is written either way)."""
+        found = await self._run(lambda: self._lookup(ids))
+        missing = [rid for rid in ids if rid not in found]
+        if missing:  # maybe still buffered here: finish shadow copies, flush, look again
+            for ep in self.endpoints.values():
+                await ep.shadow.drain(min(self.settings.drain_timeout, 2.0))
+            await self._run(self.flush_all)
+            found.update(await self._run(lambda: self._lookup(missing)))
+        out: dict[str, tuple[Rollout, RequestRecord]] = {}
+        for rid, field in zip(ids, fields, strict=True):
+            rec = found.get(rid)
+            if rec is None:
+                raise HTTPError(404, f"no request {rid!r}: it was never served, or its record "
+                                     "expired; send the id that predict returned", field=field)
+            try:
+                rollout = await self._run(lambda r=rec: self.rollout_named(r.rollout))  # type: ignore[misc]
+            except SafeshiftError:
+                raise HTTPError(404, f"request {rid!r} belongs to rollout {rec.rollout!r}, "
+                                     "which is not in the store", field=field) from None
+            if rec.expires_at <= rollout.clock.now():
+                raise HTTPError(404, f"request {rid!r} is past its label window "
+                                     f"({rollout.plan.serving.label_window:g} s); feedback is "
+                                     "no longer joined", field=field)
+            out[rid] = (rollout, rec)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        out = {}
+        for name, ep in self.endpoints.items():
+            split = cached_split(ep.rollout)
+            out[name] = {"rollout": ep.rollout.plan.rollout, "stage": split.stage,
+                         "active": split.active, "candidate_share": split.traffic / 10_000,
+                         "breakers": {n: c.breaker.state.name.lower()
+                                      for n, c in ep.candidates.items()},
+                         "shadow_queue": ep.shadow.depth}
+        return out

@@ -1,0 +1,48 @@
+"""``safeshift serve``: the gateway on uvicorn, with JSON logs and a graceful shutdown.
+
+On SIGINT/SIGTERM uvicorn stops accepting connections and lets requests in flight finish;
+then the app's lifespan stops the controller, finishes queued shadow copies (bounded by
+``SAFESHIFT_DRAIN_TIMEOUT``), flushes telemetry and request records, and closes the models
+and the store. Per-process settings come from ``SAFESHIFT_*`` variables
+(:class:`~safeshift.gateway.settings.GatewaySettings`).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from safeshift.errors import SafeshiftError
+from safeshift.gateway.app import create_app
+from safeshift.gateway.logs import configure_logging, gateway_logger
+from safeshift.gateway.settings import GatewaySettings
+
+
+def serve(plans: list[Path], *, store: str | None, host: str, port: int, controller: bool,
+          tick_interval: float) -> None:
+    """Serve ``plans`` on ``host:port`` until interrupted."""
+    configure_logging()
+    settings = GatewaySettings.from_env()
+    app = create_app(plans, store=store, controller=controller, tick_interval=tick_interval,
+                     settings=settings)
+    # Everything loaded so far (frameworks, models) lives as long as the process: move it out
+    # of the collector's sight, so that full collections stop traversing it (they paused the
+    # event loop for ~90 ms every few seconds under load).
+    gc.collect()
+    gc.freeze()
+    # Background threads (telemetry flushes, controller ticks) run Python for milliseconds at a
+    # time; hand the GIL back to the event loop after 1 ms instead of 5 so that requests
+    # arriving meanwhile wait less (it costs nothing while the loop runs alone).
+    sys.setswitchinterval(0.001)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 5, server_header=False)
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise SafeshiftError(f"the gateway did not start on {host}:{port}; the log above "
+                             "says why")
+    gateway_logger.info("bye")

@@ -1,0 +1,319 @@
+"""The asynchronous prediction path of one endpoint, on top of :class:`~safeshift.Rollout`.
+
+``assign`` (pure, in memory) → the assigned arm's model → telemetry in memory. The baseline is
+called inline: in-process models are short and CPU-bound, and a thread hop would cost more
+than the call. The candidate is protected: a circuit breaker, a per-call timeout, and — for a
+synchronous model whose ``apredict`` would run inline — a small dedicated thread pool, so that
+a hanging candidate cannot hold the event loop past a few milliseconds (see
+:meth:`Endpoint._in_thread`), let alone its timeout. Any candidate failure (error,
+timeout, NaN, wrong shape, open breaker) is recorded on the candidate arm and the user gets
+the baseline's answer. In shadow stages the baseline answers and a copy goes to the
+:class:`~safeshift.gateway.shadow.ShadowQueue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any
+
+from safeshift.assign import BASELINE, CANDIDATE, Assignment, Split
+from safeshift.gateway._http import HTTPError
+from safeshift.gateway.breaker import CircuitBreaker
+from safeshift.gateway.metrics import EndpointMetrics
+from safeshift.gateway.shadow import ShadowItem, ShadowQueue
+from safeshift.models import ModelBackend, ModelResult, SyncBackend, call_with_timeout
+from safeshift.models.base import validate_result
+from safeshift.rollout import Rollout
+
+BREAKER_OPEN = "circuit breaker open: the candidate was not called"
+GRACE_MIN = 0.0005
+GRACE_MAX = 0.005
+"""Bounds, in seconds, of the loop's blocking wait for a threaded candidate (see
+:meth:`Endpoint._in_thread`)."""
+_INPUT_ERRORS = ("ValueError", "KeyError", "TypeError", "IndexError")
+_PREDICT_FIELDS = frozenset({"unit", "context", "inputs", "id"})
+
+
+@dataclass(slots=True)
+class Served:
+    """What the user gets."""
+
+    id: str
+    outputs: list[Any]
+    scores: list[float] | None
+    version: str
+    arm: str  # the arm whose model answered
+    stage: str
+    fallback: str | None = None  # why the candidate's answer was replaced, if it was
+
+
+@dataclass(slots=True)
+class PredictRequest:
+    rows: list[Any]
+    unit: str | None
+    context: dict[str, Any] | None
+    id: str | None
+
+
+def fallback_reason(result: ModelResult) -> str:
+    """``breaker_open`` | ``timeout`` | ``invalid`` (NaN, wrong shape) | ``error``."""
+    error = result.error or ""
+    if error == BREAKER_OPEN:
+        return "breaker_open"
+    if result.timed_out:
+        return "timeout"
+    if error.startswith(("wrong shape", "non-finite")):
+        return "invalid"
+    return "error"
+
+
+def cached_split(rollout: Rollout) -> Split:
+    """The split the rollout last read, without re-reading the store.
+
+    ``Rollout.split()``/``assign()`` re-read the store inline when the cache is older than
+    ``serving.refresh``; on the event loop that is SQL on the request path, and with the store
+    down every request would wait for it and fail. The gateway refreshes in a worker thread
+    instead (see :mod:`safeshift.gateway.runtime`) and reads the cache here."""
+    return rollout.cached_split
+
+
+def blocks_event_loop(model: ModelBackend) -> bool:
+    """True for a synchronous backend whose ``apredict`` just runs ``predict`` inline."""
+    return isinstance(model, SyncBackend) and type(model).apredict is SyncBackend.apredict
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One candidate model (the candidate, or a challenger in an experiment stage) with its
+    own protection."""
+
+    name: str
+    model: ModelBackend
+    timeout: float
+    threaded: bool
+    breaker: CircuitBreaker
+    typical: float = 0.001  # moving average of successful calls' latency, seconds
+
+
+class Endpoint:
+    """One endpoint: its rollout, its models and the candidates' protection."""
+
+    def __init__(self, rollout: Rollout, metrics: EndpointMetrics, *, executor: Executor,
+                 shadow_workers: int) -> None:
+        plan = rollout.plan
+        self.name = plan.endpoint
+        self.rollout = rollout
+        self.metrics = metrics
+        self.baseline = rollout.model(BASELINE)
+        self.baseline_version = plan.baseline.version
+        self.baseline_timeout = plan.baseline.timeout
+        self.unit_key = plan.unit
+        self.executor = executor
+        s = plan.serving
+        self.candidates: dict[str, Candidate] = {}
+        for name in plan.variants:
+            model = rollout.model(name)
+            self.candidates[name] = Candidate(
+                name, model, self.rollout.timeout(name),
+                blocks_event_loop(model),
+                CircuitBreaker(s.breaker_failures, s.breaker_window, s.breaker_cooldown,
+                               on_change=metrics.breaker_watcher(name)))
+        self.shadow = ShadowQueue(rollout, self._shadow_call, maxsize=s.shadow_queue,
+                                  workers=shadow_workers, on_result=self._shadow_outcome)
+        metrics.shadow_depth(lambda: float(self.shadow.depth))
+        self._model_seconds = metrics.model_duration
+
+    @property
+    def candidate(self) -> Candidate:
+        return self.candidates[CANDIDATE]
+
+    def models(self) -> list[ModelBackend]:
+        return [self.baseline, *(c.model for c in self.candidates.values())]
+
+    def _shadow_outcome(self, outcome: str) -> None:
+        self.metrics.shadow[outcome].inc()
+
+    def assign(self, unit: str | None, context: Mapping[str, Any] | None) -> Assignment:
+        """``Rollout.assign`` on the cached split, never touching the store: the gateway's
+        refresh task keeps the split current, and a slow or unreachable store must not stall
+        or fail requests (they keep the last split seen)."""
+        return self.rollout.assign(unit, context, refresh=False)
+
+    # -- model calls ---------------------------------------------------------------------
+
+    async def call_baseline(self, rows: list[Any]) -> ModelResult:
+        try:
+            if self.baseline_timeout is None:
+                result = await self.baseline.apredict(rows)
+            else:
+                result = await call_with_timeout(self.baseline, rows, self.baseline_timeout)
+        except Exception as exc:  # a backend that breaks the protocol by raising
+            result = ModelResult(error=f"{type(exc).__name__}: {exc}")
+        result = validate_result(result, len(rows))
+        self._model_seconds[BASELINE].observe(result.latency_ms / 1000.0)
+        return result
+
+    async def _shadow_call(self, rows: list[Any]) -> ModelResult:
+        return await self.call_candidate(rows, self.rollout.shadow_variant)
+
+    async def call_candidate(self, rows: list[Any], variant: str = CANDIDATE) -> ModelResult:
+        """The candidate's answer, or a failed result; never raises, never exceeds the
+        timeout by more than scheduling delay."""
+        cand = self.candidates[variant]
+        if not cand.breaker.allow():
+            return ModelResult(error=BREAKER_OPEN)
+        try:
+            if cand.threaded:
+                result = await self._in_thread(cand, rows)
+            else:
+                result = await call_with_timeout(cand.model, rows, cand.timeout)
+        except asyncio.CancelledError:
+            cand.breaker.abandon()
+            raise
+        except Exception as exc:
+            result = ModelResult(error=f"{type(exc).__name__}: {exc}")
+        result = validate_result(result, len(rows))
+        cand.breaker.record(result.ok)
+        self._model_seconds[variant].observe(result.latency_ms / 1000.0)
+        return result
+
+    async def _in_thread(self, cand: Candidate, rows: list[Any]) -> ModelResult:
+        """A synchronous candidate in a worker thread, awaited for at most its timeout.
+
+        The loop first *waits* for the thread for a short grace (a few times the candidate's
+        usual latency, at most ``GRACE_MAX``): a healthy call ends within it, runs without
+        competing with the loop for the GIL (so its measured latency is as fair as the inline
+        baseline's) and costs no extra loop iteration. A slow or hung call blocks the loop
+        for the grace only, then is awaited asynchronously until the timeout."""
+        start = time.perf_counter()
+        future = self.executor.submit(cand.model.predict, rows)
+        grace = min(cand.timeout, max(GRACE_MIN, min(GRACE_MAX, 4.0 * cand.typical)))
+        try:
+            result: ModelResult = future.result(timeout=grace)
+        except FutureTimeout:
+            remaining = cand.timeout - (time.perf_counter() - start)
+            try:
+                result = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, remaining))
+            except TimeoutError:
+                future.cancel()
+                return ModelResult(error=f"timeout after {cand.timeout * 1000:.0f} ms",
+                                   timed_out=True,
+                                   latency_ms=(time.perf_counter() - start) * 1000)
+        if result.ok:
+            cand.typical = 0.8 * cand.typical + 0.2 * result.latency_ms / 1000.0
+        return result
+
+    # -- the request path ----------------------------------------------------------------
+
+    async def predict(self, rows: list[Any], *, unit: str | None,
+                      context: Mapping[str, Any] | None, request_id: str,
+                      protocol: str) -> Served:
+        """Serve one request; raises :class:`HTTPError` only when the baseline fails."""
+        start = time.perf_counter()
+        if unit is None and context:
+            raw = context.get(self.unit_key)
+            unit = None if raw is None else str(raw)
+        rollout = self.rollout
+        a = self.assign(unit, context)
+        if a.arm == CANDIDATE:
+            result = await self.call_candidate(rows, a.variant)
+            if result.ok and result.outputs is not None:
+                rollout.record(a, result, context=context, request_id=request_id)
+                served = Served(request_id, result.outputs, result.scores, a.version, CANDIDATE,
+                                a.stage)
+            else:
+                base = await self.call_baseline(rows)
+                if not base.ok or base.outputs is None:
+                    error = baseline_failure(base)
+                    if error.status != 422:  # inputs both models reject are not counted
+                        rollout.record(a, result, context=context, request_id=request_id)
+                    raise error
+                rollout.record(a, result, context=context, request_id=request_id)
+                reason = fallback_reason(result)
+                self.metrics.fallbacks[reason].inc()
+                served = Served(request_id, base.outputs, base.scores, self.baseline_version,
+                                BASELINE, a.stage, reason)
+        else:
+            base = await self.call_baseline(rows)
+            if not base.ok or base.outputs is None:
+                error = baseline_failure(base)
+                if error.status != 422:  # the client's bad inputs are not a model's error
+                    rollout.record(a, base, context=context, request_id=request_id)
+                raise error
+            if a.shadow:
+                rollout.record(a, base, context=context, request_id=request_id, keep=False)
+                self.shadow.submit(ShadowItem(a, rows, base, context, request_id))
+            else:
+                rollout.record(a, base, context=context, request_id=request_id)
+            served = Served(request_id, base.outputs, base.scores, a.version, BASELINE, a.stage)
+        self.metrics.served(a.telemetry_arm, protocol, time.perf_counter() - start)
+        return served
+
+
+def baseline_failure(result: ModelResult) -> HTTPError:
+    """The baseline could not answer: the inputs' fault (422: the model raised ValueError,
+    KeyError, TypeError or IndexError — e.g. a missing feature) or the model's (502)."""
+    error = result.error or "no outputs"
+    if error.startswith(_INPUT_ERRORS):
+        return HTTPError(422, f"the model rejected the inputs: {error}", field="inputs")
+    return HTTPError(502, f"the model could not answer: {error}")
+
+
+# -- request parsing -----------------------------------------------------------------------
+
+
+def parse_predict(body: bytes) -> PredictRequest:
+    """Validate a ``/v1/endpoints/{name}/predict`` body; :class:`HTTPError` 422 names the
+    field that is wrong."""
+    if not body.strip():
+        raise HTTPError(422, "request body is empty; send a JSON object with 'inputs'",
+                        field="body")
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPError(422, f"malformed JSON: {exc}", field="body") from None
+    if type(doc) is not dict:
+        raise HTTPError(422, "the body must be a JSON object with 'inputs'", field="body")
+    if not doc.keys() <= _PREDICT_FIELDS:
+        extra = sorted(doc.keys() - _PREDICT_FIELDS)[0]
+        raise HTTPError(422, f"unknown field {extra!r}; the fields are id, unit, context and "
+                             "inputs", field=extra)
+    inputs = doc.get("inputs")
+    if type(inputs) is dict:
+        rows: list[Any] = [inputs]
+    elif type(inputs) is list and inputs:
+        rows = inputs
+        for i, row in enumerate(rows):
+            if row is None:
+                raise HTTPError(422, "a row cannot be null", field=f"inputs[{i}]")
+    elif inputs is None:
+        raise HTTPError(422, "'inputs' is required: one row (an object) or a list of rows",
+                        field="inputs")
+    else:
+        raise HTTPError(422, "'inputs' must be one row (an object) or a non-empty list of "
+                             "rows", field="inputs")
+    unit = doc.get("unit")
+    if unit is not None:
+        if type(unit) is int:
+            unit = str(unit)
+        elif type(unit) is not str:
+            raise HTTPError(422, "'unit' must be a string (or an integer)", field="unit")
+    context = doc.get("context")
+    if context is not None:
+        if type(context) is not dict:
+            raise HTTPError(422, "'context' must be an object of attribute values",
+                            field="context")
+        for key, value in context.items():
+            if isinstance(value, dict | list):
+                raise HTTPError(422, "context values must be strings, numbers, booleans or "
+                                     "null", field=f"context.{key}")
+    rid = doc.get("id")
+    if rid is not None and (type(rid) is not str or not 0 < len(rid) <= 128):
+        raise HTTPError(422, "'id' must be a string of 1 to 128 characters", field="id")
+    return PredictRequest(rows, unit, context, rid)
