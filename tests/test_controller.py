@@ -176,3 +176,21 @@ def test_shadow_labels_are_recorded_as_pairs(store: Store, clock: VirtualClock) 
     paired = rows[("candidate", "accuracy:paired")]
     assert paired.n == 50 and paired.s == -50  # the candidate is wrong where the baseline is right
     rollout.close()
+
+
+def test_request_records_expire_after_the_label_window(store: Store, clock: VirtualClock) -> None:
+    from safeshift import UnknownRequestError
+
+    plan = Plan.from_dict(plan_dict(serving={"label_window": "10m"}))
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    old = rollout.predict({"x": 1}, unit="u1").id
+    rollout.flush()
+    clock.advance(300)
+    assert rollout.feedback(old, label=1).accepted == ["accuracy"]  # inside the window
+    clock.advance(400)
+    with pytest.raises(UnknownRequestError, match="past its label window"):
+        rollout.feedback(old, label=0)
+    rollout.tick()  # retention: the controller purges expired records
+    assert store.get_request(old) is None
+    with pytest.raises(UnknownRequestError, match="never served"):
+        rollout.feedback(old, label=0)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from safeshift.analysis import StageAnalysis, Status, analyse, describe_harm
+from safeshift._units import format_duration
+from safeshift.analysis import StageAnalysis, analyse, describe_harm
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
 from safeshift.experiment import allocation, best_arm, current_variants, moved, new_allocation
@@ -230,8 +231,6 @@ PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_ha
 
 
 def _dur(seconds: float) -> str:
-    from safeshift._units import format_duration
-
     return format_duration(seconds)
 
 
@@ -244,7 +243,6 @@ class Controller:
         self.store = store
         self.clock = clock
         self.steps = steps
-        self.last_analysis: StageAnalysis | None = None
 
     def evaluate(self) -> TickContext:
         """Run the pipeline without committing anything."""
@@ -254,7 +252,6 @@ class Controller:
             return ctx
         for step in self.steps:
             step(ctx)
-        self.last_analysis = ctx.analysis
         return ctx
 
     def tick(self) -> Decision | None:
@@ -345,7 +342,3 @@ class Controller:
         decision = self._commit(state, intent, actor, now)
         assert decision is not None  # operator actions are never quiet
         return decision
-
-
-def harm_summary(analysis: StageAnalysis) -> list[str]:
-    return [v.sentence for v in analysis.verdicts if v.status is Status.HARM]

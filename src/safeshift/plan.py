@@ -427,10 +427,6 @@ class Plan(_Strict):
         return cls.from_dict(read_plan_file(path), base_dir=Path(path).resolve().parent,
                              source=str(path))
 
-    @classmethod
-    def from_json(cls, text: str, *, base_dir: Path | str | None = None) -> Plan:
-        return cls.from_dict(json.loads(text), base_dir=base_dir)
-
 
 def read_plan_file(path: Path | str) -> Any:
     """Parse a plan file's YAML/JSON text; one clear :class:`PlanError` on failure."""

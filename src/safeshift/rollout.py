@@ -38,7 +38,8 @@ from safeshift.telemetry import (
     rows_from_cells,
 )
 
-REQUEST_SIGNALS = ("requests", "error_rate", "latency_ms")
+PURGE_EVERY = 300.0
+"""Seconds between purges of expired request records (retention of per-request data)."""
 
 
 @dataclass(slots=True)
@@ -140,7 +141,7 @@ class Rollout:
         self._split: Split = split_for(plan, store.get_state(plan.rollout))
         self._split_at = time.monotonic()
         self._refresh = plan.serving.refresh
-        self._keep_records = True
+        self._purged_at = 0.0
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
         self._shadow: _ShadowWorker | None = None
@@ -277,7 +278,7 @@ class Rollout:
         self.aggregator.observe(key, values, hist=True)
         if result.ok:
             self._observe_predictions(key, result)
-        if keep and request_id is not None and self._keep_records:
+        if keep and request_id is not None:
             outputs = {arm: result.outputs} if result.ok else {}
             self._keep(request_id, a, key, outputs)
 
@@ -296,7 +297,7 @@ class Rollout:
                 if candidate.scores and baseline.scores:
                     pair["score_diff"] = abs(candidate.scores[i] - baseline.scores[i])
                 self.aggregator.observe(key, pair)
-        if request_id is not None and self._keep_records:
+        if request_id is not None:
             outputs: dict[str, Any] = {}
             if baseline.ok:
                 outputs[BASELINE] = baseline.outputs
@@ -314,7 +315,7 @@ class Rollout:
         """Count a mirror copy that was dropped because the shadow queue was full."""
         key = self._cell(a, BASELINE, context)
         self.aggregator.observe(key, {"shadow_dropped": 1.0})
-        if request_id is not None and self._keep_records:
+        if request_id is not None:
             self._keep(request_id, a, key, {BASELINE: baseline.outputs} if baseline.ok else {})
 
     def _keep(self, request_id: str, a: Assignment, key: CellKey, outputs: dict[str, Any]) -> None:
@@ -462,6 +463,10 @@ class Rollout:
         self.flush()
         decision = self.controller.tick()
         self.refresh()  # also after quiet updates such as a bandit re-allocation
+        now = self.clock.now()
+        if now - self._purged_at >= PURGE_EVERY:
+            self.store.purge_expired(now)  # request records past their label window
+            self._purged_at = now
         return decision
 
     def act(self, action: Action, *, actor: str, reason: str = "") -> Decision:
