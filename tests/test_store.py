@@ -146,3 +146,14 @@ def test_flush_keeps_telemetry_when_the_store_write_fails(store: Store) -> None:
     rollout.flush()
     requests = sum(r.n for r in store.telemetry(plan.rollout) if r.signal == "requests")
     assert requests == 80  # nothing lost, nothing counted twice
+
+
+def test_totals_sum_over_windows(store: Store) -> None:
+    rows = [TelemetryRow("r1", 0, "candidate", "hash", "country=BR", w, "latency_ms", 2, 10, 60,
+                         {5: 1, 7: 1}) for w in (0, 60, 120)]
+    rows.append(TelemetryRow("r1", 1, "candidate", "hash", "country=BR", 0, "latency_ms", 9, 9, 9))
+    store.add_telemetry(rows)
+    (total,) = store.telemetry_totals("r1", 0)
+    assert (total.n, total.s, total.ss, total.window) == (6, 30, 180, 0)
+    assert total.hist == {5: 3, 7: 3}
+    assert store.telemetry_totals("r1", 2) == []

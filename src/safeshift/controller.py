@@ -112,7 +112,7 @@ def step_start(ctx: TickContext) -> None:
 def step_analyse(ctx: TickContext) -> None:
     if ctx.state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL) or ctx.stage is None:
         return
-    rows = ctx.store.telemetry(ctx.plan.rollout, ctx.state.stage_index)
+    rows = ctx.store.telemetry_totals(ctx.plan.rollout, ctx.state.stage_index)
     ctx.summary = Summary.from_rows(rows)
     ctx.analysis = analyse(ctx.plan, ctx.state.stage_index, ctx.summary,
                            current_variants(ctx.plan, ctx.state))

@@ -499,7 +499,7 @@ class Rollout:
         state = self.state()
         if state.stage_index < 0:
             return None
-        rows = self.store.telemetry(self.plan.rollout, state.stage_index)
+        rows = self.store.telemetry_totals(self.plan.rollout, state.stage_index)
         return analyse(self.plan, state.stage_index, Summary.from_rows(rows),
                        current_variants(self.plan, state))
 

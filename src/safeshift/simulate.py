@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safeshift.assign import BASELINE, Assignment
 from safeshift.clock import VirtualClock
@@ -321,8 +322,13 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
         store = MemoryStore()
     elif isinstance(store, str):
         store = open_store(store)
-    # synthetic traffic: the plan's models are not loaded
-    plan = plan.model_copy(update={"rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}"})
+    # synthetic traffic: the plan's models are not loaded; labels arrive within minutes, so
+    # request records need not be kept for the plan's (days-long) label window
+    window = min(plan.serving.label_window, max(3600.0, 20 * scenario.label_delay))
+    plan = plan.model_copy(update={
+        "rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}",
+        "serving": plan.serving.model_copy(update={"label_window": window}),
+    })
     rollout = Rollout.from_plan(plan, store=store, clock=clock,
                                 models={v: FakeModel() for v in (BASELINE, *plan.variants)})
     pop = Population(scenario.mix, population, rng)
@@ -337,12 +343,24 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
             console.print(f"  {_when(start, now)}  [bold]{d.action}[/] → {d.phase}: "
                           f"{escape(d.reason)}", markup=True, highlight=False)
 
-    n, nc, fb, labels = drive(
-        rollout, clock,
-        respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers]),
-        rows=_binary_rows,
-        population=pop, rng=rng, rate=rate, max_seconds=max_hours * 3600,
-        label_delay=scenario.label_delay, label_share=scenario.label_share, on_decision=told)
+    max_seconds = max_hours * 3600
+    show = console is not None and console.is_terminal
+    with Progress(TextColumn("  virtual time"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), console=console, transient=True,
+                  disable=not show) as progress:
+        task = progress.add_task("", total=max_seconds)
+
+        def moved(elapsed: float) -> None:
+            progress.update(task, completed=elapsed,
+                            description=f"{_when(0, elapsed)[1:]} {rollout.state().phase}")
+
+        n, nc, fb, labels = drive(
+            rollout, clock,
+            respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers]),
+            rows=_binary_rows,
+            population=pop, rng=rng, rate=rate, max_seconds=max_seconds,
+            label_delay=scenario.label_delay, label_share=scenario.label_share,
+            on_decision=told, on_progress=moved if show else None)
     state = rollout.state()
     verdicts = []
     decisions = rollout.decisions()

@@ -33,6 +33,7 @@ class MemoryStore:
         self._decisions: dict[str, list[Decision]] = {}
         self._audit: dict[str, list[AuditEvent]] = {}
         self._telemetry: dict[_Key, TelemetryRow] = {}
+        self._totals: dict[tuple[str, int], dict[_Key, TelemetryRow]] = {}
         self._requests: dict[str, RequestRecord] = {}
         self._feedback: set[tuple[str, str]] = set()
         self._leases: dict[str, tuple[str, float]] = {}
@@ -85,17 +86,14 @@ class MemoryStore:
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
         with self._lock:
             for r in rows:
-                key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
-                old = self._telemetry.get(key)
-                if old is None:
-                    self._telemetry[key] = r
-                    continue
-                hist = dict(old.hist or {})
-                for b, c in (r.hist or {}).items():
-                    hist[b] = hist.get(b, 0) + c
-                self._telemetry[key] = TelemetryRow(
-                    r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal,
-                    old.n + r.n, old.s + r.s, old.ss + r.ss, hist or None)
+                _add(self._telemetry, r)
+                _add(self._totals.setdefault((r.rollout, r.stage), {}),
+                     TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, 0, r.signal,
+                                  r.n, r.s, r.ss, r.hist))
+
+    def telemetry_totals(self, rollout: str, stage: int) -> list[TelemetryRow]:
+        with self._lock:
+            return list(self._totals.get((rollout, stage), {}).values())
 
     def telemetry(self, rollout: str, stage: int | None = None) -> list[TelemetryRow]:
         with self._lock:
@@ -154,3 +152,16 @@ class MemoryStore:
 
     def close(self) -> None:
         return None
+
+
+def _add(table: dict[_Key, TelemetryRow], r: TelemetryRow) -> None:
+    key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
+    old = table.get(key)
+    if old is None:
+        table[key] = r
+        return
+    hist = dict(old.hist or {})
+    for b, c in (r.hist or {}).items():
+        hist[b] = hist.get(b, 0) + c
+    table[key] = TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal,
+                              old.n + r.n, old.s + r.s, old.ss + r.ss, hist or None)

@@ -336,6 +336,27 @@ class SQLStore:
                                     r.signal, r.n, r.s, r.ss, hist.get(key)))
         return out
 
+    def telemetry_totals(self, rollout: str, stage: int) -> list[TelemetryRow]:
+        key = (telemetry.c.arm, telemetry.c.cohort, telemetry.c.segment, telemetry.c.signal)
+        hkey = (histograms.c.arm, histograms.c.cohort, histograms.c.segment, histograms.c.signal,
+                histograms.c.bucket)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(*key, sa.func.sum(telemetry.c.n), sa.func.sum(telemetry.c.s),
+                          sa.func.sum(telemetry.c.ss))
+                .where(telemetry.c.rollout == rollout, telemetry.c.stage == stage)
+                .group_by(*key)).fetchall()
+            hrows = conn.execute(
+                sa.select(*hkey, sa.func.sum(histograms.c["count"]))
+                .where(histograms.c.rollout == rollout, histograms.c.stage == stage)
+                .group_by(*hkey)).fetchall()
+        hist: dict[tuple[Any, ...], dict[int, int]] = {}
+        for arm, cohort, segment, signal, bucket, count in hrows:
+            hist.setdefault((arm, cohort, segment, signal), {})[int(bucket)] = int(count)
+        return [TelemetryRow(rollout, stage, arm, cohort, segment, 0, signal, float(n), float(s),
+                             float(ss), hist.get((arm, cohort, segment, signal)))
+                for arm, cohort, segment, signal, n, s, ss in rows]
+
     # -- requests and feedback --------------------------------------------------------
 
     def put_requests(self, records: Sequence[RequestRecord]) -> None:
