@@ -109,3 +109,31 @@ def test_simulate_tells_a_segment_fault_story(tmp_path: Path) -> None:
     assert "country=BR" in r.stdout
     r = cli("simulate", str(plan), "--scenario", "nope")
     assert r.returncode == 2 and "unknown scenario" in r.stderr
+
+
+def test_new_user_rough_edges(tmp_path: Path) -> None:
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("safeshift ")
+    r = cli("simulate", "--list")
+    assert r.returncode == 0 and "segment-fault" in r.stdout
+    r = cli("status", "--store", str(tmp_path / "typo.db"))
+    assert r.returncode == 2 and "no store at" in r.stderr
+    assert not (tmp_path / "typo.db").exists()
+    data = plan_dict()
+    data["candidate"]["model"] = "fake:x?error_rate=abc"
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2 and "error_rate must be a number" in r.stderr
+    assert "Traceback" not in r.stderr
+    data = plan_dict(challengers=[{"name": "b", "version": "v2b", "model": "joblib:missing.joblib"}])
+    data["stages"][0]["experiment"] = {"objective": "accuracy"}
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2 and "challengers.0.model" in r.stderr
+
+
+def test_readme_python_snippet_runs(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("## In Python", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = snippet.replace('store="safeshift.db"', f'store=r"{tmp_path / "s.db"}"')
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -194,3 +194,38 @@ def test_request_records_expire_after_the_label_window(store: Store, clock: Virt
     assert store.get_request(old) is None
     with pytest.raises(UnknownRequestError, match="never served"):
         rollout.feedback(old, label=0)
+
+
+def test_in_process_predict_enforces_the_candidate_timeout(store: Store,
+                                                           clock: VirtualClock) -> None:
+    import time as _time
+
+    data = plan_dict(targeting={"always_candidate": {"plan": ["internal"]}})
+    data["candidate"]["timeout"] = "50ms"
+    plan = Plan.from_dict(data)
+    rollout = make(plan, store, clock, candidate=FakeModel(output=2, latency_ms=1000))
+    start = _time.perf_counter()
+    p = rollout.predict({"x": 1}, unit="u1", context={"plan": "internal"})
+    assert _time.perf_counter() - start < 0.8
+    assert p.fallback and p.arm == "baseline" and p.outputs == [1]
+    rollout.flush()
+    errors = [r for r in store.telemetry(plan.rollout) if r.signal == "error_rate"
+              and r.arm == "candidate"]
+    assert sum(r.s for r in errors) == 1  # counted against the candidate
+    rollout.close()
+
+
+def test_audit_verification_catches_removed_and_altered_records(plan: Plan, store: Store,
+                                                                clock: VirtualClock) -> None:
+    from safeshift.state import verify_rollout
+
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rollout.pause(actor="ann")
+    rollout.resume(actor="ann")
+    state, events, decisions = rollout.state(), store.audit_events(plan.rollout), rollout.decisions()
+    assert verify_rollout(state, events, decisions)[0]
+    ok, message = verify_rollout(state, events[:-1], decisions[:-1])
+    assert not ok and "missing" in message
+    decisions[1].actor = "mallory"
+    ok, message = verify_rollout(state, events, decisions)
+    assert not ok and "decision 2 does not match" in message

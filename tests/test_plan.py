@@ -120,3 +120,20 @@ def test_json_schema_describes_the_plan() -> None:
     assert "stages" in schema["required"]
     assert schema["title"] == "safeshift rollout plan"
     assert "Stage" in json.dumps(schema)
+
+
+def test_json_schema_accepts_what_validate_accepts(tmp_path: Path) -> None:
+    import jsonschema
+    import yaml
+
+    schema = plan_json_schema()
+    for path in (EXAMPLE, ROOT / "examples" / "experiment" / "plan.yaml"):
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    data = plan_dict()
+    data["stages"][0].update({"min_duration": "1h30m", "approval": True})
+    data["guardrails"][0]["stage"] = "canary"
+    Plan.from_dict(data)
+    jsonschema.validate(data, schema)
+    data["stages"][0]["min_duration"] = "soon"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)

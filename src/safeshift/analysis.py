@@ -428,8 +428,11 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
         # every candidate variant that served in the stage, dropped experiment arms included
         n_all = sum(summary.total(arm, REQUESTS).n for arm in summary.arms() if arm != BASELINE)
         share = stage.traffic / BASIS_POINTS
+        # the split is by unit but counted by request: a user's requests travel together, so
+        # small deviations are normal; only a deviation beyond this floor can pause
+        floor = max(0.002, plan.analysis.srm_min_deviation * min(share, 1 - share))
         out.srm = srm_test([int(n_b), int(n_all)], [1 - share, share],
-                           alpha=plan.analysis.srm_alpha)
+                           alpha=plan.analysis.srm_alpha, min_deviation=floor)
     return out
 
 

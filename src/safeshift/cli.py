@@ -32,8 +32,9 @@ app.add_typer(plan_app, name="plan")
 app.add_typer(bench_app, name="bench")
 app.add_typer(audit_app, name="audit")
 
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True, emoji=False,
+              width=None if sys.stdout.isatty() else 120)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 StoreOpt = Annotated[
     str | None,
@@ -159,12 +160,14 @@ def demo(
 
 @app.command()
 def simulate(
-    plan: Annotated[Path, typer.Argument(help="plan file")],
+    plan: Annotated[Path | None, typer.Argument(help="plan file")] = None,
     scenario: Annotated[str, typer.Option("--scenario", help="see --list")] = "good",
     seed: Annotated[int, typer.Option("--seed")] = 1,
-    rate: Annotated[float, typer.Option("--rate", help="requests per virtual second")] = 20.0,
-    hours: Annotated[float, typer.Option("--hours", help="virtual time limit")] = 48.0,
-    store: StoreOpt = None,
+    rate: Annotated[float | None, typer.Option(
+        "--rate", min=0.001, help="requests per virtual second (default: the scenario's, 20)")] = None,
+    hours: Annotated[float, typer.Option("--hours", min=0.001, help="virtual time limit")] = 48.0,
+    store: Annotated[str | None, typer.Option(
+        "--store", help="store URL or SQLite path (default: in memory)")] = None,
     json_out: JsonOpt = False,
     list_scenarios: Annotated[bool, typer.Option("--list", help="list the scenarios")] = False,
 ) -> None:
@@ -177,12 +180,17 @@ def simulate(
         for name, sc in SCENARIOS.items():
             out.print(f"{name:18} {sc.description}", markup=False)
         return
+    if plan is None:
+        fail("give a plan file, e.g. safeshift simulate examples/churn/plan.yaml")
     try:
         p = Plan.load(plan)
         sc = get_scenario(scenario)
     except (PlanError, KeyError) as exc:
         fail(str(exc.args[0]) if isinstance(exc, KeyError) else str(exc))
-    result = run(p, sc, seed=seed, rate=rate, max_hours=hours, store=store,
+    if sc.challengers and not p.challengers:
+        err.print(f"warning: scenario {scenario!r} describes challengers, but the plan has none",
+                  markup=False)
+    result = run(p, sc, seed=seed, rate=rate or sc.rate or 20.0, max_hours=hours, store=store,
                  console=None if json_out else out)
     if json_out:
         out.print_json(data=result.to_json())
@@ -193,7 +201,7 @@ def serve(
     plans: Annotated[list[Path], typer.Argument(help="one or more plan files")],
     store: StoreOpt = None,
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
     controller: Annotated[bool, typer.Option(
         "--controller/--no-controller", help="run the controller in this process")] = True,
     tick: Annotated[float, typer.Option("--tick", help="seconds between controller ticks")] = 1.0,
@@ -211,9 +219,13 @@ def serve(
 # -- control -----------------------------------------------------------------------------
 
 
-def _open(store: str | None) -> Any:
-    from safeshift.store import open_store
+def _open(store: str | None, *, existing: bool = True) -> Any:
+    """The store to read or act on; a path that does not exist is a typo, not a new store."""
+    from safeshift.store import DEFAULT_STORE, open_store
 
+    path = store if store is not None else DEFAULT_STORE
+    if existing and "://" not in path and not Path(path).exists():
+        fail(f"no store at {path}; give --store (or SAFESHIFT_STORE) the path a rollout wrote")
     try:
         return open_store(store)
     except SafeshiftError as exc:
@@ -334,14 +346,14 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
 @audit_app.command("verify")
 def audit_verify(rollout: str, store: StoreOpt = None) -> None:
     """Check that a rollout's audit log is complete and unaltered (exit 1 if not)."""
-    from safeshift.state import verify_chain
+    from safeshift.state import verify_rollout
 
     st = _open(store)
     try:
-        st.get_state(rollout)
+        state = st.get_state(rollout)
     except SafeshiftError as exc:
         fail(str(exc))
-    ok, message = verify_chain(st.audit_events(rollout))
+    ok, message = verify_rollout(state, st.audit_events(rollout), st.decisions(rollout))
     (out if ok else err).print(f"{rollout}: {message}", markup=False)
     raise typer.Exit(0 if ok else 1)
 
@@ -385,6 +397,20 @@ def bench_gateway(
     from safeshift.bench.gateway import main as run
 
     run(quick=quick, requests=requests, concurrency=concurrency, json_path=json_path, console=out)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from safeshift import __version__
+
+        out.print(f"safeshift {__version__}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="print the version")] = False) -> None:
+    """Safe, incremental rollout of machine-learning model changes."""
 
 
 def main() -> None:

@@ -287,18 +287,23 @@ def run_demo(directory: Path, *, quick: bool = False, seed: int = 7,
     return ok
 
 
-def write_example_models(examples: Path) -> None:
-    """Train the stand-in models that ``examples/churn/plan.yaml`` names."""
-    target = examples / "churn"
-    scratch = target / ".train"
-    train_models(scratch)
-    (target / "models").mkdir(parents=True, exist_ok=True)
-    for version in ("v1", "v2"):
-        (scratch / "models" / f"diagnosis_{version}.joblib").replace(
-            target / "models" / f"churn_{version}.joblib")
-    for leftover in sorted(scratch.rglob("*"), reverse=True):
-        leftover.unlink() if leftover.is_file() else leftover.rmdir()
-    scratch.rmdir()
+def write_example_models(examples: Path, seed: int = 7) -> None:
+    """Train the stand-in models that ``examples/churn/plan.yaml`` names: two logistic
+    regressions on the same four breast-cancer measurements (so that one request body serves
+    both), differently regularised."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = load_breast_cancer()
+    names = _feature_names(data.feature_names)[:4]
+    target = examples / "churn" / "models"
+    target.mkdir(parents=True, exist_ok=True)
+    for version, c in (("v1", 0.05), ("v2", 1.0)):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=c))
+        model.fit(data.data[:, :4], data.target)
+        joblib.dump({"model": model, "features": names}, target / f"churn_{version}.joblib")
 
 
 __all__ = ["run_demo", "train_models", "write_example_models"]

@@ -43,7 +43,7 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
+                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d)?|(\d+(\.\d+)?(ms|s|m|h|d))+)$"},
                 {"type": "number", "minimum": 0},
             ],
             "description": "a duration: 500ms, 30s, 10m, 2h, 7d, or seconds",
@@ -186,9 +186,11 @@ class Stage(_Strict):
         description="candidate samples the stage is expected to see; tunes the sequential "
         "test (defaults to max(min_samples, analysis.expected_samples))",
     )
-    approval: Literal["required", "none"] = Field(
-        default="none", description="whether a person must approve before this stage starts"
-    )
+    approval: Annotated[
+        Literal["required", "none"],
+        WithJsonSchema({"anyOf": [{"enum": ["required", "none"]}, {"type": "boolean"}],
+                        "description": "whether a person must approve before this stage starts"}),
+    ] = "none"
     experiment: Experiment | None = Field(
         default=None, description="split the candidate traffic among the candidate and the "
         "plan's challengers with a bandit, and pick a winner")
@@ -267,7 +269,12 @@ class Guardrail(_Strict):
     max: float | None = Field(default=None, description="absolute upper bound on the candidate")
     min: float | None = Field(default=None, description="absolute lower bound on the candidate")
     strict: bool = Field(default=False, description="roll back on any proven harm, however small")
-    stage: list[Name] | None = Field(default=None, description="only judge in these stages")
+    stage: Annotated[
+        list[Name] | None,
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},
+                                  {"type": "null"}],
+                        "description": "only judge in this stage or these stages"}),
+    ] = None
     segments: bool = Field(default=True, description="also judge each segment")
 
     @field_validator("stage", mode="before")
@@ -314,6 +321,10 @@ class Analysis(_Strict):
         default=2000, gt=0, description="default candidate samples per stage (tunes the test)"
     )
     srm_alpha: float = Field(default=0.001, gt=0, lt=0.5)
+    srm_min_deviation: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="smallest relative deviation of the candidate's share that can count as a "
+        "sample-ratio mismatch (5%: 30% observed as 28.5%)")
     segment_min_samples: int = Field(
         default=100, ge=1, description="a segment smaller than this per arm is not judged"
     )

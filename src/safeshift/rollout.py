@@ -13,6 +13,8 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -145,6 +147,7 @@ class Rollout:
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
         self._shadow: _ShadowWorker | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -240,7 +243,7 @@ class Rollout:
         a = self.assign(unit, context)
         rid = request_id or uuid.uuid4().hex
         if a.is_candidate:
-            result = self.model(a.variant).predict(rows)
+            result = self._call_candidate(a.variant, rows)
             self.record(a, result, context=context, request_id=rid)
             if result.ok and result.outputs is not None:
                 return Prediction(rid, result.outputs, a.version, a.arm, a.stage)
@@ -254,6 +257,20 @@ class Rollout:
         else:
             self.record(a, base, context=context, request_id=rid)
         return Prediction(rid, self._outputs(base, rows), a.version, a.arm, a.stage)
+
+    def _call_candidate(self, variant: str, rows: list[Any]) -> ModelResult:
+        """The candidate's answer within its timeout; a late answer is a timeout result (the
+        call finishes in the background and is discarded)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(4, thread_name_prefix="safeshift-candidate")
+        timeout = self.timeout(variant)
+        start = time.perf_counter()
+        future = self._pool.submit(self.model(variant).predict, rows)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            return ModelResult(error=f"timeout after {timeout * 1000:.0f} ms", timed_out=True,
+                               latency_ms=(time.perf_counter() - start) * 1000)
 
     @staticmethod
     def _outputs(result: ModelResult, rows: Sequence[Any]) -> list[Any]:
@@ -517,6 +534,8 @@ class Rollout:
     def close(self) -> None:
         if self._shadow is not None:
             self._shadow.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self.flush()
         for m in self._models.values():
             m.close()

@@ -63,6 +63,7 @@ class Scenario:
     candidate: ArmBehaviour = ArmBehaviour()
     fault: Fault | None = None
     challengers: tuple[ArmBehaviour, ...] = ()  # in the order of the plan's challengers
+    rate: float | None = None  # requests per second, when the scenario is about traffic
     label_delay: float = 300.0  # seconds until a label arrives
     label_share: float = 0.5  # share of requests that ever get a label
     mix: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: {
@@ -83,8 +84,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              candidate=ArmBehaviour(accuracy=0.84)),
     Scenario("segment-fault", "the candidate fails on 20% of requests from Brazil only",
              fault=Fault("country", "BR", error_rate=0.2)),
-    Scenario("low-traffic", "a good candidate at a trickle of traffic: stages hold, never fail",
-             candidate=ArmBehaviour(accuracy=0.90)),
+    Scenario("low-traffic", "a good candidate at a trickle of traffic (0.2 requests/s): "
+             "stages hold, they never fail", candidate=ArmBehaviour(accuracy=0.91), rate=0.2),
     Scenario("bandit", "for plans with challengers: the first challenger is 5 points more "
              "accurate, the second fails 5% of requests",
              challengers=(ArmBehaviour(accuracy=0.95), ArmBehaviour(error_rate=0.05))),

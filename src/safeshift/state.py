@@ -108,6 +108,27 @@ class AuditEvent:
         return self
 
 
+def verify_rollout(state: RolloutState, events: list[AuditEvent],
+                   decisions: list[Decision]) -> tuple[bool, str]:
+    """The chain itself, its length against the state's decision counter (an event removed
+    from the end), and every decision record against the event that sealed it."""
+    ok, message = verify_chain(events)
+    if not ok:
+        return ok, message
+    expected = int(state.extra.get("seq", len(events)))
+    if len(events) < expected:
+        return False, (f"{expected - len(events)} event(s) missing after event {len(events)}: "
+                       f"the rollout has made {expected} decisions")
+    by_seq = {e.seq: e for e in events}
+    for d in decisions:
+        e = by_seq.get(d.seq)
+        if e is None:
+            return False, f"decision {d.seq} has no audit event"
+        if (e.actor, e.action, e.detail.get("reason")) != (d.actor, str(d.action), d.reason):
+            return False, f"decision {d.seq} does not match its audit event (altered)"
+    return True, message
+
+
 def verify_chain(events: list[AuditEvent]) -> tuple[bool, str]:
     """Check a rollout's audit events link up and are unaltered; says where it breaks."""
     prev = GENESIS

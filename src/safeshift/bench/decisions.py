@@ -123,7 +123,7 @@ STATUS_CODES = {Status.NO_DATA: NO_DATA, Status.HOLD: HOLD, Status.PASS: PASS, S
 # outcome codes
 RUNNING, ROLLBACK, PROMOTE, INCONCLUSIVE, PAUSED = 0, 1, 2, 3, 4
 
-# srm_test's defaults, which analyse() uses
+# the absolute floor analyse() puts under its relative srm_min_deviation
 SRM_MIN_DEVIATION = 0.002
 SRM_MIN_COUNT = 8
 
@@ -195,6 +195,7 @@ class EngineSpec:
     segment_min: float
     share: float
     srm_alpha: float
+    srm_min_deviation: float
     min_samples: float
     min_duration: float
     max_duration: float
@@ -230,6 +231,9 @@ class EngineSpec:
             segment_min=float(plan.analysis.segment_min_samples),
             share=stage.traffic / BASIS_POINTS,
             srm_alpha=plan.analysis.srm_alpha,
+            srm_min_deviation=max(SRM_MIN_DEVIATION, plan.analysis.srm_min_deviation
+                                  * min(stage.traffic, BASIS_POINTS - stage.traffic)
+                                  / BASIS_POINTS),
             min_samples=float(stage.min_samples),
             min_duration=stage.min_duration,
             max_duration=float(stage.max_duration or math.inf),
@@ -321,7 +325,7 @@ def _srm_mismatch(spec: EngineSpec, nb: Array, nc: Array) -> Mask:
         observed = np.where(total > 0, counts / total, 0.0)
     deviation = np.abs(observed - expected).max(axis=-1)
     enough = (counts >= SRM_MIN_COUNT).all(axis=-1)
-    out: Mask = (p_value < spec.srm_alpha) & (deviation >= SRM_MIN_DEVIATION) & enough
+    out: Mask = (p_value < spec.srm_alpha) & (deviation >= spec.srm_min_deviation) & enough
     return out
 
 

@@ -45,12 +45,13 @@ def load_model(ref: str, base_dir: Path | str = ".") -> ModelBackend:
 def check_models(plan: Plan) -> list[Problem]:
     """Load both models of a plan and report each that cannot be loaded, by field path."""
     problems = []
-    for side in ("baseline", "candidate"):
-        spec = getattr(plan, side)
+    sides = [("baseline", plan.baseline), ("candidate", plan.candidate)]
+    sides += [(f"challengers.{i}", c) for i, c in enumerate(plan.challengers)]
+    for where, spec in sides:
         try:
             model = load_model(spec.model, plan.base_dir)
         except ModelLoadError as exc:
-            problems.append(Problem(f"{side}.model", str(exc)))
+            problems.append(Problem(f"{where}.model", str(exc)))
         else:
             model.close()
     return problems

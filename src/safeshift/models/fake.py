@@ -52,12 +52,13 @@ class FakeModel(SyncBackend):
                     kwargs[key] = float(value) if "." in value else int(value)
                 except ValueError:
                     kwargs[key] = value
-            elif key == "seed":
-                kwargs[key] = int(value)
-            elif key in {"error_rate", "latency_ms", "slow_rate", "slow_ms", "nan_rate"}:
-                kwargs[key] = float(value)
-            else:
+                continue
+            if key not in {"seed", "error_rate", "latency_ms", "slow_rate", "slow_ms", "nan_rate"}:
                 raise ModelLoadError(f"fake:{spec}: unknown option {key!r}")
+            try:
+                kwargs[key] = int(value) if key == "seed" else float(value)
+            except ValueError:
+                raise ModelLoadError(f"fake:{spec}: {key} must be a number, not {value!r}") from None
         return cls(name or "fake", **kwargs)
 
     def _plan_call(self) -> tuple[float, str | None]:

@@ -21,7 +21,12 @@ class PythonModel(SyncBackend):
 
     def __init__(self, target: Any, name: str = "python") -> None:
         if isinstance(target, type):
-            target = target()
+            try:
+                target = target()
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{name}: creating {target.__name__}() failed ({type(exc).__name__}: {exc})"
+                ) from None
         fn: Callable[[Rows], Any] | None = getattr(target, "predict", None)
         if fn is None and callable(target):
             fn = target
