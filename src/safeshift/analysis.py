@@ -230,8 +230,11 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     m_pass = boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True)
     harm_lo = harm - m_harm * est.se
     harm_hi = harm + m_pass * est.se
-    # interval on the natural difference (candidate - baseline)
+    # interval on the natural difference (candidate - baseline); a difference of two rates
+    # lies in [-1, 1], so the reported interval is cut there (decisions are unaffected)
     lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
+    if info.rate and not relative:
+        lo, hi = max(lo, -1.0), min(hi, 1.0)
     status = _status(g, harm_lo, harm_hi, tol)
     sentence = _sentence(g, status, est.diff, lo, hi, tol, relative=relative,
                          where=where, sign=sign)
@@ -294,6 +297,8 @@ def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_p
         lo, hi = mean - m_pass * se, mean + m_harm * se
         harm, safe = hi < limit, lo > limit
     status = Status.HARM if harm else Status.PASS if safe else Status.HOLD
+    if info.rate:
+        lo, hi = max(lo, 0.0), min(hi, 1.0)
     text = (f"{label} {_fmt(c.s / c.n, info.rate, False, signed=False, level=True)} "
             f"[{_fmt(lo, info.rate, False, signed=False, level=True)}, "
             f"{_fmt(hi, info.rate, False, signed=False, level=True)}]")

@@ -376,7 +376,14 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
                       f"{nc:,} served by the candidate, {fb:,} candidate faults answered by the "
                       f"baseline, {labels:,} labels joined")
         if state.phase is not Phase.PROMOTED and state.phase is not Phase.ROLLED_BACK:
-            console.print(f"  still {state.phase}: {state.reason}", markup=False)
+            stage = plan.stages[state.stage_index].name if state.stage_index >= 0 else "-"
+            if state.phase is Phase.PAUSED:
+                console.print(f"  paused in stage {stage!r}, waiting for a person: {state.reason}",
+                              markup=False)
+            else:
+                console.print(f"  still {state.phase} in stage {stage!r} when the {max_hours:g} h "
+                              f"of virtual time ran out (last decision: {state.reason})",
+                              markup=False)
     rollout.close()
     return story
 
