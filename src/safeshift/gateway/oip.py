@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from safeshift.gateway._http import HTTPError, dumps
+from safeshift.models.http import oip_datatype
 
 DTYPES: dict[str, str] = {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
@@ -257,20 +258,10 @@ def _output_tensor(name: str, values: Sequence[Any]) -> tuple[str, list[int], li
         widths = {len(v) for v in values}
         if len(widths) == 1:
             flat = [x for v in values for x in v]
-            dtype, data = _scalar_type(flat)
+            dtype, data = oip_datatype(flat)
             return dtype, [n, widths.pop()], data
-    dtype, data = _scalar_type(list(values))
+    dtype, data = oip_datatype(list(values))
     return dtype, [n], data
-
-
-def _scalar_type(values: list[Any]) -> tuple[str, list[Any]]:
-    if all(isinstance(v, bool) for v in values):
-        return "BOOL", values
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return "INT64", values
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return "FP64", [float(v) for v in values]
-    return BYTES, [v if isinstance(v, str) else json.dumps(v, default=str) for v in values]
 
 
 def _pack(dtype: str, data: list[Any]) -> bytes:

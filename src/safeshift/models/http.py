@@ -217,14 +217,15 @@ def _ms(start: float) -> float:
 # -- Open Inference Protocol ----------------------------------------------------------------
 
 
-def _datatype(values: list[Any]) -> tuple[str, list[Any]]:
+def oip_datatype(values: list[Any]) -> tuple[str, list[Any]]:
+    """The Open Inference Protocol datatype that fits ``values``, and the values in it."""
     if all(isinstance(v, bool) for v in values):
         return "BOOL", values
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return "INT64", values
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
         return "FP64", [float(v) for v in values]
-    return "BYTES", [v if isinstance(v, str) else json.dumps(v) for v in values]
+    return "BYTES", [v if isinstance(v, str) else json.dumps(v, default=str) for v in values]
 
 
 class OIPModel(HTTPModel):
@@ -252,17 +253,17 @@ class OIPModel(HTTPModel):
             names = list(rows[0])
             inputs = []
             for name in names:
-                dtype, data = _datatype([r[name] for r in rows])
+                dtype, data = oip_datatype([r[name] for r in rows])
                 inputs.append({"name": name, "shape": [n], "datatype": dtype, "data": data})
             return {"inputs": inputs}
         if n and all(isinstance(r, list | tuple) for r in rows):
             width = len(rows[0])
             if any(len(r) != width for r in rows):
                 raise ValueError("rows of different lengths")
-            dtype, data = _datatype([v for r in rows for v in r])
+            dtype, data = oip_datatype([v for r in rows for v in r])
             return {"inputs": [{"name": "input", "shape": [n, width], "datatype": dtype,
                                 "data": data}]}
-        dtype, data = _datatype(list(rows))
+        dtype, data = oip_datatype(list(rows))
         return {"inputs": [{"name": "input", "shape": [n], "datatype": dtype, "data": data}]}
 
     def decode(self, doc: Any, n_rows: int) -> tuple[list[Any], list[float] | None]:
