@@ -26,7 +26,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safeshift.assign import BASELINE, Assignment
 from safeshift.clock import VirtualClock
-from safeshift.errors import SafeshiftError
+from safeshift.errors import RolloutError, SafeshiftError, UnknownRolloutError
 from safeshift.models import FakeModel, ModelResult
 from safeshift.plan import Plan
 from safeshift.rollout import Rollout
@@ -330,6 +330,13 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
         "rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}",
         "serving": plan.serving.model_copy(update={"label_window": window}),
     })
+    try:
+        store.get_state(plan.rollout)
+    except UnknownRolloutError:
+        pass
+    else:
+        raise RolloutError(f"{plan.rollout!r} already ran in {store.url}; use another --seed "
+                           "or another store")
     rollout = Rollout.from_plan(plan, store=store, clock=clock,
                                 models={v: FakeModel() for v in (BASELINE, *plan.variants)})
     pop = Population(scenario.mix, population, rng)
