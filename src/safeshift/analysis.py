@@ -159,10 +159,6 @@ def effective_n(n_b: float, n_c: float) -> float:
     return 4.0 * n_b * n_c / (n_b + n_c)
 
 
-def _signal(g: Guardrail) -> str:
-    return g.key
-
-
 def _fmt(value: float, rate: bool, relative: bool, *, signed: bool = True,
          level: bool = False) -> str:
     """Differences of rates in percentage points, levels of rates in percent."""
@@ -366,7 +362,7 @@ def drift_verdict(g: Guardrail, drift: dict[str, Any] | None, min_n: float) -> V
 def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] | None,
            n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
            several: bool) -> Verdict:
-    signal = _signal(g)
+    signal = g.key
     segment = f"{where[0]}={where[1]}" if where else None
     c = summary.total(arm, signal, where=where)
     if g.is_bound or g.info.source is Source.SHADOW:

@@ -194,7 +194,7 @@ def step_progress(ctx: TickContext) -> None:
     if not a.all_pass:
         return
     reason = (f"stage {stage.name!r} passed: every guardrail proven within tolerance after "
-              f"{_dur(ctx.elapsed)} ({int(a.n_candidate)} candidate, {int(a.n_baseline)} "
+              f"{format_duration(ctx.elapsed)} ({int(a.n_candidate)} candidate, {int(a.n_baseline)} "
               "baseline requests)")
     ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, a.to_json()))
 
@@ -207,7 +207,7 @@ def step_deadline(ctx: TickContext) -> None:
         return
     policy = ctx.plan.analysis.on_inconclusive
     waiting = ", ".join(v.guardrail for v in ctx.analysis.waiting_on) if ctx.analysis else ""
-    base = (f"stage {stage.name!r} reached its max_duration of {_dur(stage.max_duration)} "
+    base = (f"stage {stage.name!r} reached its max_duration of {format_duration(stage.max_duration)} "
             f"without a conclusion" + (f" (waiting on {waiting})" if waiting else ""))
     evidence = ctx.analysis.to_json() if ctx.analysis else {}
     if policy == "rollback":
@@ -228,10 +228,6 @@ def step_deadline(ctx: TickContext) -> None:
 
 PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,
                               step_progress, step_deadline)
-
-
-def _dur(seconds: float) -> str:
-    return format_duration(seconds)
 
 
 class Controller:

@@ -229,9 +229,7 @@ class Rollout:
                refresh: bool = True) -> Assignment:
         """Which arm serves ``unit`` now. Pure given the split: sticky and monotone.
         ``refresh=False`` never reads the store (the caller keeps the split current)."""
-        if refresh and time.monotonic() - self._split_at > self._refresh:
-            self.refresh()
-        return self._assigner.assign(unit, context, self._split)
+        return self._assigner.assign(unit, context, self.split() if refresh else self._split)
 
     # -- serving ------------------------------------------------------------------------
 
