@@ -120,14 +120,43 @@ def test_quick_run_shows_the_must_show_properties(
 
 def test_quick_run_harm_detection_cost_does_not_regress(
         quick: tuple[dict[str, Any], Path, Path]) -> None:
-    """The issue's target (<= 2.5x the oracle SPRT) is not met: docs/decisions.md explains why
-    no test with safeshift's guarantees can reach it. This guards the measured cost instead
-    (quick run: 7.9x; full run: 8.6x) so that a change that slows harm detection fails."""
+    """The issue's target (<= 2.5x the oracle SPRT) is below what any test with safeshift's
+    guarantee can reach (see the next test and docs/decisions.md). This guards the measured
+    cost instead (quick run: 7.4x; full run: 8.6x) so that a change that slows harm detection
+    fails."""
     result, _, _ = quick
     m = result["methods"]
     ratio = (m["safeshift"]["harmful"]["median_rollback_samples"]
              / m["oracle"]["harmful"]["median_rollback_samples"])
     assert ratio <= 10.0
+
+
+def test_quick_run_lower_bound_is_above_the_target_and_below_safeshift(
+        quick: tuple[dict[str, Any], Path, Path]) -> None:
+    """The SPRT at the least favourable null point averages the fewest samples of any test
+    that keeps false rollbacks <= alpha for every candidate within the tolerance: it already
+    needs more than 2.5x the oracle, and safeshift (a valid test) cannot average fewer."""
+    bound = quick[0]["harm_lower_bound"]
+    assert bound["bound_vs_oracle_mean"] > bench.ORACLE_RATIO_TARGET
+    assert bound["bound_vs_oracle_median"] > bench.ORACLE_RATIO_TARGET
+    assert 1.0 < bound["safeshift_vs_bound_mean"] < 3.0
+
+
+def test_least_favourable_null_minimises_the_divergence() -> None:
+    q = bench.least_favourable_null(0.01, 0.02, 0.002, 0.5)
+    grid = np.linspace(0.005, 0.02, 30001)
+
+    def kl(p: float, r: np.ndarray) -> np.ndarray:
+        out: np.ndarray = p * np.log(p / r) + (1 - p) * np.log((1 - p) / (1 - r))
+        return out
+
+    divergence = 0.5 * kl(0.02, grid + 0.002) + 0.5 * kl(0.01, grid)
+    assert q == pytest.approx(grid[divergence.argmin()], abs=1e-6)
+    # between the truth's rates: the null point shifts the baseline up, the candidate down
+    assert 0.01 < q < q + 0.002 < 0.02
+    # the larger arm pins its own rate: a small candidate share keeps q near the baseline's
+    assert 0.01 < bench.least_favourable_null(0.01, 0.02, 0.002, 0.1) < q
+    assert bench.least_favourable_null(0.01, 0.02, 0.002, 0.9) + 0.002 > q + 0.002
 
 
 def test_quick_run_breakdown_explains_the_cost(quick: tuple[dict[str, Any], Path, Path]) -> None:

@@ -45,9 +45,12 @@ to whole 1-minute checks. Samples are candidate + baseline requests at the decis
 
 Besides the five methods the JSON carries ``reference`` figures: the textbook peeking
 experiment (``naive_no_tolerance``: a z-test of any difference at every look), the SPRT of
-the hypothesis safeshift actually tests (``oracle_at_tolerance``: H0 harm = tolerance), and,
-on the harmful scenario, the engine's error-rate rule with its guarantees added one at a time
-(``harm_cost_breakdown``), which shows where its samples to a rollback go.
+the hypothesis safeshift actually tests (``oracle_at_tolerance``: H0 harm = tolerance), the
+SPRT at the least favourable point of that null with the baseline rate unknown
+(``sprt_least_favourable``, summarised as ``harm_lower_bound``: no test with safeshift's
+guarantee can average fewer samples), and, on the harmful scenario, the engine's error-rate
+rule with its guarantees added one at a time (``harm_cost_breakdown``), which shows where its
+samples to a rollback go.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from numpy.typing import NDArray
 from rich import box
 from rich.console import Console
 from rich.table import Table
-from scipy import special
+from scipy import optimize, special
 
 from safeshift._units import BASIS_POINTS
 from safeshift.analysis import MIN_GLOBAL_SAMPLES, REQUESTS, Status, analyse, tuning_samples
@@ -405,50 +408,72 @@ class Outcome:
 
 
 class _Sprt:
-    """Wald's SPRTs on one 0/1 stream, request by request, sharing the within-look order."""
+    """Wald's SPRTs (alpha = beta = 0.05), request by request, sharing the within-look order.
 
-    def __init__(self, runs: int, probes: Sequence[tuple[float, float]]) -> None:
-        self.probes = [(math.log(p1 / p0), math.log((1 - p1) / (1 - p0))) for p0, p1 in probes]
+    Each look brings per-run counts of a few request categories (say candidate error,
+    candidate success, baseline error, baseline success, everything else); the requests of a
+    look come in a random order consistent with those counts, and each probe adds its own
+    log-likelihood-ratio increment per category."""
+
+    def __init__(self, runs: int, probes: Sequence[Sequence[float]]) -> None:
+        self.increments = [np.asarray(p, dtype=np.float64) for p in probes]
         self.upper = math.log((1 - SPRT_BETA) / SPRT_ALPHA)
         self.lower = math.log(SPRT_BETA / (1 - SPRT_ALPHA))
         self.llr = [np.zeros(runs) for _ in probes]
         self.outcomes = [Outcome.empty(runs) for _ in probes]
 
-    def look(self, rng: np.random.Generator, m: NDArray[np.int64], k: NDArray[np.int64],
-             before: float, per_look: float, t0: float) -> None:
+    def look(self, rng: np.random.Generator, counts: NDArray[np.int64], t0: float,
+             before: float) -> None:
+        """``counts[run, category]`` of this look's requests; every run's look has the same
+        number of requests."""
         active = np.flatnonzero(np.logical_or.reduce([o.running for o in self.outcomes]))
         if active.size == 0:
             return
-        mm, kk = m[active], k[active]
-        width = int(mm.max()) if mm.size else 0
+        cc = counts[active]
+        width = int(cc.sum(axis=1).max())
         if width == 0:
             return
-        pos = np.arange(width)
-        valid = pos[None, :] < mm[:, None]
-        keys = np.where(valid, rng.random((active.size, width)), 2.0)
-        ranks = keys.argsort(axis=1).argsort(axis=1)
-        event = ranks < kk[:, None]
-        for (a, b), llr, out in zip(self.probes, self.llr, self.outcomes, strict=True):
-            path = llr[active, None] + np.cumsum(np.where(valid, np.where(event, a, b), 0.0),
-                                                 axis=1)
-            up = (path >= self.upper) & valid
-            lo = (path <= self.lower) & valid
+        ranks = rng.random((active.size, width)).argsort(axis=1).argsort(axis=1)
+        ends = np.cumsum(cc, axis=1)
+        category = (ranks[:, :, None] >= ends[:, None, :-1]).sum(axis=2)
+        for inc, llr, out in zip(self.increments, self.llr, self.outcomes, strict=True):
+            path = llr[active, None] + np.cumsum(inc[category], axis=1)
+            up, lo = path >= self.upper, path <= self.lower
             first_up = np.where(up.any(axis=1), up.argmax(axis=1), width)
             first_lo = np.where(lo.any(axis=1), lo.argmax(axis=1), width)
-            first = np.minimum(first_up, first_lo)
-            hit = (first < width) & out.running[active]
-            frac = (first + 1) / np.maximum(mm, 1)
-            samples = np.ceil(before + frac * per_look)
-            seconds = t0 + frac * LOOK
+            hit = (np.minimum(first_up, first_lo) < width) & out.running[active]
+            frac = (np.minimum(first_up, first_lo) + 1) / width
+            samples = np.zeros(out.code.size)
+            seconds = np.zeros(out.code.size)
+            samples[active] = np.ceil(before + frac * width)
+            seconds[active] = t0 + frac * LOOK
             for code, cond in ((ROLLBACK, first_up < first_lo), (PROMOTE, first_lo < first_up)):
                 sel = np.zeros(out.code.size, bool)
                 sel[active[hit & cond]] = True
-                full_samples = np.zeros(out.code.size)
-                full_seconds = np.zeros(out.code.size)
-                full_samples[active] = samples
-                full_seconds[active] = seconds
-                out.decide(sel, code, full_samples, full_seconds)
+                out.decide(sel, code, samples, seconds)
             llr[active] = path[:, -1]
+
+
+def _bernoulli_llr(p0: float, p1: float) -> tuple[float, float]:
+    """Log-likelihood-ratio increments of H1: rate p1 against H0: rate p0 for (event, none)."""
+    return math.log(p1 / p0), math.log((1 - p1) / (1 - p0))
+
+
+def _bernoulli_kl(p: float, q: float) -> float:
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def least_favourable_null(p_b: float, p_c: float, tol: float, share: float) -> float:
+    """The baseline rate q of the point (q, q + tol) of the null "harm ≤ tol" closest to the
+    truth (p_b, p_c) in Kullback-Leibler divergence per request, at candidate ``share``: the
+    point a test that must keep false rollbacks ≤ alpha everywhere in the null finds hardest
+    to tell from the truth (Lai 1988)."""
+    def kl(q: float) -> float:
+        return share * _bernoulli_kl(p_c, q + tol) + (1 - share) * _bernoulli_kl(p_b, q)
+
+    res = optimize.minimize_scalar(kl, bounds=(1e-9, 1 - tol - 1e-9), method="bounded",
+                                   options={"xatol": 1e-12})
+    return float(res.x)
 
 
 @dataclass(slots=True)
@@ -498,11 +523,18 @@ def simulate(plan: Plan, scenario: Scenario, runs: int, rng: np.random.Generator
     xi = np.zeros((runs, 2, n_g))
     out = {m: Outcome.empty(runs) for m in METHODS if m != "oracle"}  # the SPRT's comes last
     named = np.zeros(runs, bool)
-    oracle_probes = [(scenario.oracle_h0, scenario.oracle_h1)]
-    if scenario.harmful:  # the same SPRT for the hypothesis safeshift tests: harm = tolerance
-        oracle_probes.append((scenario.oracle_h0 + spec.tolerances[scenario.oracle_signal],
-                              scenario.oracle_h1))
-    sprt = _Sprt(runs, oracle_probes)
+    # SPRT request categories: candidate event / none, baseline event / none (of the stream
+    # the scenario changes), everything else
+    h0, h1 = scenario.oracle_h0, scenario.oracle_h1
+    probes = [(*_bernoulli_llr(h0, h1), 0.0, 0.0, 0.0)]
+    if scenario.harmful:
+        # the SPRTs of the hypothesis safeshift tests, harm = tolerance: knowing the baseline
+        # rate, and at the least favourable null point with the baseline unknown
+        tol = spec.tolerances[scenario.oracle_signal]
+        q = least_favourable_null(BASE_RATE, h1, tol, spec.share)
+        probes.append((*_bernoulli_llr(h0 + tol, h1), 0.0, 0.0, 0.0))
+        probes.append((*_bernoulli_llr(q + tol, h1), *_bernoulli_llr(q, BASE_RATE), 0.0))
+    sprt = _Sprt(runs, probes)
     breakdown = _Breakdown(runs, spec) if scenario.name == "harmful" else None
     peek = Outcome.empty(runs)
     result = ScenarioResult(out, named, {"naive_no_tolerance": peek})
@@ -520,9 +552,12 @@ def simulate(plan: Plan, scenario: Scenario, runs: int, rng: np.random.Generator
 
         # oracle: the changed stream on the candidate arm, request by request
         cols = slice(hs, hs + 1) if scenario.oracle_segment is not None else slice(None)
-        m_stream = draw[:, 1, cols].sum(axis=1)
-        k_stream = events[:, 1, cols, scenario.oracle_signal].sum(axis=1).astype(np.int64)
-        sprt.look(rng, m_stream, k_stream, before, per_look, t - LOOK)
+        m_stream = draw[:, :, cols].sum(axis=2)
+        k_stream = events[:, :, cols, scenario.oracle_signal].sum(axis=2).astype(np.int64)
+        counts = np.stack([k_stream[:, 1], m_stream[:, 1] - k_stream[:, 1], k_stream[:, 0],
+                           m_stream[:, 0] - k_stream[:, 0],
+                           per_look - m_stream.sum(axis=1)], axis=1)
+        sprt.look(rng, counts, t - LOOK, before)
 
         # safeshift: analyse() + the controller's rule
         ss = out["safeshift"]
@@ -592,6 +627,7 @@ def simulate(plan: Plan, scenario: Scenario, runs: int, rng: np.random.Generator
     out["oracle"] = sprt.outcomes[0]
     if len(sprt.outcomes) > 1:
         result.references["oracle_at_tolerance"] = sprt.outcomes[1]
+        result.references["sprt_least_favourable"] = sprt.outcomes[2]
     if breakdown is not None:
         result.references.update(breakdown.outcomes)
     return result
@@ -660,6 +696,7 @@ def figures(o: Outcome) -> dict[str, Any]:
         "median_seconds": _quantile(o.seconds[decided], 0.5),
         "p90_seconds": _quantile(o.seconds[decided], 0.9),
         "median_rollback_samples": _quantile(o.samples[rolled], 0.5),
+        "mean_rollback_samples": float(np.mean(o.samples[rolled])) if rolled.any() else None,
     }
 
 
@@ -688,6 +725,38 @@ def must_show(methods: dict[str, dict[str, dict[str, Any]]],
          named["segment_harm"], named["segment_harm"] >= 0.95),
     ]
     return [{"check": c, "value": v, "ok": bool(ok)} for c, v, ok in checks]
+
+
+def harm_lower_bound(methods: dict[str, dict[str, dict[str, Any]]],
+                     references: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Samples to roll back the harmful candidate that no test with safeshift's guarantee can
+    beat on average, against the oracle and against safeshift.
+
+    A rule that keeps false rollbacks ≤ alpha for *every* candidate within the tolerance, the
+    baseline rate unknown, keeps them ≤ alpha at the least favourable null point in
+    particular; among tests with errors ≤ (alpha, beta) at that point and at the truth, Wald's
+    SPRT between the two needs the fewest samples on average (Wald & Wolfowitz 1948). Even
+    knowing the true effect, it cannot do better."""
+    ref = references.get("sprt_least_favourable", {}).get("harmful")
+    if not ref or not ref["median_rollback_samples"]:
+        return None
+    o, s = methods["oracle"]["harmful"], methods["safeshift"]["harmful"]
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    return {
+        "rule": "Wald's SPRT, H0 the least favourable null point (harm = tolerance, baseline "
+                "unknown) vs H1 the true effect, alpha = beta = 0.05",
+        "median_samples": ref["median_rollback_samples"],
+        "mean_samples": ref["mean_rollback_samples"],
+        "bound_vs_oracle_median": ratio(ref["median_rollback_samples"],
+                                        o["median_rollback_samples"]),
+        "bound_vs_oracle_mean": ratio(ref["mean_rollback_samples"], o["mean_rollback_samples"]),
+        "safeshift_vs_bound_median": ratio(s["median_rollback_samples"],
+                                           ref["median_rollback_samples"]),
+        "safeshift_vs_bound_mean": ratio(s["mean_rollback_samples"], ref["mean_rollback_samples"]),
+    }
 
 
 def _fmt_n(value: float | None) -> str:
@@ -751,6 +820,15 @@ def render(result: dict[str, Any], console: Console) -> None:
             t.add_row(row["rule"], _fmt_n(row["median_samples"]),
                       "-" if row["vs_oracle"] is None else f"{row['vs_oracle']:.2f}")
         console.print(t)
+    lb = result.get("harm_lower_bound")
+    if lb:
+        console.print(
+            f"the fewest samples any test with safeshift's guarantee can average (Wald's SPRT "
+            f"at the least favourable null point, knowing the effect): median "
+            f"{_fmt_n(lb['median_samples'])} ({lb['bound_vs_oracle_median']:.2f}× the oracle), "
+            f"mean {_fmt_n(lb['mean_samples'])} ({lb['bound_vs_oracle_mean']:.2f}×); safeshift "
+            f"takes {lb['safeshift_vs_bound_median']:.2f}× that (median), "
+            f"{lb['safeshift_vs_bound_mean']:.2f}× (mean)", markup=False)
     for c in result["must_show"]:
         mark = "[green]✓[/green]" if c["ok"] else "[red]✗[/red]"
         v = c["value"]
@@ -842,6 +920,7 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
                       else None})
     out: dict[str, Any] = {
         "runs": runs,
+        "harm_lower_bound": harm_lower_bound(methods, references),
         "seed": seed,
         "quick": quick,
         "seconds": round(elapsed, 1),
