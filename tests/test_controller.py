@@ -178,6 +178,20 @@ def test_shadow_labels_are_recorded_as_pairs(store: Store, clock: VirtualClock) 
     rollout.close()
 
 
+def test_a_label_list_must_match_the_rows(store: Store, clock: VirtualClock) -> None:
+    plan = Plan.from_dict(plan_dict())
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rid = rollout.predict([{"x": 1}, {"x": 2}, {"x": 3}], unit="u1").id
+    one = rollout.predict({"x": 1}, unit="u2").id
+    with pytest.raises(ValueError, match=r"item 1: .* had 3 rows but 2 labels"):
+        rollout.feedback_many([{"id": one, "label": 1}, {"id": rid, "label": [1, 1]}])
+    with pytest.raises(ValueError, match="list of 3 labels"):
+        rollout.feedback(rid, label=1)
+    assert rollout.feedback(one, label=1).accepted == ["accuracy"]  # the batch stored nothing
+    assert rollout.feedback(rid, label=[1, 0, 1]).accepted == ["accuracy"]
+    rollout.close()
+
+
 def test_request_records_expire_after_the_label_window(store: Store, clock: VirtualClock) -> None:
     from safeshift import UnknownRequestError
 

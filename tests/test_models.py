@@ -86,3 +86,16 @@ def test_timeout_comes_back_as_data() -> None:
     assert not r.ok and r.timed_out and "timeout after 50 ms" in (r.error or "")
     fast = asyncio.run(call_with_timeout(FakeModel(output=3), [{}], 1.0))
     assert fast.outputs == [3]
+
+
+def test_sklearn_models_declare_their_output_datatype() -> None:
+    from sklearn.linear_model import LinearRegression
+
+    data = load_breast_cancer()
+    x, y = data.data[:, :4], data.target
+    assert SklearnModel(LogisticRegression(max_iter=500).fit(x, y)).output_datatype == "INT64"
+    names = data.target_names[y]  # 'malignant' / 'benign'
+    labelled = SklearnModel(LogisticRegression(max_iter=500).fit(x, names))
+    assert labelled.output_datatype == "BYTES"
+    assert labelled.predict(x[:2].tolist()).outputs[0] in {"malignant", "benign"}
+    assert SklearnModel(LinearRegression().fit(x, y.astype(float))).output_datatype == "FP64"

@@ -83,7 +83,8 @@ def test_duration_round_trip() -> None:
     assert parse_duration(format_duration(5400)) == 5400
 
 
-@pytest.mark.parametrize(("text", "bp"), [("5%", 500), ("0.5%", 50), (0.05, 500), ("100%", 10000)])
+@pytest.mark.parametrize(("text", "bp"), [("5%", 500), ("0.5%", 50), (0.05, 500), ("100%", 10000),
+                                         (1.0, 10000), (0, 0)])
 def test_shares(text: str | float, bp: int) -> None:
     assert parse_share(text) == bp
 
@@ -92,6 +93,13 @@ def test_shares(text: str | float, bp: int) -> None:
 def test_bad_shares(bad: object) -> None:
     with pytest.raises(ValueError):
         parse_share(bad)
+
+
+def test_a_bare_1_is_refused_as_ambiguous() -> None:
+    with pytest.raises(ValueError, match="1 is ambiguous: write 1% or 100%"):
+        parse_share(1)
+    with pytest.raises(PlanError, match=r"stages\.0\.traffic.*1 is ambiguous"):
+        Plan.from_dict(plan_dict(stages=[{"name": "canary", "traffic": 1}]))
 
 
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:

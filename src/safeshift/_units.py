@@ -57,6 +57,9 @@ def parse_share(value: Any) -> int:
         except ValueError:
             raise ValueError(f"{value!r} is not a share; write it like 5% or 0.05") from None
     elif isinstance(value, int | float):
+        if value == 1 and isinstance(value, int):
+            raise ValueError("1 is ambiguous: write 1% or 100% (a bare number is a fraction, "
+                             "so 0.01 is 1% and 1.0 is 100%)")
         fraction = float(value)
         if fraction > 1:
             raise ValueError(f"{value} is more than 1; write a percentage as {value}% or a fraction")

@@ -125,6 +125,26 @@ def _same(a: Any, b: Any) -> bool:
     return str(a) == str(b)
 
 
+def label_mismatch(rec: RequestRecord, label: Any) -> str | None:
+    """Why ``label`` cannot be scored row by row against the answers ``rec`` kept, or None.
+
+    A request of several rows needs a list of as many labels; one row takes a value (or a
+    one-element list). Unknown row counts (no answer was kept) accept anything."""
+    if label is None:
+        return None
+    rows = {len(outputs) for outputs in rec.outputs.values() if isinstance(outputs, list)}
+    if len(rows) != 1:
+        return None
+    n = rows.pop()
+    given = len(label) if isinstance(label, list) else None
+    if given is None and n > 1:
+        return f"request {rec.id!r} had {n} rows: send a list of {n} labels, one per row"
+    if given is not None and given != n:
+        return (f"request {rec.id!r} had {n} row{'s' if n != 1 else ''} but {given} labels came; "
+                f"send one label per row")
+    return None
+
+
 class Rollout:
     """One rollout of a plan against a store. Build it with :meth:`from_plan`."""
 
@@ -286,8 +306,9 @@ class Rollout:
         that served) and keep the compact request record that late feedback joins to."""
         arm = arm or a.telemetry_arm
         key = self._cell(a, arm, context)
-        values = {"requests": 1.0, "error_rate": 0.0 if result.ok else 1.0,
-                  "latency_ms": result.latency_ms}
+        values = {"requests": 1.0, "error_rate": 0.0 if result.ok else 1.0}
+        if not result.not_called:  # a refused call has no latency to count
+            values["latency_ms"] = result.latency_ms
         if self._report_signal:
             values["report_rate"] = 0.0
         self.aggregator.observe(key, values, hist=True)
@@ -301,8 +322,9 @@ class Rollout:
                       context: Mapping[str, Any] | None, request_id: str | None) -> None:
         """Count a mirrored candidate call and compare it pairwise with the baseline's answer."""
         key = self._cell(a, self.shadow_variant, context)
-        values: dict[str, float] = {"requests": 1.0, "error_rate": 0.0 if candidate.ok else 1.0,
-                                    "latency_ms": candidate.latency_ms}
+        values: dict[str, float] = {"requests": 1.0, "error_rate": 0.0 if candidate.ok else 1.0}
+        if not candidate.not_called:
+            values["latency_ms"] = candidate.latency_ms
         self.aggregator.observe(key, values, hist=True)
         if candidate.ok:
             self._observe_predictions(key, candidate)
@@ -420,6 +442,10 @@ class Rollout:
             if item.get("label") is None and not item.get("outcome"):
                 raise ValueError(f"item {i}: give a label or an outcome")
         records = self._find([str(item["id"]) for item in items])
+        for i, item in enumerate(items):
+            problem = label_mismatch(records[str(item["id"])], item.get("label"))
+            if problem:
+                raise ValueError(f"item {i}: {problem}")
         plan: list[tuple[str, list[FeedbackItem]]] = []
         for item in items:
             rid = str(item["id"])

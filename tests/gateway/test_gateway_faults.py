@@ -66,3 +66,22 @@ def test_candidate_faults_never_reach_users_and_the_rollout_rolls_back(sqlite_ur
     assert after["arm"] == BASELINE and not after["fallback"]
     assert 'safeshift_decisions_total{action="rollback",endpoint="churn"} 1.0' in metrics
     assert 'safeshift_fallbacks_total{endpoint="churn",reason="timeout"}' in metrics
+
+
+def test_calls_refused_by_the_open_breaker_count_as_errors_without_a_latency(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    plan = make_plan(
+        candidate={"version": "v2", "model": "fake:cand?error_rate=1"},
+        stages=[{"name": "canary", "traffic": "100%", "min_duration": "1h"}],
+        serving={"breaker_failures": 3, "breaker_window": "1m", "breaker_cooldown": "1h"})
+    app = create_app([plan], store=str(tmp_path / "s.db"), tick_interval=3600)
+    rollout = app.gateway.endpoints["churn"].rollout
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        reasons = Counter(c.post("/v1/endpoints/churn/predict",
+                                 json={"unit": f"u{i}", "inputs": {"x": i}}
+                                 ).headers["x-safeshift-fallback"] for i in range(20))
+        app.gateway.flush_all()
+    assert reasons == {"error": 3, "breaker_open": 17}
+    rows = [r for r in rollout.store.telemetry(plan.rollout, 0) if r.arm == CANDIDATE]
+    n = {sig: sum(r.n for r in rows if r.signal == sig) for sig in ("error_rate", "latency_ms")}
+    # all 20 are the candidate's failures; only the 3 calls it made have a latency
+    assert n == {"error_rate": 20, "latency_ms": 3}

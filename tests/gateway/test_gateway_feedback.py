@@ -125,3 +125,25 @@ def test_feedback_joins_requests_served_by_another_replica(tmp_path) -> None:  #
     assert r.status_code == 200, r.text
     assert r.json()["rollout"] == "churn-v2" and r.json()["arm"] == CANDIDATE
     assert r.json()["accepted"] == ["accuracy"]
+
+
+def test_labels_must_match_the_rows_of_the_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    app = create_app([make_plan()], store=str(tmp_path / "s.db"), tick_interval=3600)
+    rollout = app.gateway.endpoints["churn"].rollout
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        two = c.post("/v1/endpoints/churn/predict",
+                     json={"unit": "u1", "inputs": [{"x": 1}, {"x": 2}]}).json()["id"]
+        one = c.post("/v1/endpoints/churn/predict",
+                     json={"unit": "u2", "inputs": {"x": 1}}).json()["id"]
+        scalar = c.post("/v1/feedback", json={"id": two, "label": 1})
+        assert scalar.status_code == 409
+        assert scalar.json()["field"] == "label" and "list of 2 labels" in scalar.json()["error"]
+        short = c.post("/v1/feedback", json=[{"id": one, "label": 1}, {"id": two, "label": [1]}])
+        assert short.status_code == 409
+        assert short.json()["field"] == "[1].label" and "2 rows but 1 labels" in short.json()["error"]
+        # nothing of the rejected batch was stored: the first item is still new
+        ok = c.post("/v1/feedback", json=[{"id": one, "label": [1]}, {"id": two, "label": [1, 0]}])
+        assert ok.status_code == 200, ok.text
+        assert [r["accepted"] for r in ok.json()["results"]] == [["accuracy"], ["accuracy"]]
+    accuracy = [r for r in rollout.store.telemetry("churn-v2", 0) if r.signal == "accuracy"]
+    assert sum(r.n for r in accuracy) == 3  # one row + two rows, each scored once

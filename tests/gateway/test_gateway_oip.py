@@ -51,6 +51,8 @@ def test_tritonclient_infers_through_the_gateway(sklearn_models: tuple[Path, np.
             meta = client.get_model_metadata("churn")
             assert meta["name"] == "churn" and meta["versions"] == ["v1", "v2"]
             assert meta["inputs"][0]["shape"] == [-1, 30]
+            # the scikit-learn classifier's classes are integers: declared before any answer
+            assert meta["outputs"][0]["datatype"] == "INT64"
 
             for binary in (True, False):
                 inp = httpclient.InferInput("input", [4, 30], "FP32")
@@ -61,6 +63,7 @@ def test_tritonclient_infers_through_the_gateway(sklearn_models: tuple[Path, np.
                                    headers={"X-Safeshift-Unit": base_unit,
                                             "X-Safeshift-Context-Country": "BR"})
                 assert res.as_numpy("output").tolist() == expected
+                assert res.get_output("output")["datatype"] == meta["outputs"][0]["datatype"]
                 scores = res.as_numpy("score")
                 assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
                 response = res.get_response()
@@ -94,10 +97,14 @@ def test_named_columns_become_rows_of_features() -> None:
     app = create_app([make_plan()], store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": PythonModel(spy)}})
     with running(app) as url:
+        # a Python model does not declare its output type: BYTES until an answer shows it
+        before = httpx.get(f"{url}/v2/models/churn").json()["outputs"][0]["datatype"]
         r = httpx.post(f"{url}/v2/models/churn/infer", json={"inputs": [
             {"name": "age", "shape": [2], "datatype": "INT32", "data": [30, 40]},
             {"name": "country", "shape": [2, 1], "datatype": "BYTES", "data": ["BR", "DE"]}],
             "parameters": {"unit": "anyone", "context.country": "BR"}})
+        after = httpx.get(f"{url}/v2/models/churn").json()["outputs"][0]["datatype"]
+    assert (before, after) == ("BYTES", "INT64")
     assert r.status_code == 200, r.text
     assert seen == [[{"age": 30, "country": "BR"}, {"age": 40, "country": "DE"}]]
     out = r.json()["outputs"][0]

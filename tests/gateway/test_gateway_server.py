@@ -76,10 +76,28 @@ def test_serve_logs_json_and_flushes_on_sigterm(tmp_path: Path) -> None:
 def test_serve_fails_fast_on_a_bad_model_reference(tmp_path: Path) -> None:
     plan = write_plan(tmp_path / "plan.yaml",
                       candidate={"version": "v2", "model": "joblib:missing.joblib"})
-    proc = _serve([str(plan), "--store", str(tmp_path / "s.db"), "--port", "1"], tmp_path)
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = _serve([str(plan), "--store", str(tmp_path / "s.db"), "--port", str(port)], tmp_path)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "candidate model 'joblib:missing.joblib'" in stderr and "no such file" in stderr
+
+
+def test_serve_refuses_a_port_in_use_before_touching_the_store(tmp_path: Path) -> None:
+    plan = write_plan(tmp_path / "plan.yaml")
+    busy = free_socket()
+    busy.listen()
+    try:
+        proc = _serve([str(plan), "--store", str(tmp_path / "s.db"), "--port",
+                       str(busy.getsockname()[1])], tmp_path)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        busy.close()
+    assert proc.returncode == 2, stderr
+    assert "cannot listen on 127.0.0.1:" in stderr and "pick another --port" in stderr
+    assert not (tmp_path / "s.db").exists()  # no rollout was registered
 
 
 def test_two_active_plans_for_one_endpoint_is_a_start_up_error(tmp_path: Path) -> None:

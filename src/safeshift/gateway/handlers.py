@@ -13,7 +13,7 @@ from safeshift.gateway._http import HTTPError, Scope, annotate, dumps, header, r
 from safeshift.gateway.feedback import parse_feedback, parse_reports
 from safeshift.gateway.runtime import Gateway
 from safeshift.gateway.serving import Endpoint, Served, cached_split, parse_predict
-from safeshift.rollout import FeedbackResult
+from safeshift.rollout import FeedbackResult, label_mismatch
 
 
 @dataclass(slots=True)
@@ -73,6 +73,8 @@ async def infer(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
     served = await ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip")
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
+    if ep.output_datatype is None and served.outputs:
+        ep.output_datatype = oip.output_datatype(served.outputs)
     data, extra = oip.encode_response(
         model_name=name, model_version=served.version, request_id=rid,
         outputs=served.outputs, scores=served.scores, request=req,
@@ -87,6 +89,11 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     items, batch = parse_feedback(body)
     fields = [f"[{i}].id" if batch else "id" for i in range(len(items))]
     joined = await gw.join([it.id for it in items], fields)
+    for i, it in enumerate(items):
+        problem = label_mismatch(joined[it.id][1], it.label)
+        if problem:
+            # schema-valid, but at odds with the request it names: a conflict
+            raise HTTPError(409, problem, field=f"[{i}].label" if batch else "label")
 
     def write() -> list[dict[str, Any]]:
         # one transaction per rollout (a batch may span endpoints)
@@ -156,7 +163,9 @@ def model_metadata(gw: Gateway, name: str) -> dict[str, Any]:
                      *(plan.variant(n).version for n in plan.variants)],
         "platform": "safeshift",
         "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, width]}],
-        "outputs": [{"name": "output", "datatype": "BYTES", "shape": [-1]},
+        # until the first answer shows otherwise, any output can travel as BYTES
+        "outputs": [{"name": "output", "datatype": ep.output_datatype or oip.BYTES,
+                     "shape": [-1]},
                     {"name": "score", "datatype": "FP64", "shape": [-1]}],
         "parameters": {"rollout": plan.rollout,
                        "stage": cached_split(ep.rollout).stage},

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from safeshift.gateway._http import HTTPError, dumps
-from safeshift.models.http import oip_datatype
+from safeshift.models.base import oip_datatype
 
 DTYPES: dict[str, str] = {
     "BOOL": "?", "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8",
@@ -262,6 +262,11 @@ def _output_tensor(name: str, values: Sequence[Any]) -> tuple[str, list[int], li
             return dtype, [n, widths.pop()], data
     dtype, data = oip_datatype(list(values))
     return dtype, [n], data
+
+
+def output_datatype(outputs: Sequence[Any]) -> str:
+    """The datatype of the ``output`` tensor that answers ``outputs``."""
+    return _output_tensor("output", outputs)[0]
 
 
 def _pack(dtype: str, data: list[Any]) -> bytes:

@@ -74,7 +74,9 @@ def build_api(gw: Gateway) -> FastAPI:
 
     @api.post("/v1/feedback", tags=["feedback"], summary="Labels and outcomes",
               response_model=schemas.FeedbackResult | schemas.FeedbackBatchResult,
-              responses=_ERRORS,
+              responses={**_ERRORS, 409: {"model": schemas.ErrorBody, "description":
+                                          "a label list that does not match the request's "
+                                          "rows"}},
               openapi_extra=schemas.request_body(schemas.one_or_batch("FeedbackItem")))
     async def feedback(request: Request) -> Response:
         return _reply(await handlers.feedback(gw, await request.body(), request.scope))

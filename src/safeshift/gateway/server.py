@@ -9,7 +9,9 @@ and the store. Per-process settings come from ``SAFESHIFT_*`` variables
 
 from __future__ import annotations
 
+import errno
 import gc
+import socket
 import sys
 from pathlib import Path
 
@@ -21,11 +23,32 @@ from safeshift.gateway.logs import configure_logging, gateway_logger
 from safeshift.gateway.settings import GatewaySettings
 
 
+def check_listen(host: str, port: int) -> None:
+    """Refuse early, with the fix, an address the gateway could not listen on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SafeshiftError(f"cannot listen on {host}:{port}: {exc.strerror}; give --host an "
+                             "address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = ("another process is listening there: stop it or pick another --port"
+                    if exc.errno == errno.EADDRINUSE else "give --host an address of this "
+                    "machine and --port one you may use (ports below 1024 need privileges)")
+            raise SafeshiftError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}"
+                                 ) from None
+
+
 def serve(plans: list[Path], *, store: str | None, host: str, port: int, controller: bool,
           tick_interval: float) -> None:
     """Serve ``plans`` on ``host:port`` until interrupted."""
     configure_logging()
     settings = GatewaySettings.from_env()
+    check_listen(host, port)  # before the rollouts are registered in the store
     app = create_app(plans, store=store, controller=controller, tick_interval=tick_interval,
                      settings=settings)
     # Everything loaded so far (frameworks, models) lives as long as the process: move it out

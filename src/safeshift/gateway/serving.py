@@ -128,6 +128,10 @@ class Endpoint:
                                   workers=shadow_workers, on_result=self._shadow_outcome)
         metrics.shadow_depth(lambda: float(self.shadow.depth))
         self._model_seconds = metrics.model_duration
+        # the Open Inference Protocol datatype of the "output" tensor: declared by the
+        # baseline's backend where it knows (scikit-learn), else learned from the first answer
+        declared = getattr(self.baseline, "output_datatype", None)
+        self.output_datatype: str | None = declared if isinstance(declared, str) else None
 
     @property
     def candidate(self) -> Candidate:
@@ -167,7 +171,7 @@ class Endpoint:
         timeout by more than scheduling delay."""
         cand = self.candidates[variant]
         if not cand.breaker.allow():
-            return ModelResult(error=BREAKER_OPEN)
+            return ModelResult(error=BREAKER_OPEN, not_called=True)
         try:
             if cand.threaded:
                 result = await self._in_thread(cand, rows)

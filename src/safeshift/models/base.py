@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ class ModelResult:
     error: str | None = None
     latency_ms: float = 0.0
     timed_out: bool = False
+    not_called: bool = False  # refused before the model ran (an open circuit breaker): no latency
 
     @property
     def ok(self) -> bool:
@@ -102,3 +104,14 @@ async def call_with_timeout(model: ModelBackend, rows: Rows, timeout: float | No
     except TimeoutError:
         return ModelResult(error=f"timeout after {timeout * 1000:.0f} ms", timed_out=True,
                            latency_ms=(time.perf_counter() - start) * 1000)
+
+
+def oip_datatype(values: list[Any]) -> tuple[str, list[Any]]:
+    """The Open Inference Protocol datatype that fits ``values``, and the values in it."""
+    if all(isinstance(v, bool) for v in values):
+        return "BOOL", values
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return "INT64", values
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return "FP64", [float(v) for v in values]
+    return "BYTES", [v if isinstance(v, str) else json.dumps(v, default=str) for v in values]

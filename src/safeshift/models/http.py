@@ -35,7 +35,7 @@ import httpx
 
 from safeshift.errors import ModelLoadError
 from safeshift.models import register_loader
-from safeshift.models.base import ModelResult, Rows, validate_result
+from safeshift.models.base import ModelResult, Rows, oip_datatype, validate_result
 
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
 _JSON = {"content-type": "application/json"}
@@ -215,17 +215,6 @@ def _ms(start: float) -> float:
 
 
 # -- Open Inference Protocol ----------------------------------------------------------------
-
-
-def oip_datatype(values: list[Any]) -> tuple[str, list[Any]]:
-    """The Open Inference Protocol datatype that fits ``values``, and the values in it."""
-    if all(isinstance(v, bool) for v in values):
-        return "BOOL", values
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return "INT64", values
-    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-        return "FP64", [float(v) for v in values]
-    return "BYTES", [v if isinstance(v, str) else json.dumps(v, default=str) for v in values]
 
 
 class OIPModel(HTTPModel):

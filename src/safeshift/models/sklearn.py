@@ -15,7 +15,7 @@ import joblib
 import numpy as np
 
 from safeshift.errors import ModelLoadError
-from safeshift.models.base import Rows, SyncBackend
+from safeshift.models.base import Rows, SyncBackend, oip_datatype
 
 
 class SklearnModel(SyncBackend):
@@ -53,6 +53,17 @@ class SklearnModel(SyncBackend):
                 raise ValueError(f"missing feature(s) {', '.join(missing[:5])}")
             return np.array([[row[f] for f in self.features] for row in rows], dtype=float)
         return np.asarray(rows, dtype=float)
+
+    @property
+    def output_datatype(self) -> str | None:
+        """The Open Inference Protocol datatype of this model's outputs: its classes' for a
+        classifier, FP64 for a regressor, None when the estimator does not say."""
+        classes = getattr(self.estimator, "classes_", None)
+        if classes is not None:
+            return oip_datatype(np.asarray(classes).tolist())[0]
+        from sklearn.base import is_regressor
+
+        return "FP64" if is_regressor(self.estimator) else None
 
     def _call(self, rows: Rows) -> tuple[list[Any], list[float] | None]:
         x = self.to_matrix(rows)
