@@ -110,6 +110,10 @@ def test_quick_run_shows_the_must_show_properties(
     assert s["harmful"]["promote_rate"] <= 0.02
     assert s["latency"]["rollback_rate"] >= 0.97
     assert s["within_tolerance"]["rollback_rate"] <= 0.05
+    # the worst case of both guarantees: exactly at the tolerance, neither is warranted
+    assert s["at_tolerance"]["rollback_rate"] <= 0.05
+    assert s["at_tolerance"]["promote_rate"] <= 0.05
+    assert result["methods"]["naive"]["at_tolerance"]["rollback_rate"] > 0.2
     # segment-local harm: rolled back, naming the segment
     assert s["segment_harm"]["rollback_rate"] >= 0.95
     assert result["segment_named_rate"]["segment_harm"] >= 0.93
@@ -174,7 +178,7 @@ def test_quick_run_writes_json_and_png(quick: tuple[dict[str, Any], Path, Path])
     assert set(data["methods"]) == set(bench.METHODS)
     for method in bench.METHODS:
         assert set(data["methods"][method]) == {"aa", "harmful", "within_tolerance",
-                                                "segment_harm", "latency"}
+                                                "segment_harm", "latency", "at_tolerance"}
         for cell in data["methods"][method].values():
             assert {"rollback_rate", "promote_rate", "median_samples", "p90_samples"} <= set(cell)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -176,6 +176,9 @@ SCENARIOS: tuple[Scenario, ...] = (
              oracle_segment=HARM_COUNTRY, oracle_h1=0.05),
     Scenario("latency", "share over 250 ms 1% → 3%", (BASE_RATE, 0.03), harmful=True,
              oracle_signal=1, oracle_h1=0.03),
+    # the worst case of both guarantees: neither a rollback nor a promotion is warranted
+    Scenario("at_tolerance", "both guardrails exactly at their tolerance (+0.2 pt, +1 pt)",
+             (0.012, 0.02), oracle_h0=0.012),
 )
 
 
@@ -723,6 +726,10 @@ def must_show(methods: dict[str, dict[str, dict[str, Any]]],
          s["segment_harm"]["rollback_rate"] >= 0.95),
         (f"segment harm: rolled back naming {SEGMENT_ATTRIBUTE}={HARM_COUNTRY} ≥ 95%",
          named["segment_harm"], named["segment_harm"] >= 0.95),
+        ("exactly at the tolerance: rolled back ≤ 5%", s["at_tolerance"]["rollback_rate"],
+         s["at_tolerance"]["rollback_rate"] <= 0.05),
+        ("exactly at the tolerance: promoted ≤ 5%", s["at_tolerance"]["promote_rate"],
+         s["at_tolerance"]["promote_rate"] <= 0.05),
     ]
     return [{"check": c, "value": v, "ok": bool(ok)} for c, v, ok in checks]
 
