@@ -243,3 +243,17 @@ def test_audit_verification_catches_removed_and_altered_records(plan: Plan, stor
     decisions[1].actor = "mallory"
     ok, message = verify_rollout(state, events, decisions)
     assert not ok and "decision 2 does not match" in message
+
+
+def test_status_counts_stage_time_until_the_rollout_finished(store: Store,
+                                                             clock: VirtualClock) -> None:
+    plan = Plan.from_dict(plan_dict())
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rollout.tick()
+    clock.advance(90)
+    assert rollout.status().stage_elapsed == pytest.approx(90)
+    rollout.rollback(actor="ops", reason="drill")
+    clock.advance(10_000)  # later reads of a finished rollout: the stage ended at the rollback
+    status = rollout.status()
+    assert status.phase is Phase.ROLLED_BACK and status.stage_elapsed == pytest.approx(90)
+    rollout.close()

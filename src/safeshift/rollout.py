@@ -550,9 +550,11 @@ class Rollout:
         pending = (self.plan.stages[state.pending_stage].name
                    if state.pending_stage is not None else None)
         analysis = self.analysis() if not state.phase.terminal else None
+        # a finished rollout's last stage ended with its last decision, not now
+        until = state.updated_at if state.phase.terminal else self.clock.now()
         return Status(self.plan.rollout, self.plan.endpoint, state.phase,
                       split.stage if state.stage_index >= 0 else None, state.stage_index,
-                      split.traffic, split.shadow, self.clock.now() - state.stage_started_at,
+                      split.traffic, split.shadow, max(until - state.stage_started_at, 0.0),
                       state.reason, pending, analysis, allocation(self.plan, state))
 
     def close(self) -> None:
