@@ -23,7 +23,9 @@ WORKER = Path(__file__).with_name("rollout_worker.py")
 
 
 @pytest.mark.process
-def test_kill_and_restart_mid_rollout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
+                                      request: pytest.FixtureRequest) -> None:
     data = plan_dict(rollout="kill-test")
     data["stages"] = [
         {"name": "a", "traffic": "10%", "min_duration": "1s", "min_samples": 150},
@@ -33,7 +35,8 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path) -> None:
     ]
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(data))
-    url = sqlite_url(tmp_path / "kill.db")
+    url = (sqlite_url(tmp_path / "kill.db") if backend == "sqlite"
+           else str(request.getfixturevalue("postgres_db_url")))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rng = random.Random(11)
     kills = 0

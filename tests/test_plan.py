@@ -145,3 +145,19 @@ def test_json_schema_accepts_what_validate_accepts(tmp_path: Path) -> None:
     data["stages"][0]["min_duration"] = "soon"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, schema)
+
+
+def test_segments_are_bounded_so_their_key_fits_the_store() -> None:
+    from safeshift.plan import MAX_SEGMENT_NAME, MAX_SEGMENTS
+    from safeshift.telemetry import SegmentKeyer
+
+    with pytest.raises(PlanError, match="segments"):
+        Plan.from_dict(plan_dict(segments=[f"a{i}" for i in range(MAX_SEGMENTS + 1)]))
+    with pytest.raises(PlanError, match=r"segments\.0"):
+        Plan.from_dict(plan_dict(segments=["x" * (MAX_SEGMENT_NAME + 1)]))
+    with pytest.raises(PlanError, match=r"segments\.0"):  # the key's separators
+        Plan.from_dict(plan_dict(segments=["plan|tier"]))
+    names = [f"{i}" * MAX_SEGMENT_NAME for i in range(MAX_SEGMENTS)]
+    plan = Plan.from_dict(plan_dict(segments=names))
+    key = SegmentKeyer(plan.segments).key({n: "v" * 500 for n in names})
+    assert len(key) <= 512

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from safeshift import ConcurrencyError, UnknownRolloutError
+from safeshift import ConcurrencyError, Plan, UnknownRolloutError
 from safeshift.errors import SchemaVersionError, StoreError
 from safeshift.state import (
     Action,
@@ -92,8 +92,10 @@ def test_leases(store: Store) -> None:
     assert store.acquire_lease("controller", "b", ttl=10, now=16)
 
 
-def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "s.db")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_schema_is_versioned(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = (sqlite_url(tmp_path / "s.db") if backend == "sqlite"
+           else str(request.getfixturevalue("postgres_db_url")))
     store = SQLStore(url)
     assert store.schema_version() == SCHEMA_VERSION
     assert store.migrate() == SCHEMA_VERSION  # nothing to do the second time
@@ -101,6 +103,54 @@ def test_sqlite_schema_is_versioned(tmp_path: Path) -> None:
         conn.exec_driver_sql("UPDATE safeshift_schema SET version = 99")
     with pytest.raises(SchemaVersionError, match="upgrade safeshift"):
         SQLStore(url)
+    store.close()
+
+
+def test_values_round_trip_exactly(store: Store) -> None:
+    """Timestamps keep sub-microsecond precision, windows and counts past 32 bits survive."""
+    at = 1_754_000_000.123456
+    s = store.create_rollout({"k": [1.5, None, "é"]},
+                             RolloutState(name="r1", plan_hash="h1", created_at=at, updated_at=at,
+                                          stage_started_at=at, extra={"big": 2**53}))
+    got = store.get_state("r1")
+    assert (got.created_at, got.stage_started_at, got.extra) == (at, at, {"big": 2**53})
+    assert store.get_plan("r1") == {"k": [1.5, None, "é"]}
+    store.commit(s, expected_version=0,
+                 decisions=[Decision("r1", 1, at, Action.START, -1, 0, Phase.RUNNING, "go",
+                                     evidence={"p": 0.1 + 0.2})])
+    assert store.decisions("r1")[0].at == at
+    assert store.decisions("r1")[0].evidence == {"p": 0.1 + 0.2}
+    window, count = 2**40, 2**40 + 1
+    store.add_telemetry([TelemetryRow("r1", 0, "candidate", "hash", "", window, "latency_ms",
+                                      0.1, 0.2, 0.3, {-3: count})])
+    store.add_telemetry([TelemetryRow("r1", 0, "candidate", "hash", "", window, "latency_ms",
+                                      0.2, 0.1, 0.3, {-3: 1})])
+    (row,) = store.telemetry("r1")
+    assert (row.window, row.n, row.s, row.ss, row.hist) == (window, 0.1 + 0.2, 0.2 + 0.1, 0.6,
+                                                             {-3: count + 1})
+    (total,) = store.telemetry_totals("r1", 0)
+    assert (total.n, total.hist) == (0.1 + 0.2, {-3: count + 1})
+    assert isinstance(total.n, float) and isinstance(row.window, int)
+
+
+def test_text_with_nul_characters_does_not_poison_a_batch(store: Store) -> None:
+    """PostgreSQL rejects NUL in text; a client's id or segment value may contain one."""
+    rid, segment = "req\x00-1", "country=B\x00R"
+    rec = RequestRecord(rid, "r1", 0, "candidate", "hash", segment, 0.0, 100.0, {"x": "a\x00"})
+    store.put_requests([rec, RequestRecord("req-2", "r1", 0, "baseline", "hash", "", 0.0, 100.0, {})])
+    assert store.get_request("req-2") is not None
+    found = store.get_request(rid)
+    assert found is not None and found.outputs == {"x": "a\x00"}
+    row = TelemetryRow("r1", 0, "candidate", "hash", segment, 60, "requests", 1, 1, 1)
+    store.add_telemetry([row, _row("requests", 2, 2)])
+    store.add_telemetry([row])
+    assert sorted(r.n for r in store.telemetry("r1")) == [2, 2]  # the NUL cell merges with itself
+    item = FeedbackItem(rid, "accuracy", 1.0, 5.0, [])
+    assert store.add_feedback([item, item]) == [True, False]
+    s = store.create_rollout({}, _state())
+    s.reason = "operator said \x00"
+    store.commit(s, expected_version=0)
+    assert store.get_state("r1").version == 1
 
 
 def test_open_store_urls(tmp_path: Path) -> None:
@@ -126,13 +176,10 @@ class _FailingStore:
         self.inner.add_telemetry(rows)  # type: ignore[arg-type]
 
 
-def test_flush_keeps_telemetry_when_the_store_write_fails(store: Store) -> None:
-    from tests.conftest import plan_dict
-
-    from safeshift import FakeModel, Plan, Rollout, VirtualClock
+def test_flush_keeps_telemetry_when_the_store_write_fails(store: Store, plan: Plan) -> None:
+    from safeshift import FakeModel, Rollout, VirtualClock
 
     flaky = _FailingStore(store)
-    plan = Plan.from_dict(plan_dict())
     rollout = Rollout.from_plan(plan, store=flaky, clock=VirtualClock(),  # type: ignore[arg-type]
                                 models={"baseline": FakeModel(), "candidate": FakeModel()})
     for i in range(50):

@@ -68,6 +68,10 @@ Share = Annotated[
 ]
 """Basis points (0..10000), written in a plan as ``5%`` or ``0.05``."""
 
+MAX_SEGMENTS = 5
+MAX_SEGMENT_NAME = 32
+"""With values cut to 64 characters, a segment key ``a=v|b=w|…`` then fits the store's 512."""
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 
 
@@ -80,6 +84,19 @@ def _check_name(value: str) -> str:
 
 
 Name = Annotated[str, BeforeValidator(lambda v: _check_name(v) if isinstance(v, str) else v)]
+
+
+def _check_segment(value: str) -> str:
+    if not 1 <= len(value) <= MAX_SEGMENT_NAME or "|" in value or "=" in value:
+        raise ValueError(f"a segment is a context key of 1-{MAX_SEGMENT_NAME} characters "
+                         "without '|' or '='")
+    return value
+
+
+SegmentName = Annotated[
+    str, BeforeValidator(lambda v: _check_segment(v) if isinstance(v, str) else v),
+    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_NAME,
+                    "pattern": r"^[^|=]+$"})]
 
 
 class _Strict(BaseModel):
@@ -357,7 +374,10 @@ class Plan(_Strict):
         default_factory=list, description="more candidates, for an experiment stage")
     change: Change
     unit: str = Field(default="unit", min_length=1, description="the key that makes it sticky")
-    segments: list[str] = Field(default_factory=list, description="attributes analysed apart")
+    segments: list[SegmentName] = Field(
+        default_factory=list, max_length=MAX_SEGMENTS,
+        description=f"context attributes analysed apart (at most {MAX_SEGMENTS}, each name at "
+                    f"most {MAX_SEGMENT_NAME} characters)")
     targeting: Targeting = Field(default_factory=Targeting)
     stages: list[Stage] = Field(min_length=1)
     guardrails: list[Guardrail] = Field(default_factory=list)

@@ -111,8 +111,8 @@ def test_outcomes_join_to_the_serving_arm_and_batches_span_endpoints(tmp_path) -
     assert [(r.arm, r.s) for r in rows if r.signal == "revenue"] == [(CANDIDATE, 5.0)]
 
 
-def test_feedback_joins_requests_served_by_another_replica(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = str(tmp_path / "shared.db")
+def test_feedback_joins_requests_served_by_another_replica(shared_store: str) -> None:
+    store = shared_store
     churn = create_app([make_plan()], store=store, tick_interval=3600)
     fraud = create_app([make_plan(rollout="fraud-v3", endpoint="fraud")], store=store,
                        tick_interval=3600)

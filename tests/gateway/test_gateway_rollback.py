@@ -22,12 +22,12 @@ def _arms(c: httpx.Client, units: list[str]) -> set[str]:
 
 @pytest.mark.parametrize("controller", [False, True], ids=["replica", "with-controller"])
 def test_rollback_by_another_process_reaches_the_gateway_within_a_second(
-        sqlite_url: str, controller: bool) -> None:
+        shared_store: str, controller: bool) -> None:
     plan = make_plan()
-    operator = Rollout.from_plan(plan, store=sqlite_url)  # starts the rollout
+    operator = Rollout.from_plan(plan, store=shared_store)  # starts the rollout
     # a replica without a controller, or a gateway whose own controller ticks only hourly:
     # either way the decision taken elsewhere must arrive through the store
-    app = create_app([plan], store=sqlite_url, controller=controller, tick_interval=3600)
+    app = create_app([plan], store=shared_store, controller=controller, tick_interval=3600)
     cand = units_for(app, "churn", CANDIDATE, 5)
     with running(app) as url, httpx.Client(base_url=url) as c:
         assert _arms(c, cand) == {CANDIDATE}

@@ -29,50 +29,76 @@ from safeshift.state import (
 from safeshift.store.base import SCHEMA_VERSION
 from safeshift.telemetry import TelemetryRow
 
+
+class _PortableString(sa.TypeDecorator[str]):
+    """A string column that PostgreSQL can always store: its text types reject NUL characters
+    (SQLite keeps them), so on PostgreSQL a NUL becomes U+FFFD, in values and in comparisons
+    alike. Without this one request carrying a NUL in its id or a segment value would fail
+    every later flush of the batch it sits in."""
+
+    impl = sa.String
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
+        if value is not None and dialect.name == "postgresql" and "\x00" in value:
+            return value.replace("\x00", "\ufffd")
+        return value
+
+
+class _PortableText(_PortableString):
+    impl = sa.Text
+    cache_ok = True
+
+
+def _str(length: int | None = None) -> _PortableString:
+    """``VARCHAR(length)``, or ``TEXT`` without a length."""
+    return _PortableString(length) if length else _PortableText()
+
+
 metadata = sa.MetaData()
 
 schema_version = sa.Table("safeshift_schema", metadata, sa.Column("version", sa.Integer, nullable=False))
 
 rollouts = sa.Table(
     "rollouts", metadata,
-    sa.Column("name", sa.String(64), primary_key=True),
-    sa.Column("plan_json", sa.Text, nullable=False),
-    sa.Column("plan_hash", sa.String(64), nullable=False),
-    sa.Column("phase", sa.String(32), nullable=False),
+    sa.Column("name", _str(64), primary_key=True),
+    sa.Column("plan_json", _str(), nullable=False),
+    sa.Column("plan_hash", _str(64), nullable=False),
+    sa.Column("phase", _str(32), nullable=False),
     sa.Column("stage_index", sa.Integer, nullable=False),
     sa.Column("stage_started_at", sa.Float, nullable=False),
     sa.Column("pending_stage", sa.Integer),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("extra", sa.Text, nullable=False),
+    sa.Column("reason", _str(), nullable=False),
+    sa.Column("extra", _str(), nullable=False),
 )
 
 decisions_t = sa.Table(
     "decisions", metadata,
-    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("rollout", _str(64), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("at", sa.Float, nullable=False),
-    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("action", _str(32), nullable=False),
     sa.Column("from_stage", sa.Integer, nullable=False),
     sa.Column("to_stage", sa.Integer, nullable=False),
-    sa.Column("phase", sa.String(32), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("actor", sa.String(128), nullable=False),
-    sa.Column("evidence", sa.Text, nullable=False),
+    sa.Column("phase", _str(32), nullable=False),
+    sa.Column("reason", _str(), nullable=False),
+    sa.Column("actor", _str(128), nullable=False),
+    sa.Column("evidence", _str(), nullable=False),
 )
 
 audit_t = sa.Table(
     "audit", metadata,
-    sa.Column("rollout", sa.String(64), primary_key=True),
+    sa.Column("rollout", _str(64), primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("at", sa.Float, nullable=False),
-    sa.Column("actor", sa.String(128), nullable=False),
-    sa.Column("action", sa.String(64), nullable=False),
-    sa.Column("detail", sa.Text, nullable=False),
-    sa.Column("prev_hash", sa.String(64), nullable=False),
-    sa.Column("hash", sa.String(64), nullable=False),
+    sa.Column("actor", _str(128), nullable=False),
+    sa.Column("action", _str(64), nullable=False),
+    sa.Column("detail", _str(), nullable=False),
+    sa.Column("prev_hash", _str(64), nullable=False),
+    sa.Column("hash", _str(64), nullable=False),
 )
 
 _TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "signal")
@@ -81,13 +107,13 @@ _TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "sig
 def _cell_key() -> list[sa.Column[Any]]:
     """The primary-key columns of a telemetry cell's signal (fresh objects for each table)."""
     return [
-        sa.Column("rollout", sa.String(64), primary_key=True),
+        sa.Column("rollout", _str(64), primary_key=True),
         sa.Column("stage", sa.Integer, primary_key=True),
-        sa.Column("arm", sa.String(64), primary_key=True),
-        sa.Column("cohort", sa.String(16), primary_key=True),
-        sa.Column("segment", sa.String(512), primary_key=True),
+        sa.Column("arm", _str(64), primary_key=True),
+        sa.Column("cohort", _str(16), primary_key=True),
+        sa.Column("segment", _str(512), primary_key=True),
         sa.Column("window", sa.BigInteger, primary_key=True),
-        sa.Column("signal", sa.String(128), primary_key=True),
+        sa.Column("signal", _str(128), primary_key=True),
     ]
 
 
@@ -106,29 +132,29 @@ histograms = sa.Table(
 
 requests = sa.Table(
     "requests", metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("rollout", sa.String(64), nullable=False),
+    sa.Column("id", _str(128), primary_key=True),
+    sa.Column("rollout", _str(64), nullable=False),
     sa.Column("stage", sa.Integer, nullable=False),
-    sa.Column("arm", sa.String(64), nullable=False),
-    sa.Column("cohort", sa.String(16), nullable=False),
-    sa.Column("segment", sa.String(512), nullable=False),
+    sa.Column("arm", _str(64), nullable=False),
+    sa.Column("cohort", _str(16), nullable=False),
+    sa.Column("segment", _str(512), nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
-    sa.Column("outputs", sa.Text, nullable=False),
+    sa.Column("outputs", _str(), nullable=False),
 )
 
 feedback = sa.Table(
     "feedback", metadata,
-    sa.Column("request_id", sa.String(128), primary_key=True),
-    sa.Column("signal", sa.String(128), primary_key=True),
+    sa.Column("request_id", _str(128), primary_key=True),
+    sa.Column("signal", _str(128), primary_key=True),
     sa.Column("value", sa.Float, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
 )
 
 leases = sa.Table(
     "leases", metadata,
-    sa.Column("name", sa.String(128), primary_key=True),
-    sa.Column("holder", sa.String(256), nullable=False),
+    sa.Column("name", _str(128), primary_key=True),
+    sa.Column("holder", _str(256), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),
 )
 
@@ -149,12 +175,21 @@ class SQLStore:
     """A store on any SQLAlchemy URL; ``sqlite:///path.db`` or ``postgresql+psycopg://...``."""
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
-        self.url = url
+        self.url = _display_url(url)  # for messages: never the password
         try:
             self.engine: Engine = _engine(url)
+        except ModuleNotFoundError as exc:
+            raise StoreError(
+                f"cannot open store {self.url!r}: {exc}; for PostgreSQL install the driver with "
+                "pip install 'safeshift[postgres]' and use a postgresql+psycopg:// URL") from None
         except Exception as exc:
-            raise StoreError(f"cannot open store {url!r}: {exc}") from None
+            raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
         self.dialect = self.engine.dialect.name
+        # reads that take several queries see one snapshot (PostgreSQL's default isolation,
+        # READ COMMITTED, gives each statement its own; SQLite's read transaction already is one)
+        self._snapshot: Engine = (
+            self.engine.execution_options(isolation_level="REPEATABLE READ")
+            if self.dialect == "postgresql" else self.engine)
         # upserts are built once: constructing them costs more than running them
         stmt = self._insert(telemetry)
         self._telemetry_upsert = stmt.on_conflict_do_update(
@@ -167,12 +202,18 @@ class SQLStore:
             index_elements=[*_TELEMETRY_KEY, "bucket"],
             set_={"count": histograms.c.count + hstmt.excluded.count},
         )
+        # rowcount tells whether the item was new; SQLAlchemy keeps an INSERT's rowcount only
+        # when asked to (psycopg reports -1 once the cursor is closed)
         self._feedback_insert = self._insert(feedback).on_conflict_do_nothing(
-            index_elements=["request_id", "signal"])
+            index_elements=["request_id", "signal"]).execution_options(preserve_rowcount=True)
         self._requests_insert = self._insert(requests).on_conflict_do_nothing(
             index_elements=["id"])
         if migrate:
-            self.migrate()
+            try:
+                self.migrate()
+            except BaseException:
+                self.engine.dispose()  # no pooled connection outlives a store that failed to open
+                raise
 
     # -- schema ---------------------------------------------------------------------
 
@@ -211,12 +252,18 @@ class SQLStore:
     # -- rollouts -------------------------------------------------------------------
 
     def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
+        # insert-if-absent in one statement: replicas starting together with the same plan must
+        # not fail on the primary key (a SELECT then INSERT races on PostgreSQL)
         with self.engine.begin() as conn:
-            row = conn.execute(sa.select(rollouts).where(rollouts.c.name == state.name)).first()
-            if row is not None:
+            result = conn.execute(
+                self._insert(rollouts)
+                .values(plan_json=json.dumps(plan, sort_keys=True), **_state_values(state))
+                .on_conflict_do_nothing(index_elements=["name"])
+                .execution_options(preserve_rowcount=True)
+            )
+            if result.rowcount != 1:
+                row = conn.execute(sa.select(rollouts).where(rollouts.c.name == state.name)).one()
                 return _state(row)
-            conn.execute(rollouts.insert().values(
-                plan_json=json.dumps(plan, sort_keys=True), **_state_values(state)))
         return state.copy()
 
     def get_plan(self, name: str) -> dict[str, Any]:
@@ -236,7 +283,8 @@ class SQLStore:
 
     def list_states(self) -> list[RolloutState]:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(rollouts).order_by(rollouts.c.created_at)).fetchall()
+            rows = conn.execute(
+                sa.select(rollouts).order_by(rollouts.c.created_at, rollouts.c.name)).fetchall()
         return [_state(r) for r in rows]
 
     def commit(self, state: RolloutState, *, expected_version: int,
@@ -322,8 +370,9 @@ class SQLStore:
         if stage is not None:
             where.append(telemetry.c.stage == stage)
             hwhere.append(histograms.c.stage == stage)
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(telemetry).where(*where)).fetchall()
+        with self._snapshot.connect() as conn:
+            rows = conn.execute(sa.select(telemetry).where(*where)
+                                .order_by(*telemetry.primary_key.columns)).fetchall()
             hrows = conn.execute(sa.select(histograms).where(*hwhere)).fetchall()
         hist: dict[tuple[Any, ...], dict[int, int]] = {}
         for h in hrows:
@@ -340,12 +389,12 @@ class SQLStore:
         key = (telemetry.c.arm, telemetry.c.cohort, telemetry.c.segment, telemetry.c.signal)
         hkey = (histograms.c.arm, histograms.c.cohort, histograms.c.segment, histograms.c.signal,
                 histograms.c.bucket)
-        with self.engine.connect() as conn:
+        with self._snapshot.connect() as conn:
             rows = conn.execute(
                 sa.select(*key, sa.func.sum(telemetry.c.n), sa.func.sum(telemetry.c.s),
                           sa.func.sum(telemetry.c.ss))
                 .where(telemetry.c.rollout == rollout, telemetry.c.stage == stage)
-                .group_by(*key)).fetchall()
+                .group_by(*key).order_by(*key)).fetchall()
             hrows = conn.execute(
                 sa.select(*hkey, sa.func.sum(histograms.c["count"]))
                 .where(histograms.c.rollout == rollout, histograms.c.stage == stage)
@@ -443,6 +492,14 @@ class SQLStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _display_url(url: str) -> str:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        return url
+    return parsed.render_as_string(hide_password=True) if parsed.password else url
 
 
 def _engine(url: str) -> Engine:
