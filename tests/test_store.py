@@ -141,6 +141,7 @@ def test_text_with_nul_characters_does_not_poison_a_batch(store: Store) -> None:
     assert store.get_request("req-2") is not None
     found = store.get_request(rid)
     assert found is not None and found.outputs == {"x": "a\x00"}
+    assert set(store.get_requests([rid, "req-2"])) == {rid, "req-2"}  # found under the id asked
     row = TelemetryRow("r1", 0, "candidate", "hash", segment, 60, "requests", 1, 1, 1)
     store.add_telemetry([row, _row("requests", 2, 2)])
     store.add_telemetry([row])
@@ -204,3 +205,12 @@ def test_totals_sum_over_windows(store: Store) -> None:
     assert (total.n, total.s, total.ss, total.window) == (6, 30, 180, 0)
     assert total.hist == {5: 3, 7: 3}
     assert store.telemetry_totals("r1", 2) == []
+
+
+def test_a_request_id_keeps_its_first_record(store: Store) -> None:
+    first = RequestRecord("dup", "r1", 0, "candidate", "hash", "", 0.0, 100.0, {"candidate": [1]})
+    second = RequestRecord("dup", "r1", 0, "baseline", "hash", "", 5.0, 100.0, {"baseline": [0]})
+    store.put_requests([first])
+    store.put_requests([second])  # a client reusing an id must not re-point earlier feedback
+    found = store.get_request("dup")
+    assert found is not None and found.arm == "candidate" and found.outputs == {"candidate": [1]}

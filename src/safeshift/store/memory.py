@@ -102,8 +102,8 @@ class MemoryStore:
 
     def put_requests(self, records: Sequence[RequestRecord]) -> None:
         with self._lock:
-            for rec in records:
-                self._requests[rec.id] = rec
+            for rec in records:  # the first record of an id stays, as in SQLStore
+                self._requests.setdefault(rec.id, rec)
 
     def get_request(self, request_id: str) -> RequestRecord | None:
         with self._lock:

@@ -430,27 +430,32 @@ class SQLStore:
     def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         out: dict[str, RequestRecord] = {}
         ids = list(dict.fromkeys(request_ids))
+        # ids as stored (PostgreSQL keeps a NUL as U+FFFD) back to the ids asked for
+        asked = {_PortableString().process_bind_param(i, self.engine.dialect): i for i in ids}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
                 for r in conn.execute(sa.select(requests).where(requests.c.id.in_(chunk))):
-                    out[r.id] = RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment,
-                                              r.created_at, r.expires_at, json.loads(r.outputs))
+                    rid = asked.get(r.id, r.id)
+                    out[rid] = RequestRecord(rid, r.rollout, r.stage, r.arm, r.cohort, r.segment,
+                                             r.created_at, r.expires_at, json.loads(r.outputs))
         return out
 
     def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
         if not items:
             return []
-        out = []
+        out = [False] * len(items)
         rows: list[TelemetryRow] = []
+        # inserted in key order, so that two concurrent batches lock rows in the same order
+        order = sorted(range(len(items)), key=lambda i: (items[i].request_id, items[i].signal))
         with self.engine.begin() as conn:
-            for item in items:
+            for i in order:
+                item = items[i]
                 result = conn.execute(self._feedback_insert, {
                     "request_id": item.request_id, "signal": item.signal, "value": item.value,
                     "at": item.at})
-                new = result.rowcount == 1
-                out.append(new)
-                if new:
+                out[i] = result.rowcount == 1
+                if out[i]:
                     rows.extend(item.rows)
             self._add_telemetry(conn, rows)
         return out
