@@ -150,7 +150,38 @@ def test_sample_ratio_mismatch_pauses(plan: Plan, store: Store, clock: VirtualCl
     clock.advance(600)
     d = rollout.tick()
     assert d is not None and d.action is Action.PAUSE
-    assert "sample-ratio mismatch" in d.reason
+    assert "sample-ratio mismatch" in d.reason and " units, expected" in d.reason
+
+
+def test_sample_ratio_counts_units_so_heavy_users_do_not_pause(plan: Plan, store: Store,
+                                                                clock: VirtualClock) -> None:
+    """The split is by unit: one very active user on either arm skews the request share but
+    not the unit share the check counts."""
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rollout.tick()  # start: the first stage sends its share of units to the candidate
+    base = FakeModel(output=1)
+    arms = {}
+    for i in range(3000):
+        a = rollout.assign(f"u{i}", {})
+        arms[f"u{i}"] = a.arm
+        rollout.record(a, base.predict([{}]))
+    heavy = next(u for u, arm in arms.items() if arm == "candidate")
+    for _ in range(3000):  # one user sends as many requests as everyone else together
+        rollout.record(rollout.assign(heavy, {}), base.predict([{}]))
+    rollout.flush()
+    analysis = rollout.analysis()
+    assert analysis.srm is not None and analysis.srm_counted == "units"
+    assert sum(analysis.srm.counts) == 3000  # each unit once
+    assert analysis.srm.counts[1] == sum(arm == "candidate" for arm in arms.values())
+    assert not analysis.srm.mismatch
+    # counted by request, the same traffic would look like a broken split
+    from safeshift.stats import srm_test
+
+    requests = [analysis.n_baseline, analysis.n_candidate]
+    assert srm_test([int(n) for n in requests], list(analysis.srm.expected), alpha=0.001).mismatch
+    clock.advance(600)
+    assert rollout.tick() is None or rollout.state().phase is not Phase.PAUSED
+    rollout.close()
 
 
 def test_next_stage_schedule() -> None:

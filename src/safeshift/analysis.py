@@ -53,6 +53,7 @@ DRIFT_MIN_SAMPLES = 1000
 is about 9·(1/n_b + 1/n_c), under 0.02 here, well below the usual 0.1 threshold."""
 
 REQUESTS = "requests"
+UNITS = "units"
 
 
 class Status(StrEnum):
@@ -104,6 +105,7 @@ class StageAnalysis:
     n_candidate: float
     verdicts: list[Verdict] = field(default_factory=list)
     srm: SRMResult | None = None
+    srm_counted: str = UNITS  # what the sample-ratio check counted: units, or requests
     drift: dict[str, Any] | None = None
 
     @property
@@ -132,7 +134,7 @@ class StageAnalysis:
         if self.srm is not None:
             srm = {"counts": list(self.srm.counts), "expected": list(self.srm.expected),
                    "observed": list(self.srm.observed), "p_value": self.srm.p_value,
-                   "mismatch": self.srm.mismatch}
+                   "mismatch": self.srm.mismatch, "counted": self.srm_counted}
         return {"stage": self.stage, "stage_index": self.stage_index,
                 "n_baseline": self.n_baseline, "n_candidate": self.n_candidate,
                 "verdicts": [v.to_json() for v in self.verdicts], "srm": srm,
@@ -426,14 +428,18 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                                        alpha_harm=alpha_segment, alpha_pass=alpha,
                                        min_n=plan.analysis.segment_min_samples, several=several))
     if not stage.is_shadow and 0 < stage.traffic < BASIS_POINTS:
+        # the split is by unit, so units are counted (first sightings per process); telemetry
+        # written without them falls back to requests, whose share wanders more because a
+        # user's requests travel together. Either way only a deviation beyond the floor pauses.
+        counted = UNITS if summary.total(BASELINE, UNITS).n > 0 else REQUESTS
         # every candidate variant that served in the stage, dropped experiment arms included
-        n_all = sum(summary.total(arm, REQUESTS).n for arm in summary.arms() if arm != BASELINE)
+        n_all = sum(summary.total(arm, counted).n for arm in summary.arms() if arm != BASELINE)
         share = stage.traffic / BASIS_POINTS
-        # the split is by unit but counted by request: a user's requests travel together, so
-        # small deviations are normal; only a deviation beyond this floor can pause
         floor = max(0.002, plan.analysis.srm_min_deviation * min(share, 1 - share))
-        out.srm = srm_test([int(n_b), int(n_all)], [1 - share, share],
-                           alpha=plan.analysis.srm_alpha, min_deviation=floor)
+        out.srm_counted = counted
+        out.srm = srm_test([int(summary.total(BASELINE, counted).n), int(n_all)],
+                           [1 - share, share], alpha=plan.analysis.srm_alpha,
+                           min_deviation=floor)
     return out
 
 

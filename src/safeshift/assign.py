@@ -77,6 +77,7 @@ class Assignment:
     shadow: bool
     reason: Reason
     variant: str = CANDIDATE  # which candidate model (a challenger's name in an experiment)
+    unit_hash: int = -1  # the unit's 32-bit hash when it was hashed, else -1 (counts units)
 
     @property
     def is_candidate(self) -> bool:
@@ -108,12 +109,13 @@ class Assigner:
                 return True
         return False
 
-    def _candidate(self, unit: str | None, split: Split, reason: Reason) -> Assignment:
+    def _candidate(self, unit: str | None, split: Split, reason: Reason,
+                   unit_hash: int = -1) -> Assignment:
         variants = split.variants
         if len(variants) <= 1:
             name, version = split.primary
             return Assignment(CANDIDATE, version, split.stage, split.stage_index, False, reason,
-                              name)
+                              name, unit_hash)
         # a second, independent hash picks the variant inside the candidate traffic
         if unit:
             position = int(mmh3.hash(f"{self._prefix}variant/{unit}", signed=False)) % BASIS_POINTS
@@ -122,9 +124,10 @@ class Assigner:
         for name, version, upper in variants:
             if position < upper:
                 return Assignment(CANDIDATE, version, split.stage, split.stage_index, False,
-                                  reason, name)
+                                  reason, name, unit_hash)
         name, version, _ = variants[-1]
-        return Assignment(CANDIDATE, version, split.stage, split.stage_index, False, reason, name)
+        return Assignment(CANDIDATE, version, split.stage, split.stage_index, False, reason, name,
+                          unit_hash)
 
     def assign(self, unit: str | None, context: Mapping[str, Any] | None, split: Split) -> Assignment:
         if not split.active and not split.serve_candidate_to_all:
@@ -139,16 +142,18 @@ class Assigner:
             return self._candidate(unit, split, Reason.TARGETED)
         if unit is None or unit == "":
             if self._anon_random:
+                h = -1
                 b = random.randrange(BASIS_POINTS)
             else:
                 return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
                                   False, Reason.ANONYMOUS)
         else:
-            b = int(mmh3.hash(self._prefix + unit, signed=False)) % BASIS_POINTS
+            h = mmh3.hash(self._prefix + unit, signed=False)
+            b = h % BASIS_POINTS
         if b < split.traffic:
             if split.variants:
-                return self._candidate(unit, split, Reason.HASH)
+                return self._candidate(unit, split, Reason.HASH, h)
             return Assignment(CANDIDATE, split.candidate_version, split.stage, split.stage_index,
-                              False, Reason.HASH)
+                              False, Reason.HASH, CANDIDATE, h)
         return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
-                          b < split.shadow, Reason.HASH)
+                          b < split.shadow, Reason.HASH, CANDIDATE, h)

@@ -175,7 +175,8 @@ def step_srm(ctx: TickContext) -> None:
     ctx.want(Intent(
         Action.PAUSE,
         f"sample-ratio mismatch in stage {a.stage!r}: candidate share "
-        f"{srm.observed[1]:.2%} of {sum(srm.counts)} requests, expected {srm.expected[1]:.2%} "
+        f"{srm.observed[1]:.2%} of {sum(srm.counts)} {a.srm_counted}, expected "
+        f"{srm.expected[1]:.2%} "
         f"(p={srm.p_value:.2g}); comparisons cannot be trusted — check assignment and "
         "telemetry, then resume",
         ctx.state.stage_index, Phase.PAUSED, ctx.analysis.to_json() if ctx.analysis else {}))

@@ -36,6 +36,7 @@ from safeshift.telemetry import (
     CellKey,
     Moments,
     Summary,
+    UnitCounter,
     prediction_signals,
     rows_from_cells,
 )
@@ -164,6 +165,7 @@ class Rollout:
         self._split_at = time.monotonic()
         self._refresh = plan.serving.refresh
         self._purged_at = 0.0
+        self._units = UnitCounter()
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
         self._shadow: _ShadowWorker | None = None
@@ -309,6 +311,8 @@ class Rollout:
         values = {"requests": 1.0, "error_rate": 0.0 if result.ok else 1.0}
         if not result.not_called:  # a refused call has no latency to count
             values["latency_ms"] = result.latency_ms
+        if self._units.first(a.stage_index, a.unit_hash):
+            values["units"] = 1.0
         if self._report_signal:
             values["report_rate"] = 0.0
         self.aggregator.observe(key, values, hist=True)

@@ -6,7 +6,8 @@ processes merge by addition, so the store grows with time windows, not with traf
 
 Signals are named by what they measure: ``requests`` (count), ``error_rate`` (0/1),
 ``latency_ms`` (value), ``latency_ms>250`` (0/1, one per latency guardrail threshold),
-``accuracy`` (0/1 per label), ``disagreement`` (0/1 per shadow pair), and so on.
+``accuracy`` (0/1 per label), ``disagreement`` (0/1 per shadow pair), ``units`` (one per unit
+first seen in the stage, for the sample-ratio check), and so on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,39 @@ SCORE_BINS = 10
 """Prediction scores in [0, 1] are counted in this many equal bins (``score_bin:k``); other
 outputs by class (``class:VALUE``). Both feed the prediction-drift comparison."""
 MAX_CLASSES = 20
+
+
+class UnitCounter:
+    """Tells whether a hashed unit is seen for the first time in a stage, in fixed memory.
+
+    A bitmap of 2^26 bits (8 MiB) per stage, indexed by a multiplicative mix of the unit's
+    32-bit hash. Two units that share a bit count once; a unit's bit does not depend on its
+    arm, so that undercount is the same on every arm and the counted split keeps its expected
+    share. Counts are per process: a restart or another replica counts a unit again, equally
+    on every arm. Only the two most recent stages are kept."""
+
+    BITS = 1 << 26
+    _MIX = 0x9E3779B1  # Knuth's multiplicative hash: the top bits mix all of the input
+
+    def __init__(self) -> None:
+        self._maps: dict[int, bytearray] = {}
+        self._lock = threading.Lock()
+
+    def first(self, stage: int, unit_hash: int) -> bool:
+        if unit_hash < 0:
+            return False
+        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> 6  # the top 26 of 32 bits
+        byte, bit = index >> 3, 1 << (index & 7)
+        with self._lock:
+            bits = self._maps.get(stage)
+            if bits is None:
+                if len(self._maps) >= 2:
+                    del self._maps[min(self._maps)]
+                bits = self._maps[stage] = bytearray(self.BITS // 8)
+            if bits[byte] & bit:
+                return False
+            bits[byte] |= bit
+            return True
 
 
 def prediction_signals(outputs: list[Any] | None, scores: list[float] | None) -> dict[str, float]:
