@@ -129,21 +129,31 @@ class _Cluster:
                  "--no-sync", "--no-instructions")
         for attempt in range(3):  # the free port can be taken between probing and binding
             self.port = _free_port()
-            options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
             try:
-                self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                         "-w", "-t", "30", "-o", options, "start")
+                self.start_server()
                 break
             except RuntimeError:
                 if attempt == 2:
                     raise
-        self.started = True
         # the superuser over the cluster's own Unix socket (trust); the tests' role over TCP
         self.run(str(self.bindir / "psql"), "-h", str(self.dir), "-p", str(self.port), "-U", "postgres",
                  "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q",
                  "-c", f"CREATE ROLE {_PG_USER} LOGIN CREATEDB PASSWORD '{_PG_PASSWORD}'",
                  "-c", f"CREATE DATABASE {_PG_USER} OWNER {_PG_USER}")
+
+    def start_server(self) -> None:
+        """Start the server on ``self.port`` (again, after :meth:`stop_server`)."""
+        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
+                 "-w", "-t", "30", "-o", options, "start")
+        self.started = True
+
+    def stop_server(self) -> None:
+        """Stop the server, keeping its data: an outage."""
+        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t",
+                 "30", "stop")
+        self.started = False
 
     @property
     def url(self) -> str:
@@ -156,6 +166,20 @@ class _Cluster:
                          "-t", "30", "stop")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_cluster() -> Iterator[_Cluster]:
+    """A cluster of the test's own, for tests that stop and restart the server."""
+    bindir = _postgres_bin()
+    if bindir is None:
+        pytest.fail("PostgreSQL binaries not found: apt-get install -y postgresql")
+    cluster = _Cluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")
