@@ -41,6 +41,10 @@ from safeshift.telemetry import (
     rows_from_cells,
 )
 
+MAX_BUFFERED_RECORDS = 200_000
+"""Request records kept in memory while the store cannot take them (about 100 MB); beyond it
+the oldest are dropped, counted in ``Rollout.records_dropped``: serving never stops."""
+
 PURGE_EVERY = 300.0
 """Seconds between purges of expired request records (retention of per-request data)."""
 
@@ -159,6 +163,7 @@ class Rollout:
         self._assigner = Assigner(plan)
         self._models: dict[str, ModelBackend] = dict(models or {})
         self._records: list[RequestRecord] = []
+        self.records_dropped = 0  # request records lost to a long store outage
         self._records_lock = threading.Lock()
         self._split_lock = threading.Lock()
         self._split: Split = split_for(plan, store.get_state(plan.rollout))
@@ -480,6 +485,11 @@ class Rollout:
 
     # -- persistence and control ----------------------------------------------------------
 
+    @property
+    def unflushed_records(self) -> int:
+        """Request records kept in memory, not yet in the store."""
+        return len(self._records)
+
     def flush(self) -> int:
         """Write buffered telemetry and request records to the store; returns rows written."""
         rows = self.aggregator.drain()
@@ -494,10 +504,16 @@ class Rollout:
                 self.store.put_requests(records)
                 written, records = written + len(records), []
         except Exception:
-            # keep what was not written for the next flush rather than lose it
+            # keep what was not written for the next flush rather than lose it; telemetry is
+            # bounded by its cells, request records by MAX_BUFFERED_RECORDS (oldest go first:
+            # their label window closes first)
             self.aggregator.restore(rows)
             with self._records_lock:
                 self._records[:0] = records
+                excess = len(self._records) - MAX_BUFFERED_RECORDS
+                if excess > 0:
+                    del self._records[:excess]
+                    self.records_dropped += excess
             raise
         return written
 

@@ -106,3 +106,26 @@ def test_postgresql_outage_loses_nothing(postgres_cluster: Any) -> None:
     rows = rollout.store.telemetry("churn-v2", 0)
     assert sum(r.n for r in rows if r.signal == "requests" and r.arm == CANDIDATE) == len(served)
     assert sum(r.n for r in rows if r.signal == "accuracy" and r.arm == CANDIDATE) == len(served)
+
+
+def test_a_long_outage_keeps_a_bounded_buffer_and_counts_what_it_drops(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from safeshift import rollout as rollout_module
+
+    monkeypatch.setattr(rollout_module, "MAX_BUFFERED_RECORDS", 5)
+    store = FlakyStore()
+    app = create_app([make_plan()], store=store, tick_interval=3600, flush_interval=3600)
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        store.down = True
+        ids = [c.post("/v1/endpoints/churn/predict",
+                      json={"unit": f"u{i}", "inputs": {"x": 1}}).json()["id"] for i in range(8)]
+        with pytest.raises(StoreError):
+            app.gateway.flush_all()
+        metrics = c.get("/metrics").text
+        assert 'safeshift_unflushed_records{endpoint="churn"} 5.0' in metrics
+        assert 'safeshift_records_dropped{endpoint="churn"} 3.0' in metrics
+        store.down = False
+        app.gateway.flush_all()
+        assert 'safeshift_unflushed_records{endpoint="churn"} 0.0' in c.get("/metrics").text
+    # the newest records were kept: their feedback can still join
+    assert [store.get_request(rid) is not None for rid in ids] == [False] * 3 + [True] * 5

@@ -15,6 +15,9 @@ safeshift_breaker_state                  gauge        endpoint, variant (0 close
 safeshift_breaker_opened_total           counter      endpoint, variant
 safeshift_shadow_copies_total            counter      endpoint, outcome (ok | error | dropped)
 safeshift_shadow_queue_depth             gauge        endpoint
+safeshift_unflushed_records              gauge        endpoint (request records waiting for
+                                                      the store)
+safeshift_records_dropped                gauge        endpoint (lost to a long store outage)
 safeshift_stage_index                    gauge        endpoint, rollout
 safeshift_stage_info                     gauge        endpoint, rollout, stage, phase (=1)
 safeshift_traffic_share                  gauge        endpoint, arm (0..1; an arm is baseline
@@ -72,6 +75,11 @@ class GatewayMetrics:
                               "the candidate, by outcome", ["endpoint", "outcome"], registry=r)
         self.shadow_depth = Gauge("safeshift_shadow_queue_depth", "Shadow copies waiting",
                                   ["endpoint"], registry=r)
+        self.unflushed = Gauge("safeshift_unflushed_records", "Request records waiting to be "
+                               "written to the store", ["endpoint"], registry=r)
+        self.records_dropped = Gauge("safeshift_records_dropped", "Request records dropped "
+                                     "because the store was unreachable too long", ["endpoint"],
+                                     registry=r)
         self.stage_index = Gauge("safeshift_stage_index", "Index of the rollout's current "
                                  "stage (-1 before the first)", ["endpoint", "rollout"],
                                  registry=r)
@@ -139,6 +147,10 @@ class EndpointMetrics:
 
     def shadow_depth(self, fn: Callable[[], float]) -> None:
         self._m.shadow_depth.labels(self.endpoint).set_function(fn)
+
+    def records(self, waiting: Callable[[], float], dropped: Callable[[], float]) -> None:
+        self._m.unflushed.labels(self.endpoint).set_function(waiting)
+        self._m.records_dropped.labels(self.endpoint).set_function(dropped)
 
     def split(self, rollout: str, split: Split, phase: str) -> None:
         """Publish the stage and traffic shares after a refresh."""

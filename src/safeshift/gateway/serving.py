@@ -127,6 +127,8 @@ class Endpoint:
         self.shadow = ShadowQueue(rollout, self._shadow_call, maxsize=s.shadow_queue,
                                   workers=shadow_workers, on_result=self._shadow_outcome)
         metrics.shadow_depth(lambda: float(self.shadow.depth))
+        metrics.records(lambda: float(rollout.unflushed_records),
+                        lambda: float(rollout.records_dropped))
         self._model_seconds = metrics.model_duration
         # the Open Inference Protocol datatype of the "output" tensor: declared by the
         # baseline's backend where it knows (scikit-learn), else learned from the first answer
