@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench bench-quick examples clean
+.PHONY: demo test lint typecheck postgres bench bench-quick examples clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## set up and run the embedded demo
 	$(VENV)/bin/safeshift demo
 
-test: $(STAMP) lint  ## set up, lint, type-check and run every test
+test: $(STAMP) lint postgres  ## set up, lint, type-check and run every test
 	$(PY) -m pytest
+
+# The store tests start a throwaway PostgreSQL of their own from the server binaries; as root
+# (CI) they are installed when missing, otherwise the fix is named.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing the PostgreSQL server for the store tests (apt-get install postgresql)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "the store tests need the PostgreSQL server: sudo apt-get install -y postgresql" >&2; \
+	    exit 2; \
+	  fi; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
