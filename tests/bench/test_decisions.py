@@ -140,10 +140,24 @@ def test_quick_run_lower_bound_is_above_the_target_and_below_safeshift(
     """The SPRT at the least favourable null point averages the fewest samples of any test
     that keeps false rollbacks <= alpha for every candidate within the tolerance: it already
     needs more than 2.5x the oracle, and safeshift (a valid test) cannot average fewer."""
-    bound = quick[0]["harm_lower_bound"]
-    assert bound["bound_vs_oracle_mean"] > bench.ORACLE_RATIO_TARGET
+    result = quick[0]
+    bound = result["harm_lower_bound"]
+    # Wald's bound holds for every test: the SPRT comes close to it, safeshift stays above it
+    assert bound["wald_bound_vs_oracle_mean"] > bench.ORACLE_RATIO_TARGET
+    assert 0.9 * bound["wald_mean_bound"] <= bound["mean_samples"] <= 1.3 * bound["wald_mean_bound"]
+    assert result["methods"]["safeshift"]["harmful"]["mean_rollback_samples"] > bound["wald_mean_bound"]
     assert bound["bound_vs_oracle_median"] > bench.ORACLE_RATIO_TARGET
     assert 1.0 < bound["safeshift_vs_bound_mean"] < 3.0
+
+
+def test_wald_bound_matches_its_formula() -> None:
+    # no tolerance, known rates: E[N] >= (0.95 ln 19 - 0.05 ln 19) / KL with KL at q = 1.5 %
+    q = bench.least_favourable_null(0.01, 0.02, 0.0, 0.5)
+    kl = 0.5 * (0.02 * np.log(0.02 / q) + 0.98 * np.log(0.98 / (1 - q))) \
+        + 0.5 * (0.01 * np.log(0.01 / q) + 0.99 * np.log(0.99 / (1 - q)))
+    assert bench.wald_asn_bound(0.01, 0.02, 0.0, 0.5) == pytest.approx(0.9 * np.log(19) / kl)
+    # a tolerance moves the null closer to the truth: more samples
+    assert bench.wald_asn_bound(0.01, 0.02, 0.002, 0.5) > bench.wald_asn_bound(0.01, 0.02, 0.0, 0.5)
 
 
 def test_least_favourable_null_minimises_the_divergence() -> None:
