@@ -92,6 +92,8 @@ def test_postgresql_outage_loses_nothing(postgres_cluster: Any) -> None:
         for unit in cand:
             predict(unit)
         time.sleep(0.4)  # flushes, refreshes and ticks fail meanwhile
+        with pytest.raises(StoreError, match=r"store postgresql\+psycopg://.*:\*\*\*@.* failed"):
+            rollout.store.get_state("churn-v2")  # a plain error naming the store, password hidden
         ready = c.get("/readyz").json()
         assert ready["store"] != "ok"
         assert 'safeshift_store_errors_total{operation="flush"}' in c.get("/metrics").text

@@ -7,6 +7,7 @@ compare-and-set on a version column, so two controllers can never both act on on
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -497,6 +498,26 @@ class SQLStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _unreachable_as_store_error(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A lost connection, a server that went away or a locked database becomes a
+    :class:`StoreError` naming the store, which callers (the CLI, the gateway) report plainly;
+    programming errors (integrity, syntax) stay what they are."""
+    @functools.wraps(method)
+    def wrapper(self: SQLStore, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreError(f"store {self.url} failed: {exc.orig or exc}".strip()) from exc
+    return wrapper
+
+
+for _name in ("create_rollout", "get_plan", "get_state", "list_states", "commit",
+              "add_telemetry", "telemetry", "telemetry_totals", "put_requests", "get_request",
+              "get_requests", "add_feedback", "decisions", "audit_events", "purge_expired",
+              "acquire_lease"):
+    setattr(SQLStore, _name, _unreachable_as_store_error(getattr(SQLStore, _name)))
 
 
 def _display_url(url: str) -> str:
