@@ -53,6 +53,19 @@ def test_validate_file_problems_are_one_line(tmp_path: Path, content: str | None
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_validate_reports_plan_and_model_problems_together(tmp_path: Path) -> None:
+    data = plan_dict()
+    data["stages"][0]["traffic"] = "150%"
+    data["candidate"]["model"] = "joblib:models/missing.joblib"
+    data["baseline"] = {"version": "v1"}  # no model: a plan problem, not also a load problem
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2
+    assert "3 problem(s)" in r.stderr, r.stderr
+    for path in ("stages.0.traffic", "baseline.model", "candidate.model"):
+        assert f"  {path}:" in r.stderr
+    assert "no such file" in r.stderr
+
+
 def test_validate_unknown_model_reference(tmp_path: Path) -> None:
     data = plan_dict()
     data["candidate"]["model"] = "joblib:models/missing.joblib"

@@ -60,6 +60,29 @@ def _actor(actor: str | None) -> str:
 # -- plans -------------------------------------------------------------------------------
 
 
+def _model_ref_problems(path: Path, known: set[str]) -> list[Any]:
+    """Problems loading the model references of a plan that did not validate, read from the
+    raw document (references whose fields already have a problem are skipped)."""
+    import yaml
+
+    from safeshift.models import check_model_refs
+
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    sides = [("baseline", doc.get("baseline")), ("candidate", doc.get("candidate"))]
+    challengers = doc.get("challengers")
+    if isinstance(challengers, list):
+        sides += [(f"challengers.{i}", c) for i, c in enumerate(challengers)]
+    refs = [(f"{where}.model", side["model"]) for where, side in sides
+            if isinstance(side, dict) and isinstance(side.get("model"), str) and side["model"]
+            and not any(k == where or k.startswith(f"{where}.") for k in known)]
+    return check_model_refs(refs, path.parent)
+
+
 @app.command()
 def validate(
     plan: Annotated[Path, typer.Argument(help="plan file (YAML or JSON)")],
@@ -72,12 +95,14 @@ def validate(
     try:
         p = Plan.load(plan)
     except PlanValidationError as exc:
+        # the model references that are well-formed are checked too: every problem at once
+        problems = [*exc.problems, *_model_ref_problems(plan, {pr.path for pr in exc.problems})]
         if json_out:
             out.print_json(data={"valid": False, "problems": [
-                {"path": pr.path, "message": pr.message} for pr in exc.problems]})
+                {"path": pr.path, "message": pr.message} for pr in problems]})
         else:
-            err.print(f"{plan}: {len(exc.problems)} problem(s)", markup=False)
-            for pr in exc.problems:
+            err.print(f"{plan}: {len(problems)} problem(s)", markup=False)
+            for pr in problems:
                 err.print(f"  {pr}", markup=False)
         raise typer.Exit(2) from None
     except PlanError as exc:

@@ -7,7 +7,7 @@ upstreams register ``oip:`` and ``mlflow:``. An unknown scheme raises; it never 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from safeshift.errors import ModelLoadError, Problem
@@ -44,14 +44,20 @@ def load_model(ref: str, base_dir: Path | str = ".") -> ModelBackend:
 
 def check_models(plan: Plan) -> list[Problem]:
     """Load both models of a plan and report each that cannot be loaded, by field path."""
-    problems = []
     sides = [("baseline", plan.baseline), ("candidate", plan.candidate)]
     sides += [(f"challengers.{i}", c) for i, c in enumerate(plan.challengers)]
-    for where, spec in sides:
+    return check_model_refs([(f"{where}.model", spec.model) for where, spec in sides],
+                            plan.base_dir)
+
+
+def check_model_refs(refs: Sequence[tuple[str, str]], base_dir: Path) -> list[Problem]:
+    """Load each ``(field path, model reference)`` and report those that cannot be loaded."""
+    problems = []
+    for where, ref in refs:
         try:
-            model = load_model(spec.model, plan.base_dir)
+            model = load_model(ref, base_dir)
         except ModelLoadError as exc:
-            problems.append(Problem(f"{where}.model", str(exc)))
+            problems.append(Problem(where, str(exc)))
         else:
             model.close()
     return problems
@@ -70,6 +76,7 @@ __all__ = [
     "SklearnModel",
     "SyncBackend",
     "call_with_timeout",
+    "check_model_refs",
     "check_models",
     "load_model",
     "register_loader",
