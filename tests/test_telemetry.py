@@ -89,10 +89,10 @@ def test_unit_counter_counts_each_unit_once_per_stage() -> None:
     assert not counter.first(0, -1)  # anonymous requests are not units
     counter.first(2, 1)  # only the two most recent stages are kept
     assert counter.first(0, 12345)
-    # fixed memory, nearly exact: 200,000 distinct hashes lose about 0.15% to shared bits
+    # fixed memory, nearly exact: 200,000 distinct hashes lose about 0.3% to shared bits
     rng = random.Random(5)
     hashes = rng.sample(range(2**32), 200_000)
     fresh = UnitCounter()
     firsts = sum(fresh.first(0, h) for h in hashes)
-    assert 0.997 * len(hashes) < firsts <= len(hashes)
+    assert 0.994 * len(hashes) < firsts <= len(hashes)
     assert not any(fresh.first(0, h) for h in hashes[:1000])

@@ -38,13 +38,13 @@ MAX_CLASSES = 20
 class UnitCounter:
     """Tells whether a hashed unit is seen for the first time in a stage, in fixed memory.
 
-    A bitmap of 2^26 bits (8 MiB) per stage, indexed by a multiplicative mix of the unit's
+    A bitmap of 2^25 bits (4 MiB) per stage, indexed by a multiplicative mix of the unit's
     32-bit hash. Two units that share a bit count once; a unit's bit does not depend on its
     arm, so that undercount is the same on every arm and the counted split keeps its expected
     share. Counts are per process: a restart or another replica counts a unit again, equally
     on every arm. Only the two most recent stages are kept."""
 
-    BITS = 1 << 26
+    BITS = 1 << 25
     _MIX = 0x9E3779B1  # Knuth's multiplicative hash: the top bits mix all of the input
 
     def __init__(self) -> None:
@@ -54,7 +54,7 @@ class UnitCounter:
     def first(self, stage: int, unit_hash: int) -> bool:
         if unit_hash < 0:
             return False
-        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> 6  # the top 26 of 32 bits
+        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> 7  # the top 25 of 32 bits
         byte, bit = index >> 3, 1 << (index & 7)
         with self._lock:
             bits = self._maps.get(stage)
