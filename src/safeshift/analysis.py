@@ -431,13 +431,13 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
         # the split is by unit, so units are counted (first sightings per process); telemetry
         # written without them falls back to requests, whose share wanders more because a
         # user's requests travel together. Either way only a deviation beyond the floor pauses.
-        counted = UNITS if summary.total(BASELINE, UNITS).n > 0 else REQUESTS
+        units_b = summary.total(BASELINE, UNITS).n
+        out.srm_counted = counted = UNITS if units_b > 0 else REQUESTS
         # every candidate variant that served in the stage, dropped experiment arms included
         n_all = sum(summary.total(arm, counted).n for arm in summary.arms() if arm != BASELINE)
         share = stage.traffic / BASIS_POINTS
         floor = max(0.002, plan.analysis.srm_min_deviation * min(share, 1 - share))
-        out.srm_counted = counted
-        out.srm = srm_test([int(summary.total(BASELINE, counted).n), int(n_all)],
+        out.srm = srm_test([int(units_b if units_b > 0 else n_b), int(n_all)],
                            [1 - share, share], alpha=plan.analysis.srm_alpha,
                            min_deviation=floor)
     return out

@@ -92,23 +92,17 @@ def validate(
     from safeshift.models import check_models
     from safeshift.plan import Plan, tolerance_warnings
 
+    p: Plan | None = None
     try:
         p = Plan.load(plan)
     except PlanValidationError as exc:
         # the model references that are well-formed are checked too: every problem at once
         problems = [*exc.problems, *_model_ref_problems(plan, {pr.path for pr in exc.problems})]
-        if json_out:
-            out.print_json(data={"valid": False, "problems": [
-                {"path": pr.path, "message": pr.message} for pr in problems]})
-        else:
-            err.print(f"{plan}: {len(problems)} problem(s)", markup=False)
-            for pr in problems:
-                err.print(f"  {pr}", markup=False)
-        raise typer.Exit(2) from None
     except PlanError as exc:
         fail(str(exc))
-    problems = check_models(p)
-    if problems:
+    else:
+        problems = check_models(p)
+    if problems or p is None:
         if json_out:
             out.print_json(data={"valid": False, "problems": [
                 {"path": pr.path, "message": pr.message} for pr in problems]})

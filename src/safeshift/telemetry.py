@@ -44,7 +44,8 @@ class UnitCounter:
     share. Counts are per process: a restart or another replica counts a unit again, equally
     on every arm. Only the two most recent stages are kept."""
 
-    BITS = 1 << 25
+    LOG2_BITS = 25
+    BITS = 1 << LOG2_BITS
     _MIX = 0x9E3779B1  # Knuth's multiplicative hash: the top bits mix all of the input
 
     def __init__(self) -> None:
@@ -54,7 +55,7 @@ class UnitCounter:
     def first(self, stage: int, unit_hash: int) -> bool:
         if unit_hash < 0:
             return False
-        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> 7  # the top 25 of 32 bits
+        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> (32 - self.LOG2_BITS)  # the top bits
         byte, bit = index >> 3, 1 << (index & 7)
         with self._lock:
             bits = self._maps.get(stage)

@@ -47,8 +47,8 @@ Besides the five methods the JSON carries ``reference`` figures: the textbook pe
 experiment (``naive_no_tolerance``: a z-test of any difference at every look), the SPRT of
 the hypothesis safeshift actually tests (``oracle_at_tolerance``: H0 harm = tolerance), the
 SPRT at the least favourable point of that null with the baseline rate unknown
-(``sprt_least_favourable``, summarised as ``harm_lower_bound``: no test with safeshift's
-guarantee can average fewer samples), and, on the harmful scenario, the engine's error-rate
+(``sprt_least_favourable``, summarised with Wald's bound on the mean samples of any test
+with safeshift's guarantee as ``harm_lower_bound``), and, on the harmful scenario, the engine's error-rate
 rule with its guarantees added one at a time (``harm_cost_breakdown``), which shows where its
 samples to a rollback go.
 """
@@ -466,15 +466,18 @@ def _bernoulli_kl(p: float, q: float) -> float:
     return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
 
 
+def _kl_to_null(p_b: float, p_c: float, tol: float, share: float, q: float) -> float:
+    """KL divergence per request from the truth (p_b, p_c) to the null point (q, q + tol)."""
+    return share * _bernoulli_kl(p_c, q + tol) + (1 - share) * _bernoulli_kl(p_b, q)
+
+
 def least_favourable_null(p_b: float, p_c: float, tol: float, share: float) -> float:
     """The baseline rate q of the point (q, q + tol) of the null "harm ≤ tol" closest to the
     truth (p_b, p_c) in Kullback-Leibler divergence per request, at candidate ``share``: the
     point a test that must keep false rollbacks ≤ alpha everywhere in the null finds hardest
     to tell from the truth (Lai 1988)."""
-    def kl(q: float) -> float:
-        return share * _bernoulli_kl(p_c, q + tol) + (1 - share) * _bernoulli_kl(p_b, q)
-
-    res = optimize.minimize_scalar(kl, bounds=(1e-9, 1 - tol - 1e-9), method="bounded",
+    res = optimize.minimize_scalar(lambda q: _kl_to_null(p_b, p_c, tol, share, q),
+                                   bounds=(1e-9, 1 - tol - 1e-9), method="bounded",
                                    options={"xatol": 1e-12})
     return float(res.x)
 
@@ -740,8 +743,7 @@ def wald_asn_bound(p_b: float, p_c: float, tol: float, share: float, *,
     reject "harm ≤ tol" with false-rollback rate ≤ ``alpha`` (at every baseline rate) and miss
     rate ≤ ``beta``: Wald's bound E[N]·KL ≥ (1-β)·ln((1-β)/α) + β·ln(β/(1-α)), with KL per
     request to the least favourable null point (Wald 1945; data processing)."""
-    q = least_favourable_null(p_b, p_c, tol, share)
-    kl = share * _bernoulli_kl(p_c, q + tol) + (1 - share) * _bernoulli_kl(p_b, q)
+    kl = _kl_to_null(p_b, p_c, tol, share, least_favourable_null(p_b, p_c, tol, share))
     return ((1 - beta) * math.log((1 - beta) / alpha) + beta * math.log(beta / (1 - alpha))) / kl
 
 
@@ -760,7 +762,8 @@ def harm_lower_bound(methods: dict[str, dict[str, dict[str, Any]]],
     if not ref or not ref["median_rollback_samples"]:
         return None
     o, s = methods["oracle"]["harmful"], methods["safeshift"]["harmful"]
-    asn = wald_asn_bound(BASE_RATE, 2 * BASE_RATE, tol, share)
+    harmful = next(sc for sc in SCENARIOS if sc.name == "harmful")
+    asn = wald_asn_bound(BASE_RATE, harmful.oracle_h1, tol, share)
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None

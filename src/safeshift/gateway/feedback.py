@@ -19,8 +19,8 @@ MAX_BATCH = 1000
 MAX_TEXT = 10_000
 _METRIC = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _KIND = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,31}$")
-_FEEDBACK_FIELDS = frozenset({"id", "label", "outcome"})
-_REPORT_FIELDS = frozenset({"id", "kind", "text"})
+_FEEDBACK_FIELDS = ("id", "label", "outcome")
+_REPORT_FIELDS = ("id", "kind", "text")
 
 
 @dataclass(slots=True)
@@ -67,18 +67,29 @@ def _id(item: dict[str, Any], where: str) -> str:
     return rid
 
 
-def parse_feedback(body: bytes) -> tuple[list[FeedbackItem], bool]:
-    """``{"id", "label"}`` or ``{"id", "outcome": {metric: number}}``, or a list of them."""
-    docs, batch = _load(body, "a feedback")
-    items = []
+def _objects(body: bytes, noun: str, fields: tuple[str, ...]
+             ) -> tuple[list[tuple[int, dict[str, Any], str]], bool]:
+    """The body's items (one object, or a batch) with their ids, after the checks every kind
+    of item shares: each is an object, has only known ``fields`` and an id."""
+    docs, batch = _load(body, f"a {noun}")
+    known = ", ".join(fields[:-1]) + f" and {fields[-1]}"
+    out = []
     for i, doc in enumerate(docs):
         if not isinstance(doc, dict):
-            raise HTTPError(422, "each feedback must be an object", field=f"[{i}]")
-        extra = sorted(doc.keys() - _FEEDBACK_FIELDS)
+            raise HTTPError(422, f"each {noun} must be an object", field=f"[{i}]")
+        extra = sorted(doc.keys() - set(fields))
         if extra:
-            raise HTTPError(422, f"unknown field {extra[0]!r}; the fields are id, label and "
-                                 "outcome", field=_where(batch, i, extra[0]))
-        rid = _id(doc, _where(batch, i, "id"))
+            raise HTTPError(422, f"unknown field {extra[0]!r}; the fields are {known}",
+                            field=_where(batch, i, extra[0]))
+        out.append((i, doc, _id(doc, _where(batch, i, "id"))))
+    return out, batch
+
+
+def parse_feedback(body: bytes) -> tuple[list[FeedbackItem], bool]:
+    """``{"id", "label"}`` or ``{"id", "outcome": {metric: number}}``, or a list of them."""
+    docs, batch = _objects(body, "feedback", _FEEDBACK_FIELDS)
+    items = []
+    for i, doc, rid in docs:
         label = doc.get("label")
         outcome = doc.get("outcome")
         if outcome is not None:
@@ -105,16 +116,9 @@ def parse_feedback(body: bytes) -> tuple[list[FeedbackItem], bool]:
 
 def parse_reports(body: bytes) -> tuple[list[ReportItem], bool]:
     """``{"id", "kind", "text"}``, or a list of them."""
-    docs, batch = _load(body, "a report")
+    docs, batch = _objects(body, "report", _REPORT_FIELDS)
     items = []
-    for i, doc in enumerate(docs):
-        if not isinstance(doc, dict):
-            raise HTTPError(422, "each report must be an object", field=f"[{i}]")
-        extra = sorted(doc.keys() - _REPORT_FIELDS)
-        if extra:
-            raise HTTPError(422, f"unknown field {extra[0]!r}; the fields are id, kind and "
-                                 "text", field=_where(batch, i, extra[0]))
-        rid = _id(doc, _where(batch, i, "id"))
+    for i, doc, rid in docs:
         kind = doc.get("kind")
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise HTTPError(422, "'kind' is required: 1-32 letters, digits, spaces or _.:-, "

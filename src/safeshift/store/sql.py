@@ -41,9 +41,14 @@ class _PortableString(sa.TypeDecorator[str]):
     cache_ok = True
 
     def process_bind_param(self, value: str | None, dialect: sa.Dialect) -> str | None:
-        if value is not None and dialect.name == "postgresql" and "\x00" in value:
-            return value.replace("\x00", "\ufffd")
-        return value
+        return value if value is None else _as_stored(value, dialect)
+
+
+def _as_stored(value: str, dialect: sa.Dialect) -> str:
+    """``value`` as the database keeps it: PostgreSQL text cannot hold NUL."""
+    if dialect.name == "postgresql" and "\x00" in value:
+        return value.replace("\x00", "\ufffd")
+    return value
 
 
 class _PortableText(_PortableString):
@@ -432,7 +437,7 @@ class SQLStore:
         out: dict[str, RequestRecord] = {}
         ids = list(dict.fromkeys(request_ids))
         # ids as stored (PostgreSQL keeps a NUL as U+FFFD) back to the ids asked for
-        asked = {_PortableString().process_bind_param(i, self.engine.dialect): i for i in ids}
+        asked = {_as_stored(i, self.engine.dialect): i for i in ids}
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
@@ -513,11 +518,9 @@ def _unreachable_as_store_error(method: Callable[..., Any]) -> Callable[..., Any
     return wrapper
 
 
-for _name in ("create_rollout", "get_plan", "get_state", "list_states", "commit",
-              "add_telemetry", "telemetry", "telemetry_totals", "put_requests", "get_request",
-              "get_requests", "add_feedback", "decisions", "audit_events", "purge_expired",
-              "acquire_lease"):
-    setattr(SQLStore, _name, _unreachable_as_store_error(getattr(SQLStore, _name)))
+for _name, _method in list(vars(SQLStore).items()):  # every public operation on the database
+    if not _name.startswith("_") and _name != "close" and callable(_method):
+        setattr(SQLStore, _name, _unreachable_as_store_error(_method))
 
 
 def _display_url(url: str) -> str:
