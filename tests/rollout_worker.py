@@ -16,6 +16,7 @@ def main() -> None:
     rollout = Rollout.from_plan(plan, store=url, models={
         "baseline": FakeModel(output=1), "candidate": FakeModel(output=1)})
     rng = random.Random()
+    print("ready", flush=True)  # the test's kill clock starts here, not during the imports
     while not rollout.state().phase.terminal:
         for _ in range(200):
             rollout.predict({"x": 1}, unit=f"u{rng.randrange(10**6)}",

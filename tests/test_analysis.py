@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import plan_dict
 
 from safeshift import Plan
-from safeshift.analysis import Status, analyse, compare, effective_n, tuning_samples
+from safeshift.analysis import Status, analyse, compare, effective_n, tuning_samples, unexcluded_harm
 from safeshift.telemetry import Moments, Summary
 
 
@@ -17,7 +17,7 @@ def summary_of(cells: dict[tuple[str, str], dict[str, Moments]]) -> Summary:
     """cells[(arm, segment)][signal] -> a Summary of the hash cohort."""
     s = Summary()
     for (arm, segment), signals in cells.items():
-        s.cells[(arm, "hash", segment)] = signals
+        s.cells[(arm, "hash", segment, -1)] = signals
     return s
 
 
@@ -96,7 +96,7 @@ def test_relative_tolerance_and_strict() -> None:
 
 
 def test_absolute_bound_on_the_candidate_alone() -> None:
-    plan = plan_with({"metric": "disagreement", "max": 0.05, "stage": "canary"})
+    plan = plan_with({"metric": "disagreement", "max": 0.05, "stage": ["canary", "half"]})
     high = summary_of({("candidate", ""): {"disagreement": rate(5000, 500)}})
     v = analyse(plan, 0, high).global_verdicts[0]
     assert v.status is Status.HARM and v.bound == "max"
@@ -181,3 +181,34 @@ def test_perfect_agreement_on_few_pairs_is_not_certainty() -> None:
                     ("candidate", ""): {"accuracy": rate(40, 36),
                                         "accuracy:paired": Moments(40, 0, 0)}})
     assert analyse(plan, 0, s).global_verdicts[0].status is Status.HOLD
+
+
+def test_a_protected_segment_must_prove_safety_before_promotion() -> None:
+    data = plan_dict(guardrails=[{"metric": "error_rate", "tolerance": 0.01}])
+    data["stages"][0]["traffic"] = "50%"
+    data["analysis"] = {"protected": {"country": ["BR"]}}
+    plan = Plan.from_dict(data)
+    big = {"error_rate": rate(50_000, 500), "requests": rate(50_000, 50_000)}
+    only_us = summary_of({("baseline", "country=US"): dict(big), ("candidate", "country=US"): dict(big)})
+    a = analyse(plan, 0, only_us)
+    assert all(v.status is Status.PASS for v in a.global_verdicts)
+    br = [v for v in a.verdicts if v.segment == "country=BR"]
+    assert br and br[0].protected and br[0].status is Status.NO_DATA  # judged before any data
+    assert not a.all_pass and a.waiting_on == br
+    with_br = summary_of({("baseline", "country=US"): dict(big), ("candidate", "country=US"): dict(big),
+                          ("baseline", "country=BR"): dict(big), ("candidate", "country=BR"): dict(big)})
+    assert analyse(plan, 0, with_br).all_pass
+
+
+def test_the_largest_harm_not_yet_excluded_is_named_per_segment() -> None:
+    plan = plan_with({"metric": "error_rate", "tolerance": 0.01})
+    big = {"error_rate": rate(50_000, 500), "requests": rate(50_000, 50_000)}
+    small = {"error_rate": rate(400, 4), "requests": rate(400, 400)}
+    s = summary_of({("baseline", "country=US"): dict(big), ("candidate", "country=US"): dict(big),
+                    ("baseline", "country=BR"): dict(small), ("candidate", "country=BR"): dict(small)})
+    a = analyse(plan, 0, s)
+    text = unexcluded_harm(a)
+    br = next(v for v in a.verdicts if v.segment == "country=BR")
+    us = next(v for v in a.verdicts if v.segment == "country=US")
+    assert br.harm_upper > us.harm_upper > 0
+    assert text.startswith("error_rate up to +") and text.endswith("worse in country=BR")

@@ -150,3 +150,57 @@ def test_readme_python_snippet_runs(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_validate_duplicate_keys_exit_2_naming_key_and_path(tmp_path: Path) -> None:
+    text = yaml.safe_dump(plan_dict()).replace("traffic: 10%\n", "traffic: 10%\n  traffic: 90%\n")
+    assert text.count("traffic: 90%") == 1
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    r = cli("validate", str(path))
+    assert r.returncode == 2, r.stdout
+    assert "  stages.0.traffic: duplicate key 'traffic'" in r.stderr
+    assert "Traceback" not in r.stderr
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan_dict()).replace('"unit": "user_id"',
+                                                    '"unit": "user_id", "unit": "account_id"'))
+    r = cli("validate", "--json", str(path))
+    assert r.returncode == 2
+    problems = json.loads(r.stdout)["problems"]
+    assert any(p["path"] == "unit" and "duplicate key 'unit'" in p["message"] for p in problems)
+
+
+@pytest.mark.parametrize("name", ["plan.yaml", "plan.json"])
+def test_validate_nan_and_infinity_exit_2_naming_the_field(tmp_path: Path, name: str) -> None:
+    data = plan_dict()
+    data["guardrails"][0]["tolerance"] = float("nan")
+    data["stages"][0]["min_duration"] = float("inf")
+    path = tmp_path / name
+    path.write_text(json.dumps(data) if name.endswith(".json") else yaml.safe_dump(data))
+    assert ("NaN" if name.endswith(".json") else ".nan") in path.read_text()
+    r = cli("validate", str(path))
+    assert r.returncode == 2
+    assert "2 problem(s)" in r.stderr, r.stderr
+    for field in ("guardrails.0.tolerance", "stages.0.min_duration"):
+        assert f"  {field}: " in r.stderr and "NaN and infinity" in r.stderr
+
+
+def test_validate_refuses_code_tags_in_one_line(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    text = yaml.safe_dump(plan_dict()).replace(
+        "summary: a test change", f"summary: !!python/object/apply:os.system ['touch {marker}']")
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    r = cli("validate", str(path))
+    assert r.returncode == 2
+    assert "!!python/object/apply:os.system is not allowed" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_validate_a_stage_without_guardrails_exits_2(tmp_path: Path) -> None:
+    data = plan_dict()
+    data["guardrails"][0]["stage"] = "canary"
+    r = cli("validate", str(write(tmp_path, data)))
+    assert r.returncode == 2
+    assert "  stages.1: no guardrail judges stage 'half'" in r.stderr

@@ -10,6 +10,7 @@ from safeshift import FakeModel, InvalidTransitionError, Phase, Plan, Rollout, V
 from safeshift.controller import next_stage
 from safeshift.state import Action, verify_chain
 from safeshift.store import Store
+from safeshift.telemetry import Summary
 
 COUNTRIES = ["US", "BR", "IN", "GB"]
 
@@ -204,9 +205,10 @@ def test_shadow_labels_are_recorded_as_pairs(store: Store, clock: VirtualClock) 
     assert all(rollout.predict({"x": 1}, unit="u1").arm == "baseline" for _ in range(3))
     results = rollout.feedback_many([{"id": i, "label": 1} for i in ids])
     assert all(r.accepted == ["accuracy"] for r in results)
-    rows = {(r.arm, r.signal): r for r in store.telemetry(plan.rollout, 0)}
-    paired = rows[("candidate", "accuracy:paired")]
+    paired = Summary.from_rows(store.telemetry(plan.rollout, 0)).pooled("candidate", "accuracy:paired")
     assert paired.n == 50 and paired.s == -50  # the candidate is wrong where the baseline is right
+    # each pair counts in its unit's cluster: 50 units over 64 clusters fill more than 30
+    assert sum(n for n, _ in paired.clusters.values()) == 50 and len(paired.clusters) > 30
     rollout.close()
 
 

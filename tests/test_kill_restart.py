@@ -40,12 +40,16 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rng = random.Random(11)
     kills = 0
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         log = tmp_path / f"worker-{kills}.log"
         with log.open("w") as out:
             proc = subprocess.Popen([sys.executable, str(WORKER), url, str(plan_path)], env=env,
                                     stdout=out, stderr=subprocess.STDOUT)
+            started = time.monotonic()  # a loaded machine can take seconds to import
+            while ("ready" not in log.read_text() and proc.poll() is None
+                   and time.monotonic() - started < 60):
+                time.sleep(0.02)
             try:
                 proc.wait(timeout=rng.uniform(0.8, 2.5))
             except subprocess.TimeoutExpired:

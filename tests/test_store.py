@@ -214,3 +214,49 @@ def test_a_request_id_keeps_its_first_record(store: Store) -> None:
     store.put_requests([second])  # a client reusing an id must not re-point earlier feedback
     found = store.get_request("dup")
     assert found is not None and found.arm == "candidate" and found.outputs == {"candidate": [1]}
+
+
+_V1_TABLES = """
+CREATE TABLE safeshift_schema (version INTEGER NOT NULL);
+INSERT INTO safeshift_schema VALUES (1);
+CREATE TABLE telemetry (rollout VARCHAR(64), stage INTEGER, arm VARCHAR(64), cohort VARCHAR(16),
+  segment VARCHAR(512), "window" BIGINT, signal VARCHAR(128), n FLOAT NOT NULL, s FLOAT NOT NULL,
+  ss FLOAT NOT NULL, PRIMARY KEY (rollout, stage, arm, cohort, segment, "window", signal));
+CREATE TABLE histograms (rollout VARCHAR(64), stage INTEGER, arm VARCHAR(64), cohort VARCHAR(16),
+  segment VARCHAR(512), "window" BIGINT, signal VARCHAR(128), bucket INTEGER,
+  count BIGINT NOT NULL,
+  PRIMARY KEY (rollout, stage, arm, cohort, segment, "window", signal, bucket));
+CREATE TABLE requests (id VARCHAR(128) PRIMARY KEY, rollout VARCHAR(64) NOT NULL,
+  stage INTEGER NOT NULL, arm VARCHAR(64) NOT NULL, cohort VARCHAR(16) NOT NULL,
+  segment VARCHAR(512) NOT NULL, created_at FLOAT NOT NULL, expires_at FLOAT NOT NULL,
+  outputs TEXT NOT NULL);
+INSERT INTO telemetry VALUES ('r1', 0, 'candidate', 'hash', 'country=BR', 60, 'latency_ms', 2, 30, 500);
+INSERT INTO histograms VALUES ('r1', 0, 'candidate', 'hash', 'country=BR', 60, 'latency_ms', 7, 2);
+INSERT INTO requests VALUES ('q1', 'r1', 0, 'candidate', 'hash', 'country=BR', 1, 99, '{}');
+"""
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_1_store_migrates_and_keeps_its_telemetry(
+        backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Telemetry and request records written before unit clusters are kept, as request-level
+    rows (cluster -1), and the tables take clustered rows from then on."""
+    url = (sqlite_url(tmp_path / "v1.db") if backend == "sqlite"
+           else str(request.getfixturevalue("postgres_db_url")))
+    old = SQLStore(url, migrate=False)
+    with old.engine.begin() as conn:
+        for statement in _V1_TABLES.split(";"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+    old.close()
+    store = SQLStore(url)
+    assert store.schema_version() == SCHEMA_VERSION
+    (row,) = store.telemetry("r1", 0)
+    assert (row.cluster, row.n, row.s, row.ss, row.hist) == (-1, 2, 30, 500, {7: 2})
+    rec = store.get_request("q1")
+    assert rec is not None and rec.cluster == -1 and rec.segment == "country=BR"
+    store.add_telemetry([TelemetryRow("r1", 0, "candidate", "hash", "country=BR", 60,
+                                      "latency_ms", 1, 10, 100, None, 5)])
+    totals = {r.cluster: r.n for r in store.telemetry_totals("r1", 0)}
+    assert totals == {-1: 2, 5: 1}
+    store.close()

@@ -31,11 +31,15 @@ from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.plan import Direction, Guardrail, Plan, Source, Stage
 from safeshift.stats import (
     PSI_THRESHOLD,
+    Estimate,
     SRMResult,
-    boundary_multiplier,
     chi_square_classes,
+    cluster_ratio,
+    confidence_sequence,
+    confidence_sequence_one_sample,
     diff_means,
     diff_proportions,
+    diff_ratios,
     jensen_shannon,
     one_sample_mean,
     one_sample_proportion,
@@ -43,7 +47,7 @@ from safeshift.stats import (
     srm_test,
     wasserstein_from_histograms,
 )
-from safeshift.telemetry import SCORE_BINS, Moments, Summary
+from safeshift.telemetry import SCORE_BINS, Moments, Pooled, Summary
 
 MIN_GLOBAL_SAMPLES = 30
 """Observations per arm below which a global comparison is not judged (asymptotics)."""
@@ -87,6 +91,9 @@ class Verdict:
     sentence: str
     harm: float = math.nan  # the estimate oriented so that larger is worse
     arm: str = CANDIDATE  # the candidate variant judged (a challenger's name in an experiment)
+    se: float = math.nan  # the standard error the bounds used (unit-level when clustered)
+    harm_upper: float = math.nan  # the largest harm not yet excluded (at the pass alpha)
+    protected: bool = False  # a protected segment value: it must pass before promotion
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -116,10 +123,14 @@ class StageAnalysis:
     def global_verdicts(self) -> list[Verdict]:
         return [v for v in self.verdicts if v.segment is None]
 
+    @property
+    def gating(self) -> list[Verdict]:
+        """The verdicts promotion waits on: every global one and every protected segment's."""
+        return [v for v in self.verdicts if v.segment is None or v.protected]
+
     def passes(self, arm: str | None = None) -> bool:
-        """Every global verdict (of ``arm``, or of every arm) passes."""
-        return all(v.status is Status.PASS for v in self.global_verdicts
-                   if arm is None or v.arm == arm)
+        """Every gating verdict (of ``arm``, or of every arm) passes."""
+        return all(v.status is Status.PASS for v in self.gating if arm is None or v.arm == arm)
 
     @property
     def all_pass(self) -> bool:
@@ -127,7 +138,7 @@ class StageAnalysis:
 
     @property
     def waiting_on(self) -> list[Verdict]:
-        return [v for v in self.global_verdicts if v.status is not Status.PASS]
+        return [v for v in self.gating if v.status is not Status.PASS]
 
     def to_json(self) -> dict[str, Any]:
         srm = None
@@ -196,8 +207,65 @@ def _sentence(g: Guardrail, status: Status, diff: float, lo: float, hi: float, t
     return f"{text}: not yet conclusive against the {tol_text} tolerance"
 
 
-def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: float,
-             alpha_pass: float, min_n: float, segment: str | None) -> Verdict:
+def _clustered_se(iid_se: float, pooled: Sequence[Pooled]) -> tuple[float, float, int]:
+    """The standard error to use and the information factor for the boundary's time.
+
+    With clustered telemetry (a plan with a ``unit``), the unit-level variance is the sum of
+    each pooled arm's cluster-robust variance; the standard error is never taken below the
+    request-level one (``iid_se``, which carries the Agresti-Caffo or Welch floor), so that a
+    noisy variance estimate from few clusters cannot make an interval narrower than treating
+    requests as independent would. The factor ``(iid_se / se)²`` (one over the design effect)
+    turns request counts into effective samples: the boundary's time is then proportional to
+    the information, as the normal-mixture boundary assumes. Returns ``(se, factor, clusters)``;
+    ``(iid_se, 1, 0)`` when the telemetry is not clustered."""
+    if not pooled or not all(p.clustered for p in pooled):
+        return iid_se, 1.0, 0
+    var, groups = 0.0, 0
+    for p in pooled:
+        _, v, g = cluster_ratio([c[0] for c in p.clusters.values()],
+                                [c[1] for c in p.clusters.values()])
+        var += v
+        groups = min(groups, g) if groups else g
+    se = max(math.sqrt(var), iid_se)
+    factor = (iid_se / se) ** 2 if 0.0 < se < math.inf and math.isfinite(iid_se) else 1.0
+    return se, factor, groups
+
+
+def _relative_clustered_se(iid_se: float, b: Pooled, c: Pooled) -> tuple[float, float, int]:
+    """As :func:`_clustered_se` for a relative difference c/b - 1 (delta method)."""
+    if not (b.clustered and c.clustered):
+        return iid_se, 1.0, 0
+    est = diff_ratios([v[0] for v in b.clusters.values()], [v[1] for v in b.clusters.values()],
+                      [v[0] for v in c.clusters.values()], [v[1] for v in c.clusters.values()],
+                      relative=True)
+    se = max(est.se, iid_se) if math.isfinite(est.se) else math.inf
+    factor = (iid_se / se) ** 2 if 0.0 < se < math.inf and math.isfinite(iid_se) else 1.0
+    return se, factor, min(len(b.clusters), len(c.clusters))
+
+
+def _pooled(m: Moments | Pooled) -> Pooled:
+    """Totals without clusters are judged request by request."""
+    return m if isinstance(m, Pooled) else Pooled(m.n, m.s, m.ss)
+
+
+def _unit_level(test: str, clusters: int) -> str:
+    if not clusters:
+        return test
+    return f"{test}, unit-level standard error over {clusters} unit clusters"
+
+
+def _harm_bounds(harm: Estimate, n: float, *, n_star: float, alpha_harm: float,
+                 alpha_pass: float) -> tuple[float, float]:
+    """The harm's one-sided lower bound (at the harm alpha) and upper bound (at the pass alpha)
+    at time ``n``: always-valid confidence sequences."""
+    lo = confidence_sequence(harm, alpha=alpha_harm, n_star=n_star, side="lower", n=n).lower
+    hi = confidence_sequence(harm, alpha=alpha_pass, n_star=n_star, side="upper", n=n).upper
+    return lo, hi
+
+
+def compare(g: Guardrail, b: Moments | Pooled, c: Moments | Pooled, *, n_star: float,
+            alpha_harm: float, alpha_pass: float, min_n: float, segment: str | None) -> Verdict:
+    b, c = _pooled(b), _pooled(c)
     info = g.info
     relative = g.relative_tolerance is not None
     tol = (g.relative_tolerance / BASIS_POINTS if relative and g.relative_tolerance is not None
@@ -207,10 +275,10 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     label = g.describe()
     test = "one-sided normal-mixture confidence sequence on the difference"
     if b.n < min_n or c.n < min_n:
-        raw = c.mean - b.mean if b.n and c.n else math.nan
+        raw = c.s / c.n - b.s / b.n if b.n and c.n else math.nan
         return Verdict(g.key, segment, Status.NO_DATA, raw, -math.inf, math.inf, tol,
-                       relative, info.rate, b.n, c.n, b.mean, c.mean, None, alpha_harm,
-                       alpha_pass, test,
+                       relative, info.rate, b.n, c.n, b.moments.mean, c.moments.mean, None,
+                       alpha_harm, alpha_pass, test,
                        f"{label}{where}: {int(c.n)} candidate and {int(b.n)} baseline "
                        f"observations, fewer than {int(min_n)} per arm; not judged yet",
                        sign * raw)
@@ -222,12 +290,11 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     else:
         est = diff_means(b.n, b.s, b.ss, c.n, c.s, c.ss, relative=relative)
         test += " of means"
-    n_eff = effective_n(b.n, c.n)
-    harm = sign * est.diff
-    m_harm = boundary_multiplier(n_eff, n_star, alpha_harm, one_sided=True)
-    m_pass = boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True)
-    harm_lo = harm - m_harm * est.se
-    harm_hi = harm + m_pass * est.se
+    se, factor, clusters = (_relative_clustered_se(est.se, b, c) if relative
+                            else _clustered_se(est.se, (b, c)))
+    harm = replace(est, diff=sign * est.diff, se=se)
+    harm_lo, harm_hi = _harm_bounds(harm, effective_n(b.n, c.n) * factor, n_star=n_star,
+                                    alpha_harm=alpha_harm, alpha_pass=alpha_pass)
     # interval on the natural difference (candidate - baseline); a difference of two rates
     # lies in [-1, 1], so the reported interval is cut there (decisions are unaffected)
     lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
@@ -237,24 +304,28 @@ def compare(g: Guardrail, b: Moments, c: Moments, *, n_star: float, alpha_harm: 
     sentence = _sentence(g, status, est.diff, lo, hi, tol, relative=relative,
                          where=where, sign=sign)
     return Verdict(g.key, segment, status, est.diff, lo, hi, tol, relative, info.rate, b.n, c.n,
-                   est.mean_baseline, est.mean_candidate, None, alpha_harm, alpha_pass, test,
-                   sentence, harm)
+                   est.mean_baseline, est.mean_candidate, None, alpha_harm, alpha_pass,
+                   _unit_level(test, clusters), sentence, harm.diff, se=se, harm_upper=harm_hi)
 
 
-def compare_paired(g: Guardrail, d: Moments, *, n_star: float, alpha_harm: float,
+def compare_paired(g: Guardrail, d: Moments | Pooled, *, n_star: float, alpha_harm: float,
                    alpha_pass: float, segment: str | None) -> Verdict:
     """Candidate against baseline on the *same* inputs (shadow, both answers labelled): a
     one-sample confidence sequence on the mean paired difference. One discordant pair each
-    way is added to the variance so that perfect agreement on few labels is not certainty."""
+    way is added to the variance so that perfect agreement on few labels is not certainty.
+    Pairs of one unit are correlated like its requests, so clustered telemetry gives the
+    unit-level standard error."""
+    d = _pooled(d)
     info = g.info
     tol = float(g.tolerance or 0.0)
     sign = 1.0 if info.bad is Direction.INCREASE else -1.0
     mean = d.s / d.n
-    _, se = one_sample_mean(d.n + 2, d.s, d.ss + 2)
-    n_eff = 2.0 * d.n  # n pairs carry the information of 2n observations split evenly
-    harm = sign * mean
-    harm_lo = harm - boundary_multiplier(n_eff, n_star, alpha_harm, one_sided=True) * se
-    harm_hi = harm + boundary_multiplier(n_eff, n_star, alpha_pass, one_sided=True) * se
+    _, iid_se = one_sample_mean(d.n + 2, d.s, d.ss + 2)
+    se, factor, clusters = _clustered_se(iid_se, (d,))
+    n_eff = 2.0 * d.n * factor  # n pairs carry the information of 2n observations split evenly
+    harm = Estimate(sign * mean, se, int(d.n), int(d.n), math.nan, math.nan, False)
+    harm_lo, harm_hi = _harm_bounds(harm, n_eff, n_star=n_star, alpha_harm=alpha_harm,
+                                    alpha_pass=alpha_pass)
     lo, hi = (harm_lo, harm_hi) if sign > 0 else (-harm_hi, -harm_lo)
     status = _status(g, harm_lo, harm_hi, tol)
     where = f" for {segment}" if segment else ""
@@ -262,12 +333,14 @@ def compare_paired(g: Guardrail, d: Moments, *, n_star: float, alpha_harm: float
                          where=f"{where} on the same inputs", sign=sign)
     return Verdict(g.key, segment, status, mean, lo, hi, tol, False, info.rate, d.n, d.n,
                    math.nan, math.nan, None, alpha_harm, alpha_pass,
-                   "one-sided normal-mixture confidence sequence on paired differences", sentence,
-                   harm)
+                   _unit_level("one-sided normal-mixture confidence sequence on paired "
+                               "differences", clusters), sentence, harm.diff, se=se,
+                   harm_upper=harm_hi)
 
 
-def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_pass: float,
-           min_n: float, segment: str | None) -> Verdict:
+def bound(g: Guardrail, c: Moments | Pooled, *, n_star: float, alpha_harm: float,
+          alpha_pass: float, min_n: float, segment: str | None) -> Verdict:
+    c = _pooled(c)
     info = g.info
     # a tolerance on a pairwise shadow metric is an upper bound when higher is worse
     upper_bound = g.max is not None or (g.min is None and info.bad is Direction.INCREASE)
@@ -278,21 +351,24 @@ def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_p
     test = "one-sided normal-mixture confidence sequence on the candidate alone"
     if c.n < min_n:
         return Verdict(g.key, segment, Status.NO_DATA, math.nan, -math.inf, math.inf, limit,
-                       False, info.rate, 0.0, c.n, math.nan, c.mean, kind, alpha_harm, alpha_pass,
-                       test, f"{label}{where}: {int(c.n)} candidate observations, fewer than "
-                       f"{int(min_n)}; not judged yet")
+                       False, info.rate, 0.0, c.n, math.nan, c.moments.mean, kind, alpha_harm,
+                       alpha_pass, test, f"{label}{where}: {int(c.n)} candidate observations, "
+                       f"fewer than {int(min_n)}; not judged yet")
     if info.rate:
-        mean, se = one_sample_proportion(c.s + 1, c.n + 2)
+        mean, iid_se = one_sample_proportion(c.s + 1, c.n + 2)
     else:
-        mean, se = one_sample_mean(c.n, c.s, c.ss)
+        mean, iid_se = one_sample_mean(c.n, c.s, c.ss)
+    se, factor, clusters = _clustered_se(iid_se, (c,))
     # one-arm analogue of effective_n: an even split of 2·n_c carries the same information
-    m_harm = boundary_multiplier(4.0 * c.n, n_star, alpha_harm, one_sided=True)
-    m_pass = boundary_multiplier(4.0 * c.n, n_star, alpha_pass, one_sided=True)
+    n_eff = 4.0 * c.n * factor
+    alpha_hi, alpha_lo = (alpha_pass, alpha_harm) if upper_bound else (alpha_harm, alpha_pass)
+    lo = confidence_sequence_one_sample(mean, se, n_eff, alpha=alpha_lo, n_star=n_star,
+                                        side="lower").lower
+    hi = confidence_sequence_one_sample(mean, se, n_eff, alpha=alpha_hi, n_star=n_star,
+                                        side="upper").upper
     if upper_bound:
-        lo, hi = mean - m_harm * se, mean + m_pass * se
         harm, safe = lo > limit, hi < limit
     else:
-        lo, hi = mean - m_pass * se, mean + m_harm * se
         harm, safe = hi < limit, lo > limit
     status = Status.HARM if harm else Status.PASS if safe else Status.HOLD
     if info.rate:
@@ -308,7 +384,9 @@ def bound(g: Guardrail, c: Moments, *, n_star: float, alpha_harm: float, alpha_p
     }[status]
     excess = c.s / c.n - limit if upper_bound else limit - c.s / c.n
     return Verdict(g.key, segment, status, c.s / c.n, lo, hi, limit, False, info.rate, 0.0, c.n,
-                   math.nan, c.s / c.n, kind, alpha_harm, alpha_pass, test, sentence, excess)
+                   math.nan, c.s / c.n, kind, alpha_harm, alpha_pass,
+                   _unit_level(test, clusters), sentence, excess, se=se,
+                   harm_upper=(hi - limit) if upper_bound else (limit - lo))
 
 
 def prediction_drift(summary: Summary, arm: str = CANDIDATE) -> dict[str, Any] | None:
@@ -366,16 +444,16 @@ def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] |
            several: bool) -> Verdict:
     signal = g.key
     segment = f"{where[0]}={where[1]}" if where else None
-    c = summary.total(arm, signal, where=where)
+    c = summary.pooled(arm, signal, where=where)
     if g.is_bound or g.info.source is Source.SHADOW:
         v = bound(g, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
                   min_n=min_n, segment=segment)
     else:
-        b = summary.total(BASELINE, signal, where=where)
+        b = summary.pooled(BASELINE, signal, where=where)
         v = compare(g, b, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
                     min_n=min_n, segment=segment)
     if g.info.source is Source.FEEDBACK:
-        paired = summary.total(arm, f"{signal}:paired", where=where)
+        paired = summary.pooled(arm, f"{signal}:paired", where=where)
         if paired.n >= min_n:
             v = compare_paired(g, paired, n_star=n_star, alpha_harm=alpha_harm,
                                alpha_pass=alpha_pass, segment=segment)
@@ -399,19 +477,19 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
     several = len(variants) > 1
 
     seg_values = summary.segment_values()
-    judged: list[tuple[Guardrail, tuple[str, str]]] = []
-    for g in guardrails:
-        if not g.segments or g.metric == "prediction_drift":
-            continue
-        for attr in plan.segments:
-            for value in sorted(seg_values.get(attr, ())):
-                judged.append((g, (attr, value)))
+    segmented = [g for g in guardrails if g.segments and g.metric != "prediction_drift"]
+    protected = {(attr, str(v)) for attr, vs in plan.analysis.protected.items() for v in vs}
+    # a protected value is judged before it has data: its "no data" holds the promotion
+    values = sorted({(attr, value) for attr in plan.segments for value in seg_values.get(attr, ())}
+                    | protected)
+    judged = [(g, where) for g in segmented for where in values]
     # false rollbacks are shared over every harm test: guardrails x variants globally, and
     # guardrails x segment values x variants for the segments
     k = max(len(guardrails), 1) * len(variants)
     has_segments = bool(judged)
     alpha_global = (alpha / 2 if has_segments else alpha) / k
-    alpha_segment = (alpha / 2) / max(len(judged) * len(variants), 1)
+    alpha_each = (alpha / 2) / max(len(judged) * len(variants), 1)
+    alpha_segment = {where: alpha_each for where in values}
     out.drift = prediction_drift(summary, variants[0])
     for arm in variants:
         for g in guardrails:
@@ -424,9 +502,11 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                                        alpha_harm=alpha_global, alpha_pass=alpha,
                                        min_n=MIN_GLOBAL_SAMPLES, several=several))
         for g, where in judged:
-            out.verdicts.append(_judge(g, summary, arm=arm, where=where, n_star=n_star,
-                                       alpha_harm=alpha_segment, alpha_pass=alpha,
-                                       min_n=plan.analysis.segment_min_samples, several=several))
+            verdict = _judge(g, summary, arm=arm, where=where, n_star=n_star,
+                             alpha_harm=alpha_segment[where], alpha_pass=alpha,
+                             min_n=plan.analysis.segment_min_samples, several=several)
+            verdict.protected = where in protected
+            out.verdicts.append(verdict)
     if not stage.is_shadow and 0 < stage.traffic < BASIS_POINTS:
         # the split is by unit, so units are counted (first sightings per process); telemetry
         # written without them falls back to requests, whose share wanders more because a
@@ -448,6 +528,21 @@ def worst_segment(analysis: StageAnalysis, guardrail: str) -> Verdict | None:
     candidates = [v for v in analysis.verdicts
                   if v.guardrail == guardrail and v.segment is not None and math.isfinite(v.harm)]
     return max(candidates, key=lambda v: v.harm, default=None)
+
+
+def unexcluded_harm(analysis: StageAnalysis) -> str:
+    """Per guardrail, the largest harm a segment value has not yet excluded (the upper end of
+    its interval), as one sentence for the record of a promotion: what the evidence still
+    allows in the worst-placed segment."""
+    worst: dict[str, Verdict] = {}
+    for v in analysis.verdicts:
+        if v.segment is None or not math.isfinite(v.harm_upper):
+            continue
+        if v.guardrail not in worst or v.harm_upper > worst[v.guardrail].harm_upper:
+            worst[v.guardrail] = v
+    parts = [f"{v.guardrail} up to {_fmt(v.harm_upper, v.rate, v.relative)} worse in {v.segment}"
+             for _, v in sorted(worst.items())]
+    return "; ".join(parts)
 
 
 def describe_harm(analysis: StageAnalysis, limit: int = 3) -> str:

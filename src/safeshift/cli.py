@@ -295,6 +295,11 @@ def status(
                   f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
         if s.reason:
             out.print(f"  {s.reason}", markup=False)
+        if s.request_faults:
+            faults = ", ".join(f"{arm} {f['count']:,.0f} ({f['share']:.1%})"
+                               for arm, f in s.request_faults.items())
+            out.print(f"  request faults (inputs the baseline rejects; counted against neither "
+                      f"model): {faults}", markup=False)
         if s.analysis:
             table = Table(show_header=True, header_style="bold", box=None)
             for col in ("guardrail", "segment", "verdict", "evidence"):
@@ -416,6 +421,17 @@ def bench_gateway(
     from safeshift.bench.gateway import main as run
 
     run(quick=quick, requests=requests, concurrency=concurrency, json_path=json_path, console=out)
+
+
+@bench_app.command("tick")
+def bench_tick(
+    quick: Annotated[bool, typer.Option("--quick", help="1k and 10k cells, under 30 s")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+) -> None:
+    """The controller tick's analysis against the stage's cells, beside the previous algorithm."""
+    from safeshift.bench.tick import main as run
+
+    run(quick=quick, json_path=json_path, console=out)
 
 
 def _version(value: bool) -> None:

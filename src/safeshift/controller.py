@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeshift._units import format_duration
-from safeshift.analysis import StageAnalysis, analyse, describe_harm
+from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded_harm
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
 from safeshift.experiment import allocation, best_arm, current_variants, moved, new_allocation
@@ -197,6 +197,9 @@ def step_progress(ctx: TickContext) -> None:
     reason = (f"stage {stage.name!r} passed: every guardrail proven within tolerance after "
               f"{format_duration(ctx.elapsed)} ({int(a.n_candidate)} candidate, {int(a.n_baseline)} "
               "baseline requests)")
+    unexcluded = unexcluded_harm(a)
+    if unexcluded:
+        reason += f"; largest harm not yet excluded per segment: {unexcluded}"
     ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, a.to_json()))
 
 

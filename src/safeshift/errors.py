@@ -11,7 +11,8 @@
     │   └── SchemaVersionError     the store's schema is newer than this release
     ├── RolloutError               an action does not fit the rollout's state
     │   ├── UnknownRolloutError    no rollout with that name
-    │   └── InvalidTransitionError e.g. approving a rollout that is not waiting
+    │   ├── InvalidTransitionError e.g. approving a rollout that is not waiting
+    │   └── RejectedInputError     the model rejected a request's inputs (library predict)
     └── FeedbackError              feedback cannot be joined
         └── UnknownRequestError    no live request record with that id
 
@@ -80,6 +81,11 @@ class UnknownRolloutError(RolloutError):
 
 class InvalidTransitionError(RolloutError):
     """The requested action is not allowed in the rollout's current phase."""
+
+
+class RejectedInputError(RolloutError, ValueError):
+    """The baseline model rejected a request's inputs (a request fault, counted against
+    neither model); send rows the model can read."""
 
 
 class FeedbackError(SafeshiftError):

@@ -1,14 +1,16 @@
 """The rollout plan: what changes, for whom, in which stages, judged by which guardrails.
 
-A plan is a YAML or JSON file validated by pydantic. :func:`load_plan` reads one and
+A plan is a YAML or JSON file validated by pydantic. :meth:`Plan.load` reads one and
 reports every problem at once, each with its field path; :func:`plan_json_schema` gives
-the JSON Schema for editors.
+the JSON Schema for editors. Every way in (:meth:`Plan.load`, :meth:`Plan.from_dict`, a
+stored plan) runs the same checks, so no plan can switch a guardrail off by accident.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -36,37 +39,94 @@ from safeshift._units import (
 )
 from safeshift.errors import PlanError, PlanValidationError, Problem
 
+_DURATION_TEXT = r"(\d+(\.\d+)?\s*(ms|s|m|h|d)?|(\d+(\.\d+)?(ms|s|m|h|d))+)"
+"""What :func:`parse_duration` reads, for the JSON Schema (surrounding blanks allowed)."""
+
+
+MIN_POSITIVE_DURATION = 0.001
+"""Durations are written (and stored) to the millisecond, so less than 1ms would read back as 0."""
+
+
+def _duration_schema(*, positive: bool) -> dict[str, Any]:
+    nonzero = r"(?=[^1-9]*[1-9])" if positive else ""  # some digit that is not 0
+    number = {"type": "number", "minimum": MIN_POSITIVE_DURATION if positive else 0}
+    return {"anyOf": [{"type": "string", "pattern": rf"^{nonzero}\s*{_DURATION_TEXT}\s*$"}, number],
+            "description": "a duration: 500ms, 30s, 10m, 2h, 7d, or seconds"
+            + (" (at least 1ms)" if positive else "")}
+
+
+def _positive(seconds: float) -> float:
+    if seconds < MIN_POSITIVE_DURATION:
+        raise ValueError("must be at least 1ms: 0 would switch it off; write it like 250ms, 30s "
+                         "or 7d")
+    return seconds
+
+
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d)?|(\d+(\.\d+)?(ms|s|m|h|d))+)$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "a duration: 500ms, 30s, 10m, 2h, 7d, or seconds",
-        }
-    ),
+    WithJsonSchema(_duration_schema(positive=False)),
 ]
 """Seconds, written in a plan as ``30s``, ``10m``, ``2h``."""
+
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    AfterValidator(_positive),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(_duration_schema(positive=True)),
+]
+"""A duration of at least 1ms: timeouts, windows, the watch after promotion."""
+
+_PERCENT_100 = r"0*(100(\.0*)?|\d{1,2}(\.\d{0,2}0*)?|\.\d{1,2}0*)"
+"""0% to 100% in steps of 0.01%, as text before the ``%``."""
+_PERCENT_50 = r"0*(50(\.0*)?|[1-4]?\d(\.\d{0,2}0*)?|\.\d{1,2}0*)"
+"""0% to 50% in steps of 0.01%."""
+
+
+def _share_schema(percent: str, maximum: float, *, positive: bool, what: str) -> dict[str, Any]:
+    nonzero = r"(?=[^%1-9]*[1-9])" if positive else ""
+    number: dict[str, Any] = {"type": "number", "maximum": maximum}
+    number["exclusiveMinimum" if positive else "minimum"] = 0
+    return {"anyOf": [{"type": "string", "pattern": rf"^{nonzero}\s*{percent}\s*%\s*$"}, number],
+            "description": what}
+
 
 Share = Annotated[
     int,
     BeforeValidator(parse_share),
     PlainSerializer(format_share, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^\d+(\.\d+)?%$"},
-                {"type": "number", "minimum": 0, "maximum": 1},
-            ],
-            "description": "a share of traffic: 5% or 0.05",
-        }
-    ),
+    WithJsonSchema(_share_schema(_PERCENT_100, 1, positive=False,
+                                 what="a share of traffic: 5% or 0.05")),
 ]
 """Basis points (0..10000), written in a plan as ``5%`` or ``0.05``."""
+
+MAX_HOLDBACK = BASIS_POINTS // 2
+"""A holdback beyond half the units would be the baseline's rollout, not the candidate's."""
+
+
+def _holdback_range(bp: int) -> int:
+    if not 0 < bp <= MAX_HOLDBACK:
+        raise ValueError(f"a holdback must be more than 0% and at most {format_share(MAX_HOLDBACK)}, "
+                         "e.g. 2%")
+    return bp
+
+
+HoldbackShare = Annotated[
+    int,
+    BeforeValidator(parse_share),
+    AfterValidator(_holdback_range),
+    PlainSerializer(format_share, return_type=str),
+    WithJsonSchema(_share_schema(_PERCENT_50, MAX_HOLDBACK / BASIS_POINTS, positive=True,
+                                 what="share of units kept on the baseline after promotion: "
+                                 "more than 0%, at most 50%")),
+]
+"""Basis points in (0, 5000]: the units that stay on the baseline after promotion."""
+
+FULL_TRAFFIC_SCHEMA: dict[str, Any] = {
+    "anyOf": [{"type": "string", "pattern": r"^\s*0*100(\.0*)?\s*%\s*$"}, {"const": 1}]}
+"""The JSON Schema of ``traffic: 100%`` (``1.0`` as a fraction)."""
 
 MAX_SEGMENTS = 5
 MAX_SEGMENT_NAME = 32
@@ -93,14 +153,35 @@ def _check_segment(value: str) -> str:
     return value
 
 
+_SEGMENT_NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_NAME,
+                        "pattern": r"^[^|=]+$"}
 SegmentName = Annotated[
     str, BeforeValidator(lambda v: _check_segment(v) if isinstance(v, str) else v),
-    WithJsonSchema({"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_NAME,
-                    "pattern": r"^[^|=]+$"})]
+    WithJsonSchema(_SEGMENT_NAME_SCHEMA)]
+
+MAX_SEGMENT_VALUE = 64
+"""Telemetry keeps this many characters of a segment value."""
+
+
+def _check_segment_value(value: str) -> str:
+    if not 1 <= len(value) <= MAX_SEGMENT_VALUE or "|" in value or "=" in value:
+        raise ValueError(f"a segment value is 1-{MAX_SEGMENT_VALUE} characters without '|' or '=' "
+                         "(telemetry cuts longer values and rewrites those characters, so it "
+                         "would never match)")
+    return value
+
+
+_SEGMENT_VALUE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_VALUE,
+                         "pattern": r"^[^|=]+$"}
+SegmentValue = Annotated[
+    str, BeforeValidator(lambda v: _check_segment_value(v) if isinstance(v, str) else v),
+    WithJsonSchema(_SEGMENT_VALUE_SCHEMA)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # NaN and infinity compare false with every bound, so a guardrail at NaN never fires
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
@@ -112,7 +193,7 @@ class ModelSpec(_Strict):
         description="model reference: joblib:PATH, python:MODULE:CALLABLE, fake:NAME, "
         "oip:URL#MODEL or mlflow:URL (paths relative to the plan file)",
     )
-    timeout: Duration | None = Field(
+    timeout: PositiveDuration | None = Field(
         default=None, description="per-call timeout (defaults to serving.candidate_timeout)"
     )
 
@@ -184,8 +265,21 @@ class Targeting(_Strict):
     )
 
 
+_NOT_NULL = {"not": {"type": "null"}}
+_STAGE_SCHEMA_EXTRA: dict[str, Any] = {"allOf": [
+    # holdback needs watch and traffic: 100%; watch needs holdback
+    {"if": {"required": ["holdback"], "properties": {"holdback": _NOT_NULL}},
+     "then": {"required": ["watch", "traffic"],
+              "properties": {"watch": _NOT_NULL, "traffic": FULL_TRAFFIC_SCHEMA}}},
+    {"if": {"required": ["watch"], "properties": {"watch": _NOT_NULL}},
+     "then": {"required": ["holdback"], "properties": {"holdback": _NOT_NULL}}},
+]}
+
+
 class Stage(_Strict):
     """One step of the rollout."""
+
+    model_config = ConfigDict(json_schema_extra=_STAGE_SCHEMA_EXTRA)
 
     name: Name
     traffic: Share = Field(default=0, description="share of units served by the candidate")
@@ -193,7 +287,7 @@ class Stage(_Strict):
         default=0, description="share of requests mirrored to the candidate (users see baseline)"
     )
     min_duration: Duration = 0.0
-    max_duration: Duration | None = Field(
+    max_duration: PositiveDuration | None = Field(
         default=None, description="after this, an inconclusive stage follows on_inconclusive"
     )
     min_samples: int = Field(default=0, ge=0, description="minimum samples per arm")
@@ -211,6 +305,12 @@ class Stage(_Strict):
     experiment: Experiment | None = Field(
         default=None, description="split the candidate traffic among the candidate and the "
         "plan's challengers with a bandit, and pick a winner")
+    holdback: HoldbackShare | None = Field(
+        default=None, description="last stage at 100% only: share of units kept on the baseline "
+        "after promotion, judged by the guardrails for `watch`; a proven regression rolls back")
+    watch: PositiveDuration | None = Field(
+        default=None, description="how long the holdback after promotion runs (required with "
+        "holdback)")
 
     @field_validator("approval", mode="before")
     @classmethod
@@ -348,19 +448,36 @@ class Analysis(_Strict):
     max_segment_values: int = Field(
         default=50, ge=1, description="values per segment attribute beyond this are pooled"
     )
+    unit_buckets: int = Field(
+        default=64, ge=16, le=1024,
+        description="hash buckets units are grouped into for the unit-level variance")
+    protected: Annotated[
+        dict[SegmentName, Annotated[list[SegmentValue], Field(min_length=1)]],
+        WithJsonSchema({"type": "object", "propertyNames": _SEGMENT_NAME_SCHEMA,
+                        "additionalProperties": {"type": "array", "minItems": 1,
+                                                 "items": _SEGMENT_VALUE_SCHEMA}}),
+    ] = Field(
+        default_factory=dict,
+        description="segment values that must each prove safety before promotion, by segment "
+        "attribute, e.g. {country: [BR, IN]}")
 
 
 class Serving(_Strict):
     """Data-plane settings."""
 
-    candidate_timeout: Duration = Field(default=0.25, description="per-call candidate timeout")
+    candidate_timeout: PositiveDuration = Field(default=0.25,
+                                                description="per-call candidate timeout")
     breaker_failures: int = Field(default=20, ge=1, description="failures that open the breaker")
-    breaker_window: Duration = 10.0
-    breaker_cooldown: Duration = 5.0
+    breaker_window: PositiveDuration = Field(
+        default=10.0, description="how far back the breaker counts failures")
+    breaker_cooldown: PositiveDuration = Field(
+        default=5.0, description="how long an open breaker keeps the candidate out")
     shadow_queue: int = Field(default=1000, ge=1, description="pending shadow copies kept")
-    label_window: Duration = Field(default=7 * 86400.0, description="how long feedback is joined")
-    telemetry_window: Duration = Field(default=60.0, gt=0, description="aggregation window")
-    refresh: Duration = Field(default=0.5, description="how often replicas re-read the stage")
+    label_window: PositiveDuration = Field(default=7 * 86400.0,
+                                           description="how long feedback is joined")
+    telemetry_window: PositiveDuration = Field(default=60.0, description="aggregation window")
+    refresh: PositiveDuration = Field(default=0.5,
+                                      description="how often replicas re-read the stage")
 
 
 class Plan(_Strict):
@@ -375,9 +492,9 @@ class Plan(_Strict):
     change: Change
     unit: str = Field(default="unit", min_length=1, description="the key that makes it sticky")
     segments: list[SegmentName] = Field(
-        default_factory=list, max_length=MAX_SEGMENTS,
+        default_factory=list, max_length=MAX_SEGMENTS, json_schema_extra={"uniqueItems": True},
         description=f"context attributes analysed apart (at most {MAX_SEGMENTS}, each name at "
-                    f"most {MAX_SEGMENT_NAME} characters)")
+                    f"most {MAX_SEGMENT_NAME} characters, none of them the unit)")
     targeting: Targeting = Field(default_factory=Targeting)
     stages: list[Stage] = Field(min_length=1)
     guardrails: list[Guardrail] = Field(default_factory=list)
@@ -422,7 +539,15 @@ class Plan(_Strict):
         return [g for g in self.guardrails if g.applies_to(stage)]
 
     def canonical(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        """The plan as plain JSON data with its defaults: what the store keeps, what the hash
+        covers. Fields added after plans were first stored are left out at their defaults, so
+        a plan that does not use them keeps the hash it was registered with."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        for section, defaults in _LATER_DEFAULTS.items():
+            for name, default in defaults.items():
+                if data[section].get(name) == default:
+                    del data[section][name]
+        return data
 
     @property
     def hash(self) -> str:
@@ -442,10 +567,16 @@ class Plan(_Strict):
                 [Problem("", "a plan must be a mapping of fields (rollout, endpoint, stages, ...)")],
                 source,
             )
+        non_finite = non_finite_problems(data)
         try:
             plan = cls.model_validate(data)
         except ValidationError as exc:
-            raise PlanValidationError(_problems(exc), source) from None
+            # a NaN is named once, by the scan, however the field's own parser words it
+            rest = [pr for pr in _problems(exc)
+                    if not any(_within(pr.path, bad.path) for bad in non_finite)]
+            raise PlanValidationError([*non_finite, *rest], source) from None
+        if non_finite:  # every field refuses them already; this is the safety net
+            raise PlanValidationError(non_finite, source)
         plan._base_dir = Path(base_dir) if base_dir is not None else Path.cwd()
         problems = semantic_problems(plan)
         if problems:
@@ -454,13 +585,34 @@ class Plan(_Strict):
 
     @classmethod
     def load(cls, path: Path | str) -> Plan:
-        """Read a YAML or JSON plan file."""
-        return cls.from_dict(read_plan_file(path), base_dir=Path(path).resolve().parent,
-                             source=str(path))
+        """Read a YAML or JSON plan file; duplicate keys are listed with every other problem."""
+        data, duplicates = _read_document(path)
+        try:
+            plan = cls.from_dict(data, base_dir=Path(path).resolve().parent, source=str(path))
+        except PlanValidationError as exc:
+            if not duplicates:
+                raise
+            raise PlanValidationError([*duplicates, *exc.problems], str(path)) from None
+        if duplicates:
+            raise PlanValidationError(duplicates, str(path))
+        return plan
+
+
+_LATER_DEFAULTS: dict[str, dict[str, Any]] = {"analysis": {"unit_buckets": 64, "protected": {}}}
+"""Canonical-form defaults that :meth:`Plan.canonical` leaves out (see there)."""
 
 
 def read_plan_file(path: Path | str) -> Any:
-    """Parse a plan file's YAML/JSON text; one clear :class:`PlanError` on failure."""
+    """Parse a plan file's YAML/JSON text; one clear :class:`PlanError` on failure, and a
+    :class:`PlanValidationError` naming each duplicate key."""
+    data, duplicates = _read_document(path)
+    if duplicates:
+        raise PlanValidationError(duplicates, str(path))
+    return data
+
+
+def _read_document(path: Path | str) -> tuple[Any, list[Problem]]:
+    """The file's data and its duplicate keys (``.json`` files are read as strict JSON)."""
     p = Path(path)
     if not p.exists():
         raise PlanError(f"{p}: no such file; check the path")
@@ -470,13 +622,133 @@ def read_plan_file(path: Path | str) -> Any:
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PlanError(f"{p}: cannot read it ({exc})") from None
+    if p.suffix.lower() == ".json":
+        return _parse_json(text, p)
+    return _parse_yaml(text, p)
+
+
+def _parse_yaml(text: str, p: Path) -> tuple[Any, list[Problem]]:
+    loader = PlanLoader(text)
     try:
-        return yaml.safe_load(text)
+        return loader.load_plan_document()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid syntax"
-        raise PlanError(f"{p}: not valid YAML{where}: {problem}") from None
+        kind = "refused" if isinstance(exc, yaml.constructor.ConstructorError) else "not valid YAML"
+        raise PlanError(f"{p}: {kind}{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+class PlanLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader (plain data only: no tag can run code) that also finds
+    duplicate keys, which plain YAML loading settles silently by keeping the last one."""
+
+    def refuse_tag(self, node: yaml.Node) -> Any:
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        raise yaml.constructor.ConstructorError(
+            None, None, f"the tag {tag} is not allowed: a plan is plain data and no code runs "
+            "when it is loaded; remove the tag", node.start_mark)
+
+    def load_plan_document(self) -> tuple[Any, list[Problem]]:
+        """The single document's data, and a problem for each duplicate key in it."""
+        node = self.get_single_node()
+        if node is None:
+            return None, []
+        duplicates: list[Problem] = []
+        self._find_duplicates(node, "", duplicates, set())
+        return self.construct_document(node), duplicates
+
+    def _find_duplicates(self, node: yaml.Node, path: str, out: list[Problem],
+                         seen: set[int]) -> None:
+        if id(node) in seen:  # an alias: checked where its anchor is (and no cycles)
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._find_duplicates(item, _join(path, i), out, seen)
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults`: keys written next to it override, by design
+                key = self.construct_object(key_node, deep=True) if isinstance(
+                    key_node, yaml.ScalarNode) else None
+                where = _join(path, key)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = lines.get(key) if key is not None else None
+                    if first is None:
+                        lines[key] = line
+                except TypeError:  # an unhashable key; the schema refuses it anyway
+                    first = None
+                if first is not None:
+                    out.append(Problem(where, f"duplicate key {key!r} (line {first}, again at line "
+                                       f"{line}): only the last would count; keep one"))
+                self._find_duplicates(value_node, where, out, seen)
+
+
+PlanLoader.add_constructor(None, PlanLoader.refuse_tag)  # every tag SafeLoader does not know
+
+
+class _JsonObject(dict[str, Any]):
+    """A JSON object that remembers the keys it saw more than once."""
+
+    duplicates: dict[str, int]
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject()
+    obj.duplicates = {}
+    for key, value in pairs:
+        if key in obj:
+            obj.duplicates[key] = obj.duplicates.get(key, 1) + 1
+        obj[key] = value
+    return obj
+
+
+def _parse_json(text: str, p: Path) -> tuple[Any, list[Problem]]:
+    try:
+        data = json.loads(text.lstrip("\ufeff"), object_pairs_hook=_json_object)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{p}: not valid JSON at line {exc.lineno}, column {exc.colno}: "
+                        f"{exc.msg}") from None
+    duplicates: list[Problem] = []
+    return _plain_json(data, "", duplicates), duplicates
+
+
+def _plain_json(value: Any, path: str, out: list[Problem]) -> Any:
+    """``value`` with plain dicts, noting each duplicate key with its path."""
+    if isinstance(value, list):
+        return [_plain_json(v, _join(path, i), out) for i, v in enumerate(value)]
+    if isinstance(value, _JsonObject):
+        for key, n in value.duplicates.items():
+            out.append(Problem(_join(path, key), f"duplicate key {key!r} ({n} times): only the "
+                               "last would count; keep one"))
+        return {k: _plain_json(v, _join(path, k), out) for k, v in value.items()}
+    return value
+
+
+def _join(path: str, part: Any) -> str:
+    return f"{path}.{part}" if path else str(part)
+
+
+def _within(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + ".")
+
+
+def non_finite_problems(data: Any, path: str = "") -> list[Problem]:
+    """NaN and infinity anywhere in raw plan data (YAML ``.nan``/``.inf``, JSON
+    ``NaN``/``Infinity``): they compare false with every bound, so they switch checks off."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return [Problem(path, f"{data} is not allowed: NaN and infinity compare false with every "
+                        "bound and would switch this check off; write a finite number")]
+    if isinstance(data, dict):
+        return [pr for k, v in data.items() for pr in non_finite_problems(v, _join(path, k))]
+    if isinstance(data, list | tuple):
+        return [pr for i, v in enumerate(data) for pr in non_finite_problems(v, _join(path, i))]
+    return []
 
 
 def _problems(exc: ValidationError) -> list[Problem]:
@@ -490,16 +762,33 @@ def _problems(exc: ValidationError) -> list[Problem]:
             msg = "unknown field; check its spelling against `safeshift schema`"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] == "finite_number":
+            msg = ("NaN and infinity are not allowed: they compare false with every bound and "
+                   "would switch this check off; write a finite number")
         out.append(Problem(path, msg))
     return out
 
 
 def semantic_problems(plan: Plan) -> list[Problem]:
-    """Checks that span fields: unique names, references between fields, reachable stages."""
+    """Checks that span fields: unique names, references between fields, reachable stages,
+    and that no stage can pass, nor a guardrail go quiet, without anything being judged."""
     problems: list[Problem] = []
     names = [s.name for s in plan.stages]
+    last = len(plan.stages) - 1
     for i, stage in enumerate(plan.stages):
         where = f"stages.{i}"
+        shape = _holdback_problems(stage, where, is_last=i == last)
+        problems += shape
+        if stage.holdback is not None and not shape:
+            problems.append(Problem(f"{where}.holdback", "the watch after promotion is not "
+                                    "available in this release yet; remove holdback and watch "
+                                    "(the rollout then promotes at this stage)"))
+        if stage.is_full and i != last:
+            problems.append(Problem(f"{where}.traffic", "a 100% stage is promotion, so the stages "
+                                    "after it would never run; make it the last stage"))
+        passes_on_evidence = not stage.is_full or stage.holdback is not None
+        if passes_on_evidence and not plan.guardrails_for(stage):
+            problems.append(Problem(where, _unjudged(plan, stage)))
         if names.count(stage.name) > 1:
             problems.append(Problem(f"{where}.name", f"stage name {stage.name!r} is used twice"))
         if stage.traffic == 0 and stage.shadow == 0 and not _has_rules(plan):
@@ -508,6 +797,11 @@ def semantic_problems(plan: Plan) -> list[Problem]:
             problems.append(Problem(f"{where}.shadow", "a stage is either shadow or canary, not both"))
         if stage.max_duration is not None and stage.max_duration < stage.min_duration:
             problems.append(Problem(f"{where}.max_duration", "must not be shorter than min_duration"))
+        arms = 1 + len(plan.challengers)
+        if stage.experiment is not None and stage.experiment.floor * arms > BASIS_POINTS:
+            problems.append(Problem(f"{where}.experiment.floor", f"{arms} arms at a floor of "
+                                    f"{format_share(stage.experiment.floor)} each need more than "
+                                    "all of the stage's traffic; lower the floor"))
         if i > 0 and 0 < stage.traffic < plan.stages[i - 1].traffic:
             problems.append(
                 Problem(f"{where}.traffic", "traffic must not shrink from one stage to the next")
@@ -559,11 +853,122 @@ def semantic_problems(plan: Plan) -> list[Problem]:
                 f"{g.metric!r} is not a built-in metric ({', '.join(BUILTIN_METRICS)}); "
                 "say which way is worse with direction: increase|decrease",
             ))
+        if g.min is not None and g.max is not None and g.min > g.max:
+            problems.append(Problem(f"{where}.min", f"min {g.min:g} is above max {g.max:g}, so no "
+                                    "value could pass; swap them"))
+        if all(name in names for name in g.stage or []) and not _judged_by(plan, g):
+            problems.append(Problem(where, _judges_nothing(plan, g)))
+    problems += _duplicate_guardrails(plan)
     for kind in ("always_candidate", "never_candidate"):
         for key in getattr(plan.targeting, kind):
             if not key:
                 problems.append(Problem(f"targeting.{kind}", "empty attribute name"))
+    problems += _segment_problems(plan)
     return problems
+
+
+def _runs_guardrails(plan: Plan, index: int) -> bool:
+    """Whether the controller runs the guardrails in stage ``index``: every stage below 100%;
+    a 100% stage only when the rollout starts in it (entering one later is promotion) or when
+    a holdback keeps comparing after promotion."""
+    stage = plan.stages[index]
+    return not stage.is_full or index == 0 or stage.holdback is not None
+
+
+def _judged_by(plan: Plan, guardrail: Guardrail) -> list[str]:
+    """The names of the stages in which ``guardrail`` is run."""
+    return [s.name for i, s in enumerate(plan.stages)
+            if _runs_guardrails(plan, i) and guardrail.applies_to(s)]
+
+
+def _holdback_problems(stage: Stage, where: str, *, is_last: bool) -> list[Problem]:
+    problems = []
+    if stage.holdback is not None:
+        if not is_last:
+            problems.append(Problem(f"{where}.holdback", "only the last stage can have a holdback: "
+                                    "it runs after promotion"))
+        if not stage.is_full:
+            problems.append(Problem(f"{where}.holdback", "a holdback needs traffic: 100% (it is "
+                                    "the share that stays on the baseline after promotion)"))
+        if stage.watch is None:
+            problems.append(Problem(f"{where}.watch", "required with holdback: how long the "
+                                    "holdback runs after promotion, e.g. 24h"))
+    elif stage.watch is not None:
+        problems.append(Problem(f"{where}.watch", "watch applies only with a holdback; add "
+                                "holdback (e.g. 2%) or remove watch"))
+    return problems
+
+
+def _unjudged(plan: Plan, stage: Stage) -> str:
+    what = ("the holdback after promotion" if stage.is_full else f"stage {stage.name!r}")
+    text = (f"no guardrail judges {what}, so it would pass on time and samples alone; add a "
+            "guardrail that applies to it")
+    if plan.guardrails:
+        text += (" (check the guardrails' stage lists; shadow metrics apply only to shadow "
+                 "stages)")
+    return text
+
+
+def _judges_nothing(plan: Plan, g: Guardrail) -> str:
+    text = "this guardrail judges no stage, so it could never stop the rollout: "
+    if g.stage is not None:
+        return text + ("the stages it names are entered by promotion at 100%, where nothing "
+                       "is compared; name a stage before it (or give that stage a holdback)")
+    if g.info.source is Source.SHADOW:
+        return text + ("a shadow metric is judged only in shadow stages and this plan has none; "
+                       "add a shadow stage, or name the stages with stage:")
+    return text + "name the stages it should judge with stage:"
+
+
+def _checks(g: Guardrail) -> set[str]:
+    """What a guardrail tests on its signal: a comparison in a direction, or a side of a bound."""
+    if not g.is_bound:
+        return {f"compare:{g.info.bad}"}
+    return {side for side, value in (("max", g.max), ("min", g.min)) if value is not None}
+
+
+def _duplicate_guardrails(plan: Plan) -> list[Problem]:
+    """Two guardrails that read the same signal (metric, ``above``, source) with the same kind
+    of test in a common stage: their verdicts share one name and one would shadow the other."""
+    problems = []
+    stages = [set(_judged_by(plan, g)) for g in plan.guardrails]
+    for j, g in enumerate(plan.guardrails):
+        for i, h in enumerate(plan.guardrails[:j]):
+            common = stages[i] & stages[j]
+            if ((g.key, g.info.source) == (h.key, h.info.source) and _checks(g) & _checks(h)
+                    and common):
+                where = ", ".join(s.name for s in plan.stages if s.name in common)
+                problems.append(Problem(f"guardrails.{j}", f"duplicates guardrails.{i}: both "
+                                        f"judge {g.key} the same way in {where}; remove one, or "
+                                        "give them stage lists that do not overlap"))
+                break
+    return problems
+
+
+def _segment_problems(plan: Plan) -> list[Problem]:
+    problems = []
+    for i, name in enumerate(plan.segments):
+        if name == plan.unit:
+            problems.append(Problem(f"segments.{i}", f"{name!r} is the unit attribute: every unit "
+                                    "would be a segment of its own, too small to judge; segment by "
+                                    "an attribute units share, such as country"))
+        if name in plan.segments[:i]:
+            problems.append(Problem(f"segments.{i}", f"{name!r} is listed twice; keep one"))
+    never = plan.targeting.never_candidate
+    for attr, values in plan.analysis.protected.items():
+        where = f"analysis.protected.{attr}"
+        if attr not in plan.segments:
+            listed = ", ".join(plan.segments) or "none"
+            problems.append(Problem(where, f"{attr!r} is not one of segments ({listed}); protect "
+                                    f"values of a segment attribute, or add {attr!r} to segments"))
+        for k, value in enumerate(values):
+            if value in never.get(attr, []):
+                problems.append(Problem(f"{where}.{k}", f"{attr}={value} never gets the candidate "
+                                        "(targeting.never_candidate), so it could never prove "
+                                        "safety; remove it from one of the two"))
+    return problems
+
+
 
 
 def _has_rules(plan: Plan) -> bool:
@@ -586,8 +991,13 @@ def tolerance_warnings(plan: Plan) -> list[str]:
 
 
 def plan_json_schema() -> dict[str, Any]:
-    """The JSON Schema of a plan file, for editors and CI checks."""
+    """The JSON Schema of a plan file, for editors and CI checks. Checks that span fields
+    (:func:`semantic_problems`) are left to ``safeshift validate`` where JSON Schema cannot
+    say them; the at-most-one 100% stage part of "a 100% stage comes last" it can."""
     schema = Plan.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "safeshift rollout plan"
+    schema["properties"]["stages"].update({
+        "contains": {"required": ["traffic"], "properties": {"traffic": FULL_TRAFFIC_SCHEMA}},
+        "minContains": 0, "maxContains": 1})
     return schema

@@ -8,13 +8,14 @@ build on. It keeps the current traffic split cached, refreshed from the store wi
 from __future__ import annotations
 
 import math
+import numbers
 import queue
+import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from safeshift.analysis import StageAnalysis, analyse
 from safeshift.assign import BASELINE, Assigner, Assignment, Split
 from safeshift.clock import Clock, SystemClock
 from safeshift.controller import Controller
-from safeshift.errors import RolloutError, UnknownRequestError
+from safeshift.errors import RejectedInputError, RolloutError, UnknownRequestError
 from safeshift.experiment import allocation, current_variants, variant_split
 from safeshift.models import ModelBackend, ModelResult, load_model
-from safeshift.plan import Plan
+from safeshift.models.base import validate_result
+from safeshift.plan import BUILTIN_METRICS, Plan
+from safeshift.serving import INPUTS, REQUEST_FAULT, Serving, failed, run_sync
 from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
 from safeshift.store import Store, open_store
 from safeshift.telemetry import (
@@ -39,6 +42,7 @@ from safeshift.telemetry import (
     UnitCounter,
     prediction_signals,
     rows_from_cells,
+    unit_cluster,
 )
 
 MAX_BUFFERED_RECORDS = 200_000
@@ -84,6 +88,9 @@ class Status:
     pending_stage: str | None
     analysis: StageAnalysis | None
     variants: dict[str, float] = field(default_factory=dict)  # candidate variant -> share of it
+    # arm -> {"count", "share"}: requests that failed through their own fault in the stage
+    # (inputs the baseline rejects), counted against neither model
+    request_faults: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +99,7 @@ class Status:
             "traffic": self.traffic / BASIS_POINTS, "shadow": self.shadow / BASIS_POINTS,
             "stage_elapsed": self.stage_elapsed, "reason": self.reason,
             "pending_stage": self.pending_stage, "variants": self.variants,
+            "request_faults": self.request_faults,
             "analysis": self.analysis.to_json() if self.analysis else None,
         }
 
@@ -150,6 +158,136 @@ def label_mismatch(rec: RequestRecord, label: Any) -> str | None:
     return None
 
 
+# -- feedback values -----------------------------------------------------------------------
+
+OUTCOME_LIMIT = 1e9
+"""Outcome values (and numeric labels where ``abs_error`` is guarded) must lie within
+±``OUTCOME_LIMIT``: the sequential tests keep running sums of squares, and one absurd value such
+as 1e308 would overflow them and freeze a guardrail (or swamp it)."""
+
+
+def outcome_range(metric: str) -> tuple[float, float]:
+    """The values an outcome ``metric`` may take: [0, 1] for a built-in rate (e.g. ``accuracy``
+    sent as an outcome), else ±:data:`OUTCOME_LIMIT`."""
+    info = BUILTIN_METRICS.get(metric)
+    if info is not None and info.rate:
+        return 0.0, 1.0
+    return -OUTCOME_LIMIT, OUTCOME_LIMIT
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    if isinstance(value, int):  # a Python int may not even convert to a float
+        return abs(value) <= sys.float_info.max
+    return math.isfinite(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:12]}…{text[-8:]}"
+
+
+def _label_values(label: Any) -> Iterator[tuple[str, Any]]:
+    """(field, value) for every scalar of a label: ``label``, or ``label[i]`` (nested lists
+    too), without recursion."""
+    stack: list[tuple[str, Any]] = [("label", label)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, list | tuple):
+            stack.extend(reversed([(f"{where}[{i}]", v) for i, v in enumerate(value)]))
+        else:
+            yield where, value
+
+
+def check_feedback_values(label: Any, outcome: Any, *,
+                          label_limit: float | None = None) -> tuple[str, str] | None:
+    """The first label or outcome value that cannot be counted, as (field, what is wrong and
+    what to do), or None. Fields are relative to the item: ``label``, ``label[2]``,
+    ``outcome.revenue``. Labels must be finite (within ±``label_limit`` when it is given);
+    outcomes finite numbers within :func:`outcome_range`."""
+    if outcome is not None:
+        if not isinstance(outcome, Mapping):
+            return "outcome", "'outcome' must be an object of metric: number"
+        for metric, value in outcome.items():
+            where = f"outcome.{metric}"
+            if not _real(value):
+                return where, f"outcome values must be numbers, not {_shown(value)}"
+            low, high = outcome_range(str(metric))
+            if not _finite(value):
+                return where, (f"{_shown(value)} is not a finite number: send a number within "
+                               f"[{low:g}, {high:g}], the range of {metric!r}")
+            if not low <= value <= high:
+                why = ("a rate is a share between 0 and 1" if high == 1.0 else
+                       "larger values would swamp the guardrails' sums; send it in a larger unit")
+                return where, (f"{_shown(value)} is outside [{low:g}, {high:g}], the range of "
+                               f"{metric!r}: send a number in that range ({why})")
+    if label is not None:
+        for where, value in _label_values(label):
+            if not _real(value):
+                continue
+            if not _finite(value):
+                return where, (f"{_shown(value)} is not a finite label: send the true answer "
+                               "(a finite number, a string or a boolean)")
+            if label_limit is not None and not abs(value) <= label_limit:
+                return where, (f"{_shown(value)} is outside [{-label_limit:g}, {label_limit:g}]: "
+                               "numeric labels are scored as abs_error, whose sums a larger "
+                               "value would swamp; send it in a larger unit")
+    return None
+
+
+# -- request ids -----------------------------------------------------------------------------
+
+
+class RequestIdTakenError(RolloutError):
+    """A request id that an earlier request already has (feedback joins on it)."""
+
+
+class RecentRequestIds:
+    """Request ids recently given to requests in this process, each held until its record's
+    label window ends; at most ``size`` (the oldest forgotten first, when the store has long
+    had their records). Thread-safe."""
+
+    def __init__(self, size: int = MAX_BUFFERED_RECORDS) -> None:
+        self.size = size
+        self._until: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def claim(self, request_id: str, until: float, now: float) -> bool:
+        """Hold ``request_id`` until ``until``; False (and nothing changes) when it is held."""
+        with self._lock:
+            held = self._until.get(request_id)
+            if held is not None and held > now:
+                return False
+            self._until[request_id] = until
+            self._until.move_to_end(request_id)
+            if len(self._until) > self.size:
+                self._until.popitem(last=False)
+            return True
+
+    def hold(self, request_id: str, until: float) -> None:
+        """Hold ``request_id`` until ``until`` (e.g. the expiry of a record found in the store)."""
+        with self._lock:
+            self._until[request_id] = until
+
+    def release(self, request_id: str) -> None:
+        """Forget a claim whose request left no record (its inputs were refused)."""
+        with self._lock:
+            self._until.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+
+def request_id_taken(request_id: str, source: str | None = None) -> str:
+    """The message for a request id that is taken (``source`` says where it came from)."""
+    origin = f" ({source})" if source else ""
+    return (f"request id {request_id!r}{origin} is already taken by an earlier request; feedback "
+            "joins on the id, so each request needs its own: send a fresh id (e.g. a UUID)")
+
+
 class Rollout:
     """One rollout of a plan against a store. Build it with :meth:`from_plan`."""
 
@@ -174,7 +312,8 @@ class Rollout:
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
         self._shadow: _ShadowWorker | None = None
-        self._pool: ThreadPoolExecutor | None = None
+        self.serving = Serving(self)  # the serving steps and the candidates' protection
+        self.request_ids = RecentRequestIds()  # the ids check_request_id claimed
 
     # -- construction -----------------------------------------------------------------
 
@@ -263,49 +402,47 @@ class Rollout:
     def predict(self, inputs: Any, *, unit: str | None = None,
                 context: Mapping[str, Any] | None = None, request_id: str | None = None) -> Prediction:
         """Serve one request in-process: assign, call the arm's model (the baseline answers if
-        the candidate fails), mirror to the candidate in shadow stages, record telemetry."""
+        the candidate fails), mirror to the candidate in shadow stages, record telemetry — the
+        steps of :meth:`Serving.serve`, shared with the gateway. Inputs the baseline rejects
+        raise :class:`RejectedInputError` (counted as a request fault, not a model error)."""
         rows = inputs if isinstance(inputs, list) else [inputs]
         a = self.assign(unit, context)
         rid = request_id or uuid.uuid4().hex
-        if a.is_candidate:
-            result = self._call_candidate(a.variant, rows)
-            self.record(a, result, context=context, request_id=rid)
-            if result.ok and result.outputs is not None:
-                return Prediction(rid, result.outputs, a.version, a.arm, a.stage)
-            base = self.model(BASELINE).predict(rows)
-            return Prediction(rid, self._outputs(base, rows), self.plan.baseline.version,
-                              BASELINE, a.stage, fallback=True)
-        base = self.model(BASELINE).predict(rows)
-        if a.shadow:
-            self.record(a, base, context=context, request_id=rid, keep=False)
-            self._shadow_worker().submit(a, rows, base, context, rid)
-        else:
-            self.record(a, base, context=context, request_id=rid)
-        return Prediction(rid, self._outputs(base, rows), a.version, a.arm, a.stage)
+        answer = run_sync(self.serving.serve(a, rows, context=context, request_id=rid),
+                          lambda arm: self._call(arm, rows))
+        if answer.failure == INPUTS:
+            raise RejectedInputError(f"the model rejected the inputs: {answer.result.error}")
+        if answer.failure is not None:
+            raise RolloutError(f"the baseline model failed: {answer.result.error}")
+        if answer.shadow:
+            self._shadow_worker().submit(a, rows, answer.result, context, rid)
+        return Prediction(rid, answer.outputs, answer.version, answer.arm, a.stage,
+                          fallback=answer.fallback is not None)
+
+    def _call(self, arm: str, rows: list[Any]) -> ModelResult:
+        """One model call for the serving steps: the baseline inline, a candidate protected."""
+        if arm != BASELINE:
+            return self._call_candidate(arm, rows)
+        start = time.perf_counter()
+        try:
+            result = self.model(BASELINE).predict(rows)
+        except Exception as exc:  # a backend that breaks the protocol by raising
+            result = failed(exc, start)
+        return validate_result(result, len(rows))
 
     def _call_candidate(self, variant: str, rows: list[Any]) -> ModelResult:
-        """The candidate's answer within its timeout; a late answer is a timeout result (the
-        call finishes in the background and is discarded)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(4, thread_name_prefix="safeshift-candidate")
-        timeout = self.timeout(variant)
-        start = time.perf_counter()
-        future = self._pool.submit(self.model(variant).predict, rows)
-        try:
-            return future.result(timeout=timeout)
-        except FutureTimeout:
-            return ModelResult(error=f"timeout after {timeout * 1000:.0f} ms", timed_out=True,
-                               latency_ms=(time.perf_counter() - start) * 1000)
-
-    @staticmethod
-    def _outputs(result: ModelResult, rows: Sequence[Any]) -> list[Any]:
-        if result.ok and result.outputs is not None:
-            return result.outputs
-        raise RolloutError(f"the baseline model failed: {result.error}")
+        """The candidate's answer within its timeout, from its own thread pool, where a hung
+        call cannot make the calls behind it time out (:class:`~safeshift.serving.CandidatePool`);
+        a late answer is a timeout result (the call finishes in the background, discarded)."""
+        guard = self.serving.guards[variant]
+        result = guard.pool.run(self.model(variant).predict, rows, guard.timeout)
+        return validate_result(result, len(rows))
 
     def _cell(self, a: Assignment, arm: str, context: Mapping[str, Any] | None) -> CellKey:
         segment = self.aggregator.keyer.key(context)
-        return self.aggregator.key(a.stage_index, arm, str(a.reason), segment, self.clock.now())
+        cluster = unit_cluster(a.unit_hash, self.plan.analysis.unit_buckets)
+        return self.aggregator.key(a.stage_index, arm, str(a.reason), segment, self.clock.now(),
+                                   cluster)
 
     def record(self, a: Assignment, result: ModelResult, *, context: Mapping[str, Any] | None = None,
                request_id: str | None = None, arm: str | None = None, keep: bool = True) -> None:
@@ -326,6 +463,12 @@ class Rollout:
         if keep and request_id is not None:
             outputs = {arm: result.outputs} if result.ok else {}
             self._keep(request_id, a, key, outputs)
+
+    def record_request_fault(self, a: Assignment, *, context: Mapping[str, Any] | None = None) -> None:
+        """Count a request that failed through its own fault — inputs the baseline rejects, or
+        rejected before any model ran — on its arm as ``request_fault``: not a request of the
+        comparison, never an ``error_rate`` failure of either model (docs/decisions.md)."""
+        self.aggregator.observe(self._cell(a, a.telemetry_arm, context), {REQUEST_FAULT: 1.0})
 
     def record_shadow(self, a: Assignment, baseline: ModelResult, candidate: ModelResult, *,
                       context: Mapping[str, Any] | None, request_id: str | None) -> None:
@@ -367,7 +510,8 @@ class Rollout:
     def _keep(self, request_id: str, a: Assignment, key: CellKey, outputs: dict[str, Any]) -> None:
         now = self.clock.now()
         rec = RequestRecord(request_id, self.plan.rollout, a.stage_index, a.telemetry_arm, key.cohort,
-                            key.segment, now, now + self.plan.serving.label_window, outputs)
+                            key.segment, now, now + self.plan.serving.label_window, outputs,
+                            key.cluster)
         with self._records_lock:
             self._records.append(rec)
 
@@ -376,7 +520,27 @@ class Rollout:
             self._shadow = _ShadowWorker(self)
         return self._shadow
 
+    # -- request ids ----------------------------------------------------------------------
+
+    def check_request_id(self, request_id: str) -> None:
+        """Claim a caller's id for a new request: :class:`RequestIdTakenError` when a request
+        here already had it (within its label window) or the store holds a record with it.
+        Call it before serving; :meth:`RecentRequestIds.release` it when nothing was recorded."""
+        now = self.clock.now()
+        if not self.request_ids.claim(request_id, now + self.plan.serving.label_window, now):
+            raise RequestIdTakenError(request_id_taken(request_id))
+        rec = self.store.get_request(request_id)
+        if rec is not None:
+            self.request_ids.hold(request_id, rec.expires_at)
+            raise RequestIdTakenError(request_id_taken(request_id))
+
     # -- feedback -------------------------------------------------------------------------
+
+    def feedback_problem(self, label: Any, outcome: Any) -> tuple[str, str] | None:
+        """:func:`check_feedback_values` as this rollout counts feedback: numeric labels are
+        bounded too when a guardrail scores them as ``abs_error``."""
+        return check_feedback_values(label, outcome,
+                                     label_limit=OUTCOME_LIMIT if self._abs_error else None)
 
     def _find(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The live request records for ``request_ids``; :class:`UnknownRequestError` names
@@ -421,8 +585,8 @@ class Rollout:
         for signal, per_arm in signals.items():
             cells: dict[CellKey, Cell] = {}
             for arm, values in per_arm.items():
-                cell = cells.setdefault(CellKey(rec.stage, arm, rec.cohort, rec.segment, window),
-                                        Cell())
+                cell = cells.setdefault(
+                    CellKey(rec.stage, arm, rec.cohort, rec.segment, window, rec.cluster), Cell())
                 for v in values:
                     cell.moments(signal).add(v)
             # shadow: both models answered this input, so the label scores a pair (candidate
@@ -430,7 +594,7 @@ class Rollout:
             others = [arm for arm in per_arm if arm != BASELINE]
             base = per_arm.get(BASELINE)
             if base is not None and len(others) == 1 and len(per_arm[others[0]]) == len(base):
-                key = CellKey(rec.stage, others[0], rec.cohort, rec.segment, window)
+                key = CellKey(rec.stage, others[0], rec.cohort, rec.segment, window, rec.cluster)
                 for c, b in zip(per_arm[others[0]], base, strict=True):
                     cells[key].moments(f"{signal}:paired").add(c - b)
             value = sum(sum(v) for v in per_arm.values())
@@ -450,6 +614,9 @@ class Rollout:
         for i, item in enumerate(items):
             if item.get("label") is None and not item.get("outcome"):
                 raise ValueError(f"item {i}: give a label or an outcome")
+            bad = self.feedback_problem(item.get("label"), item.get("outcome"))
+            if bad:
+                raise ValueError(f"item {i}: {bad[0]}: {bad[1]}")
         records = self._find([str(item["id"]) for item in items])
         for i, item in enumerate(items):
             problem = label_mismatch(records[str(item["id"])], item.get("label"))
@@ -479,7 +646,8 @@ class Rollout:
         cell.metrics["report_rate"] = Moments(0.0, 1.0, 1.0)  # a numerator without a request
         cell.metrics[f"reports:{kind[:32]}"] = Moments(1.0, 1.0, 1.0)
         rows = rows_from_cells(self.plan.rollout,
-                               {CellKey(rec.stage, rec.arm, rec.cohort, rec.segment, window): cell})
+                               {CellKey(rec.stage, rec.arm, rec.cohort, rec.segment, window,
+                                        rec.cluster): cell})
         item = FeedbackItem(request_id, "report_rate", 1.0, self.clock.now(), list(rows))
         return self.store.add_feedback([item])[0]
 
@@ -575,13 +743,27 @@ class Rollout:
         return Status(self.plan.rollout, self.plan.endpoint, state.phase,
                       split.stage if state.stage_index >= 0 else None, state.stage_index,
                       split.traffic, split.shadow, max(until - state.stage_started_at, 0.0),
-                      state.reason, pending, analysis, allocation(self.plan, state))
+                      state.reason, pending, analysis, allocation(self.plan, state),
+                      self._request_faults(state.stage_index))
+
+    def _request_faults(self, stage: int) -> dict[str, dict[str, float]]:
+        """Per arm, the stage's request faults and their share of the arm's requests."""
+        if stage < 0:
+            return {}
+        faults: dict[str, float] = {}
+        requests: dict[str, float] = {}
+        for row in self.store.telemetry_totals(self.plan.rollout, stage):
+            if row.signal == REQUEST_FAULT:
+                faults[row.arm] = faults.get(row.arm, 0.0) + row.n
+            elif row.signal == "requests":
+                requests[row.arm] = requests.get(row.arm, 0.0) + row.n
+        return {arm: {"count": n, "share": n / (n + requests.get(arm, 0.0))}
+                for arm, n in sorted(faults.items())}
 
     def close(self) -> None:
         if self._shadow is not None:
             self._shadow.stop()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.serving.close()
         self.flush()
         for m in self._models.values():
             m.close()
@@ -612,11 +794,16 @@ class _ShadowWorker:
             try:
                 if item is None:
                     return
-                a, rows, base, context, rid = item
-                cand = self.rollout.model(self.rollout.shadow_variant).predict(rows)
-                self.rollout.record_shadow(a, base, cand, context=context, request_id=rid)
+                self._copy(*item)
             finally:
                 self.queue.task_done()
+
+    def _copy(self, a: Assignment, rows: list[Any], base: ModelResult,
+              context: Mapping[str, Any] | None, rid: str) -> None:
+        """The candidate's answer to one copy, under the same protection as a live call."""
+        rollout = self.rollout
+        run_sync(rollout.serving.shadow(a, rows, base, context=context, request_id=rid),
+                 lambda arm: rollout._call(arm, rows))
 
     def drain(self) -> None:
         self.queue.join()

@@ -56,12 +56,30 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class UserDifferences:
+    """How users differ, on both arms alike: the traffic every real rollout sees, where requests
+    of one user are correlated and a test that treats them as independent is too confident.
+
+    Each user gets a request weight (log-normal with ``activity_sigma``: some users send far
+    more requests), an error factor (Beta around 1 with ``error_concentration``, lower is more
+    spread; a ``flaky_share`` of users fail ``flaky_factor`` times as often) and an accuracy
+    offset (Beta around the arm's accuracy with ``accuracy_concentration``)."""
+
+    activity_sigma: float = 1.5
+    error_concentration: float = 2.0
+    flaky_share: float = 0.02
+    flaky_factor: float = 20.0
+    accuracy_concentration: float = 8.0
+
+
+@dataclass(frozen=True, slots=True)
 class Scenario:
     name: str
     description: str
     baseline: ArmBehaviour = ArmBehaviour()
     candidate: ArmBehaviour = ArmBehaviour()
     fault: Fault | None = None
+    users: UserDifferences | None = None  # None: every user alike, requests independent
     challengers: tuple[ArmBehaviour, ...] = ()  # in the order of the plan's challengers
     rate: float | None = None  # requests per second, when the scenario is about traffic
     label_delay: float = 300.0  # seconds until a label arrives
@@ -86,6 +104,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              fault=Fault("country", "BR", error_rate=0.2)),
     Scenario("low-traffic", "a good candidate at a trickle of traffic (0.2 requests/s): "
              "stages hold, they never fail", candidate=ArmBehaviour(accuracy=0.91), rate=0.2),
+    Scenario("identical-users-differ", "A/A on realistic users: a few fail far more often, "
+             "some send far more requests", users=UserDifferences()),
+    Scenario("errors-users-differ", "the candidate fails twice as often, on users who differ",
+             candidate=ArmBehaviour(error_rate=0.02), users=UserDifferences()),
     Scenario("bandit", "for plans with challengers: the first challenger is 5 points more "
              "accurate, the second fails 5% of requests",
              challengers=(ArmBehaviour(accuracy=0.95), ArmBehaviour(error_rate=0.05))),
@@ -110,6 +132,7 @@ class Request:
     row: Any
     label: Any
     u: float = 0.5  # common random number: both arms are right or wrong on the same inputs
+    user: int = -1  # the population's index of the user, for their propensities
 
 
 class Responder(Protocol):
@@ -122,16 +145,21 @@ class SyntheticResponder:
     """Draws errors, latencies and correctness from the scenario."""
 
     def __init__(self, scenario: Scenario, rng: np.random.Generator,
-                 challengers: Sequence[str] = ()) -> None:
+                 challengers: Sequence[str] = (), population: Population | None = None) -> None:
         self.scenario = scenario
         self.rng = rng
+        self.population = population
         # challengers the scenario does not describe behave like the candidate
         self.variants = dict(zip(challengers, scenario.challengers, strict=False))
 
-    def _behaviour(self, arm: str, context: Mapping[str, str]) -> tuple[float, float, float, float]:
+    def _behaviour(self, arm: str, context: Mapping[str, str],
+                   user: int = -1) -> tuple[float, float, float, float]:
         candidate = self.variants.get(arm, self.scenario.candidate)
         b = self.scenario.baseline if arm == BASELINE else candidate
         err, acc, lat, sigma = b.error_rate, b.accuracy, b.latency_ms, b.latency_sigma
+        if self.population is not None and user >= 0 and self.population.error_factor is not None:
+            err = min(1.0, err * float(self.population.error_factor[user]))
+            acc = min(1.0, max(0.0, acc + float(self.population.accuracy_offset[user])))
         f = self.scenario.fault
         if arm != BASELINE and f is not None and context.get(f.attribute) == f.value:
             err = f.error_rate if f.error_rate is not None else err
@@ -144,7 +172,7 @@ class SyntheticResponder:
         u = self.rng.random(len(requests))
         z = self.rng.standard_normal(len(requests))
         for i, r in enumerate(requests):
-            err, acc, lat, sigma = self._behaviour(arm, r.context)
+            err, acc, lat, sigma = self._behaviour(arm, r.context, r.user)
             latency = float(lat * math.exp(sigma * z[i]))
             if u[i] < err:
                 out.append(ModelResult(error="RuntimeError: simulated fault", latency_ms=latency))
@@ -158,13 +186,34 @@ class Population:
     """A fixed set of synthetic users, each with sticky segment attributes."""
 
     def __init__(self, mix: Mapping[str, Mapping[str, float]], size: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, users: UserDifferences | None = None,
+                 base_accuracy: float = 0.9) -> None:
         self.size = size
         self.attrs: dict[str, tuple[list[str], np.ndarray]] = {}
         for attr, weights in mix.items():
             values = list(weights)
             p = np.array([weights[v] for v in values], dtype=float)
             self.attrs[attr] = (values, rng.choice(len(values), size=size, p=p / p.sum()))
+        self.activity: np.ndarray | None = None
+        self.error_factor: np.ndarray | None = None
+        self.accuracy_offset: np.ndarray = np.zeros(size)
+        if users is not None:
+            weight = rng.lognormal(0.0, users.activity_sigma, size)
+            self.activity = weight / weight.sum()
+            m = 0.1  # the factor's Beta is drawn on [0, 1] with this mean, then scaled to mean 1
+            factor = rng.beta(m * users.error_concentration, (1 - m) * users.error_concentration,
+                              size) / m
+            factor[rng.random(size) < users.flaky_share] = users.flaky_factor
+            self.error_factor = factor
+            c = users.accuracy_concentration
+            self.accuracy_offset = rng.beta(base_accuracy * c, (1 - base_accuracy) * c,
+                                            size) - base_accuracy
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """The users who send the next ``n`` requests."""
+        if self.activity is None:
+            return rng.integers(0, self.size, size=n)
+        return rng.choice(self.size, size=n, p=self.activity)
 
     def context(self, i: int) -> dict[str, str]:
         return {attr: values[int(idx[i])] for attr, (values, idx) in self.attrs.items()}
@@ -232,7 +281,7 @@ def drive(
     awaiting_since: float | None = None
     while clock.now() - start < max_seconds:
         n = int(rng.poisson(rate * step))
-        users = rng.integers(0, population.size, size=n)
+        users = population.draw(rng, n)
         inputs, truths = rows(rng, n)
         uniforms = rng.random(n)
         batch: dict[str, list[Request]] = {BASELINE: []}
@@ -243,7 +292,8 @@ def drive(
             unit = f"user-{uid}"
             a = rollout.assign(unit, ctx)
             counter += 1
-            req = Request(f"sim-{counter}", unit, ctx, a, inputs[k], truths[k], float(uniforms[k]))
+            req = Request(f"sim-{counter}", unit, ctx, a, inputs[k], truths[k], float(uniforms[k]),
+                          uid)
             batch.setdefault(a.telemetry_arm, []).append(req)
             if a.shadow:
                 shadowed.append(req)
@@ -339,7 +389,7 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
                            "or another store")
     rollout = Rollout.from_plan(plan, store=store, clock=clock,
                                 models={v: FakeModel() for v in (BASELINE, *plan.variants)})
-    pop = Population(scenario.mix, population, rng)
+    pop = Population(scenario.mix, population, rng, scenario.users, scenario.baseline.accuracy)
     start = clock.now()
     wall = time.perf_counter()
     if console is not None:
@@ -364,7 +414,7 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
 
         n, nc, fb, labels = drive(
             rollout, clock,
-            respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers]),
+            respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers], pop),
             rows=_binary_rows,
             population=pop, rng=rng, rate=rate, max_seconds=max_seconds,
             label_delay=scenario.label_delay, label_share=scenario.label_share,

@@ -156,6 +156,7 @@ class RequestRecord:
     created_at: float
     expires_at: float
     outputs: dict[str, Any]  # arm -> first output (both arms in shadow)
+    cluster: int = -1  # the unit's cluster (see safeshift.telemetry), that labels count in
 
 
 @dataclass(slots=True)

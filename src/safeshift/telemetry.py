@@ -1,8 +1,16 @@
 """Events become mergeable sufficient statistics.
 
-Each observation lands in a *cell* — (stage, arm, cohort, segment, time window) — as count, sum
-and sum of squares per signal, plus a log-bucketed histogram for latencies. Cells from many
-processes merge by addition, so the store grows with time windows, not with traffic.
+Each observation lands in a *cell* — (stage, arm, cohort, segment, time window, cluster) — as
+count, sum and sum of squares per signal, plus a log-bucketed histogram for latencies. Cells from
+many processes merge by addition, so the store grows with time windows, segments and clusters,
+never with users or requests.
+
+The *cluster* is the unit's hash bucket (``analysis.unit_buckets`` of them, from the unit's
+assignment hash). Every unit lies wholly in one cluster, so per-cluster sums are what the
+unit-level (cluster-robust) variance needs, and they stay additive across windows and replicas.
+Only the signals guardrails compare are kept per cluster; counts (requests, units, predictions
+by class) and histograms are kept per cell without one (``-1``): quantiles, drift and the
+traffic split need no unit-level variance.
 
 Signals are named by what they measure: ``requests`` (count), ``error_rate`` (0/1),
 ``latency_ms`` (value), ``latency_ms>250`` (0/1, one per latency guardrail threshold),
@@ -13,9 +21,10 @@ first seen in the stage, for the sample-ratio check), and so on.
 from __future__ import annotations
 
 import math
+import random
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from safeshift.plan import Plan
@@ -34,6 +43,20 @@ SCORE_BINS = 10
 outputs by class (``class:VALUE``). Both feed the prediction-drift comparison."""
 MAX_CLASSES = 20
 
+NO_CLUSTER = -1
+"""The cluster of telemetry analysed request by request: histograms, and telemetry written
+before unit clusters existed."""
+_MIX = 0x9E3779B1  # Knuth's multiplicative hash: the top bits mix all of the input
+
+
+def unit_cluster(unit_hash: int, clusters: int) -> int:
+    """The cluster in ``[0, clusters)`` of the unit whose assignment hash is ``unit_hash``: the
+    same for every request and label of that unit. A request without a hashed unit (anonymous,
+    or targeted by a rule) is its own independent observation and gets a random cluster."""
+    if unit_hash < 0:
+        return random.randrange(clusters)
+    return (((unit_hash * _MIX) & 0xFFFFFFFF) * clusters) >> 32
+
 
 class UnitCounter:
     """Tells whether a hashed unit is seen for the first time in a stage, in fixed memory.
@@ -46,7 +69,6 @@ class UnitCounter:
 
     LOG2_BITS = 25
     BITS = 1 << LOG2_BITS
-    _MIX = 0x9E3779B1  # Knuth's multiplicative hash: the top bits mix all of the input
 
     def __init__(self) -> None:
         self._maps: dict[int, bytearray] = {}
@@ -55,7 +77,7 @@ class UnitCounter:
     def first(self, stage: int, unit_hash: int) -> bool:
         if unit_hash < 0:
             return False
-        index = ((unit_hash * self._MIX) & 0xFFFFFFFF) >> (32 - self.LOG2_BITS)  # the top bits
+        index = ((unit_hash * _MIX) & 0xFFFFFFFF) >> (32 - self.LOG2_BITS)  # the top bits
         byte, bit = index >> 3, 1 << (index & 7)
         with self._lock:
             bits = self._maps.get(stage)
@@ -186,6 +208,7 @@ class CellKey:
     cohort: str  # "hash" for hashed units, "targeted" for targeting rules, "other"
     segment: str  # canonical "country=BR|plan=pro"
     window: int  # start of the time window, seconds since the epoch
+    cluster: int = NO_CLUSTER  # the unit's hash bucket, or -1 (see the module's docstring)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +226,7 @@ class TelemetryRow:
     s: float
     ss: float
     hist: dict[int, int] | None = None
+    cluster: int = NO_CLUSTER
 
 
 def segment_dict(segment: str) -> dict[str, str]:
@@ -251,32 +275,45 @@ class Aggregator:
             if g.above is not None:
                 thresholds.setdefault(g.metric, set()).add(g.above)
         self.thresholds = {k: sorted(v) for k, v in thresholds.items()}
+        # only what a guardrail compares needs per-cluster sums; counts (requests, units,
+        # predictions by class) are kept once per cell, which keeps the store small
+        self.clustered = frozenset(g.key for g in plan.guardrails)
         self._cells: dict[CellKey, Cell] = {}
         self._lock = threading.Lock()
 
-    def key(self, stage: int, arm: str, cohort: str, segment: str, now: float) -> CellKey:
+    def key(self, stage: int, arm: str, cohort: str, segment: str, now: float,
+            cluster: int = NO_CLUSTER) -> CellKey:
         w = int(now // self.window * self.window)
-        return CellKey(stage, arm, cohort, segment, w)
+        return CellKey(stage, arm, cohort, segment, w, cluster)
+
+    def _cell(self, key: CellKey) -> Cell:
+        cell = self._cells.get(key)
+        if cell is None:
+            cell = self._cells[key] = Cell()
+        return cell
 
     def observe(self, key: CellKey, values: Mapping[str, float], *, hist: bool = False) -> None:
-        """Add one observation of each signal in ``values`` to the cell ``key``."""
+        """Add one observation of each signal in ``values`` to the cell ``key``: in its cluster
+        for the signals guardrails compare, in the cell without a cluster for the others."""
+        clustered = self.clustered
         with self._lock:
-            cell = self._cells.get(key)
-            if cell is None:
-                cell = self._cells[key] = Cell()
+            cell = self._cell(key)
+            flat = cell if key.cluster == NO_CLUSTER else self._cell(replace(key, cluster=NO_CLUSTER))
             for signal, value in values.items():
-                cell.moments(signal).add(value)
+                (cell if signal in clustered else flat).moments(signal).add(value)
                 for cut in self.thresholds.get(signal, ()):
-                    cell.moments(f"{signal}>{cut:g}").add(1.0 if value > cut else 0.0)
+                    name = f"{signal}>{cut:g}"
+                    (cell if name in clustered else flat).moments(name).add(
+                        1.0 if value > cut else 0.0)
                 if hist and signal.endswith("_ms"):
-                    cell.hists.setdefault(signal, Histogram()).add(value)
+                    flat.hists.setdefault(signal, Histogram()).add(value)
 
     def add_counts(self, key: CellKey, counts: Mapping[str, float]) -> None:
-        """Add counts (n and sum both grow by the count: a 0/1 signal that was 1)."""
+        """Add counts (n and sum both grow by the count: a 0/1 signal that was 1), in the cell
+        without a cluster."""
         with self._lock:
-            cell = self._cells.get(key)
-            if cell is None:
-                cell = self._cells[key] = Cell()
+            cell = self._cell(replace(key, cluster=NO_CLUSTER) if key.cluster != NO_CLUSTER
+                              else key)
             for signal, count in counts.items():
                 m = cell.moments(signal)
                 m.n += count
@@ -298,7 +335,7 @@ class Aggregator:
             cell.metrics[r.signal] = Moments(r.n, r.s, r.ss)
             if r.hist:
                 cell.hists[r.signal] = Histogram(dict(r.hist))
-            self.add_cell(CellKey(r.stage, r.arm, r.cohort, r.segment, r.window), cell)
+            self.add_cell(CellKey(r.stage, r.arm, r.cohort, r.segment, r.window, r.cluster), cell)
 
     def drain(self) -> list[TelemetryRow]:
         with self._lock:
@@ -312,25 +349,73 @@ class Aggregator:
 def rows_from_cells(rollout: str, cells: Mapping[CellKey, Cell]) -> list[TelemetryRow]:
     rows = []
     for k, cell in cells.items():
-        for signal, m in cell.metrics.items():
+        for signal in cell.metrics.keys() | cell.hists.keys():
+            m = cell.metrics.get(signal) or Moments()  # a histogram alone: a clustered cell's
             h = cell.hists.get(signal)
             rows.append(TelemetryRow(rollout, k.stage, k.arm, k.cohort, k.segment, k.window,
-                                     signal, m.n, m.s, m.ss, dict(h.counts) if h else None))
+                                     signal, m.n, m.s, m.ss, dict(h.counts) if h else None,
+                                     k.cluster))
     return rows
 
 
 @dataclass(slots=True)
-class Summary:
-    """Telemetry of one stage summed over windows: ``cells[(arm, cohort, segment)][signal]``."""
+class Pooled:
+    """One signal on one arm and population (global, or one segment value) of a stage: its
+    totals, and its sums per cluster (``cluster -> [n, s]``) where the telemetry is clustered.
+    """
 
-    cells: dict[tuple[str, str, str], dict[str, Moments]] = field(default_factory=dict)
+    n: float = 0.0
+    s: float = 0.0
+    ss: float = 0.0
+    clusters: dict[int, list[float]] = field(default_factory=dict)
+
+    def add(self, cluster: int, m: Moments) -> None:
+        self.n += m.n
+        self.s += m.s
+        self.ss += m.ss
+        if cluster != NO_CLUSTER:
+            acc = self.clusters.get(cluster)
+            if acc is None:
+                self.clusters[cluster] = [m.n, m.s]
+            else:
+                acc[0] += m.n
+                acc[1] += m.s
+
+    @property
+    def moments(self) -> Moments:
+        return Moments(self.n, self.s, self.ss)
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.clusters)
+
+
+_EMPTY = Pooled()
+
+_IndexKey = tuple[str, str, str, str, str]  # arm, cohort, signal, attribute ("" = all), value
+
+
+@dataclass(slots=True)
+class Summary:
+    """Telemetry of one stage summed over windows:
+    ``cells[(arm, cohort, segment, cluster)][signal]``.
+
+    Every read goes through an index built once, on the first read, in one pass over the cells:
+    each cell's signals are added to the global population and to each of its segment values.
+    A tick's cost then grows linearly with the cells, not with cells × judged segment values.
+    Fill ``cells`` before the first read (or build with :meth:`from_rows`)."""
+
+    cells: dict[tuple[str, str, str, int], dict[str, Moments]] = field(default_factory=dict)
     hists: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (arm, signal)
+    _index: dict[_IndexKey, Pooled] | None = None
+    _signals: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    _values: dict[str, set[str]] = field(default_factory=dict)
 
     @classmethod
     def from_rows(cls, rows: Iterable[TelemetryRow]) -> Summary:
         out = cls()
         for r in rows:
-            cell = out.cells.setdefault((r.arm, r.cohort, r.segment), {})
+            cell = out.cells.setdefault((r.arm, r.cohort, r.segment, r.cluster), {})
             m = cell.get(r.signal)
             if m is None:
                 m = cell[r.signal] = Moments()
@@ -339,39 +424,52 @@ class Summary:
                 out.hists.setdefault((r.arm, r.signal), Histogram()).merge(r.hist)
         return out
 
-    def total(self, arm: str, signal: str, *, cohort: str | None = "hash",
-              where: tuple[str, str] | None = None) -> Moments:
-        """Sum of ``signal`` on ``arm`` (one cohort, or all with ``None``), optionally for the
-        segment value ``where = (attribute, value)``."""
-        out = Moments()
-        for (a, c, seg), signals in self.cells.items():
-            if a != arm or (cohort is not None and c != cohort):
-                continue
-            if where is not None and segment_dict(seg).get(where[0]) != where[1]:
-                continue
-            m = signals.get(signal)
-            if m is not None:
-                out.merge(m)
-        return out
-
-    def counts(self, arm: str, prefix: str, *, cohort: str | None = "hash") -> dict[str, float]:
-        """``{suffix: n}`` for every signal ``prefix + suffix`` on ``arm``."""
-        out: dict[str, float] = {}
-        for (a, c, _), signals in self.cells.items():
-            if a != arm or (cohort is not None and c != cohort):
-                continue
+    def _build(self) -> dict[_IndexKey, Pooled]:
+        index: dict[_IndexKey, Pooled] = {}
+        self._signals, self._values = {}, {}
+        for (arm, cohort, seg, cluster), signals in self.cells.items():
+            where = [("", "")]
+            for attr, value in segment_dict(seg).items():
+                where.append((attr, value))
+                self._values.setdefault(attr, set()).add(value)
+            counts = self._signals.setdefault((arm, cohort), {})
             for signal, m in signals.items():
-                if signal.startswith(prefix):
-                    key = signal[len(prefix):]
-                    out[key] = out.get(key, 0.0) + m.n
-        return out
+                counts[signal] = counts.get(signal, 0.0) + m.n
+                for attr, value in where:
+                    key = (arm, cohort, signal, attr, value)
+                    p = index.get(key)
+                    if p is None:
+                        p = index[key] = Pooled()
+                    p.add(cluster, m)
+        self._index = index
+        return index
+
+    def pooled(self, arm: str, signal: str, *, cohort: str = "hash",
+               where: tuple[str, str] | None = None) -> Pooled:
+        """``signal`` on ``arm`` in ``cohort``, for every segment or the value ``where =
+        (attribute, value)``, with its per-cluster sums."""
+        index = self._index if self._index is not None else self._build()
+        attr, value = where if where is not None else ("", "")
+        return index.get((arm, cohort, signal, attr, value), _EMPTY)
+
+    def total(self, arm: str, signal: str, *, cohort: str = "hash",
+              where: tuple[str, str] | None = None) -> Moments:
+        """Sum of ``signal`` on ``arm`` in ``cohort``, optionally for the segment value
+        ``where = (attribute, value)``."""
+        return self.pooled(arm, signal, cohort=cohort, where=where).moments
+
+    def counts(self, arm: str, prefix: str, *, cohort: str = "hash") -> dict[str, float]:
+        """``{suffix: n}`` for every signal ``prefix + suffix`` on ``arm``."""
+        if self._index is None:
+            self._build()
+        return {signal[len(prefix):]: n
+                for signal, n in self._signals.get((arm, cohort), {}).items()
+                if signal.startswith(prefix)}
 
     def arms(self) -> set[str]:
-        return {arm for (arm, _, _) in self.cells}
+        return {arm for (arm, _, _, _) in self.cells}
 
     def segment_values(self) -> dict[str, set[str]]:
-        values: dict[str, set[str]] = {}
-        for (_, _, seg) in self.cells:
-            for attr, value in segment_dict(seg).items():
-                values.setdefault(attr, set()).add(value)
-        return values
+        if self._index is None:
+            self._build()
+        return {attr: set(values) for attr, values in self._values.items()}

@@ -35,7 +35,9 @@ def test_serve_logs_json_and_flushes_on_sigterm(tmp_path: Path) -> None:
     port = sock.getsockname()[1]
     sock.close()
     store = tmp_path / "store.db"
-    proc = _serve([str(plan), "--store", str(store), "--port", str(port)], tmp_path)
+    # no controller tick before SIGTERM either: a tick flushes too (the test raced with it)
+    proc = _serve([str(plan), "--store", str(store), "--port", str(port), "--tick", "60"],
+                  tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30

@@ -6,7 +6,7 @@ import importlib
 
 import safeshift.stats as stats
 
-MODULES = ["bandits", "drift", "power", "sequential", "srm"]
+MODULES = ["bandits", "clustered", "drift", "power", "sequential", "srm"]
 
 
 def test_all_public_names_are_reexported() -> None:

@@ -32,6 +32,7 @@ def _plan(targeting: bool) -> Plan:
         "change": {"summary": "benchmark"},
         "unit": "user_id", "segments": ["country"],
         "stages": [{"name": "canary", "traffic": "5%"}],
+        "guardrails": [{"metric": "error_rate", "tolerance": 0.01}],
     }
     if targeting:
         data["targeting"] = {"always_candidate": {"plan": ["internal"]},

@@ -345,7 +345,7 @@ def summary_from_counts(spec: EngineSpec, countries: Sequence[str], n: Array,
             for j, signal in enumerate(spec.signals):
                 v = float(x[a, s, j])
                 cell[signal] = Moments(float(n[a, s]), v, v)
-            summary.cells[(arm, "hash", f"{SEGMENT_ATTRIBUTE}={country}")] = cell
+            summary.cells[(arm, "hash", f"{SEGMENT_ATTRIBUTE}={country}", -1)] = cell
     return summary
 
 

@@ -103,6 +103,12 @@ def request_id(scope: Scope) -> str | None:
     return None
 
 
+def request_id_given(scope: Scope) -> bool:
+    """True when :func:`request_id` is the client's own ``X-Request-ID``, not a new one."""
+    state = scope.get("state")
+    return isinstance(state, dict) and state.get("request_id_given") is True
+
+
 def annotate(scope: Scope, **fields: Any) -> None:
     """Add fields to this request's access-log line (endpoint, arm, fallback, ...)."""
     state = scope.get("state")

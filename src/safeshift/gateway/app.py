@@ -1,11 +1,12 @@
 """The gateway's ASGI application: :func:`create_app`.
 
 Layers, outermost first: request id + JSON access log → body limit → rate limit (when set) →
-a dispatcher that sends ``POST /v1/endpoints/{name}/predict`` and ``POST
-/v2/models/{name}/infer`` straight to their handlers (no router or dependency resolution on
-the hot path) and everything else to the FastAPI app of :mod:`safeshift.gateway.routes`,
-which declares the same two routes with the same handlers, so they are documented in
-``/openapi.json`` and still work when the fast path is off (``fast_path=False``).
+a dispatcher that sends ``POST /v1/endpoints/{name}/predict``, ``POST /v2/models/{name}/infer``
+and ``POST /v2/models/{name}/versions/{version}/infer`` straight to their handlers (no router
+or dependency resolution on the hot path) and everything else to the FastAPI app of
+:mod:`safeshift.gateway.routes`, which declares the same routes with the same handlers, so
+they are documented in ``/openapi.json`` and still work when the fast path is off
+(``fast_path=False``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from safeshift.store import Store, open_store
 Handler = Callable[[Gateway, str, bytes, Scope], Awaitable[handlers.Reply]]
 _PREDICT = ("/v1/endpoints/", "/predict")
 _INFER = ("/v2/models/", "/infer")
+_VERSIONS = "/versions/"
 
 
 class GatewayApp:
@@ -81,6 +83,11 @@ class GatewayApp:
                     if name and "/" not in name:
                         await self._fast(handler, route, name, scope, receive, send)
                         return
+                    if route == "infer":
+                        pinned = _pinned(name)
+                        if pinned is not None:
+                            await self._fast(pinned, "infer_version", name, scope, receive, send)
+                            return
         await self.api(scope, receive, send)
 
     async def _fast(self, handler: Handler, route: str, name: str, scope: Scope,
@@ -101,6 +108,18 @@ class GatewayApp:
             return
         await send_bytes(send, reply.status, reply.body, content_type=reply.content_type,
                          headers=reply.headers)
+
+
+def _pinned(name: str) -> Handler | None:
+    """The handler for ``{name}/versions/{version}`` (the middle of a versioned infer path)."""
+    model, sep, version = name.partition(_VERSIONS)
+    if not sep or not model or not version or "/" in model or "/" in version:
+        return None
+
+    async def handler(gw: Gateway, _: str, body: bytes, scope: Scope) -> handlers.Reply:
+        return await handlers.infer_version(gw, model, version, body, scope)
+
+    return handler
 
 
 # -- construction --------------------------------------------------------------------------

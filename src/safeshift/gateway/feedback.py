@@ -1,19 +1,21 @@
 """Feedback (labels, outcomes) and user reports, joined to the request that was served.
 
-A batch is validated whole — schema first, then every id must name a live request record —
-before anything is written, so a bad item never leaves the batch half-applied. Joins happen in
-a worker thread (SQL off the event loop). Repeats are idempotent per (request, metric).
+A batch is validated whole — schema and values first, then every id must name a live request
+record — before anything is written, so a bad item never leaves the batch half-applied. Values
+are checked by :func:`safeshift.rollout.check_feedback_values`, the check ``Rollout.feedback``
+applies too: finite labels, outcomes finite and in their metric's range. Joins happen in a
+worker thread (SQL off the event loop). Repeats are idempotent per (request, metric).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from safeshift.gateway._http import HTTPError
+from safeshift.gateway.bodies import load_json
+from safeshift.rollout import check_feedback_values
 
 MAX_BATCH = 1000
 MAX_TEXT = 10_000
@@ -38,13 +40,7 @@ class ReportItem:
 
 
 def _load(body: bytes, what: str) -> tuple[list[Any], bool]:
-    if not body.strip():
-        raise HTTPError(422, f"request body is empty; send {what} object or a list of them",
-                        field="body")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPError(422, f"malformed JSON: {exc}", field="body") from None
+    doc = load_json(body, f"{what} object or a list of them")
     if isinstance(doc, list):
         if not doc:
             raise HTTPError(422, "the batch is empty", field="body")
@@ -96,19 +92,15 @@ def parse_feedback(body: bytes) -> tuple[list[FeedbackItem], bool]:
             if not isinstance(outcome, dict) or not outcome:
                 raise HTTPError(422, "'outcome' must be a non-empty object of metric: number",
                                 field=_where(batch, i, "outcome"))
-            for metric, value in outcome.items():
-                where = _where(batch, i, f"outcome.{metric}")
+            for metric in outcome:
                 if not _METRIC.match(metric):
                     raise HTTPError(422, "metric names use lower-case letters, digits, '.', "
-                                         "'_' or '-'", field=where)
-                if isinstance(value, bool) or not isinstance(value, int | float) \
-                        or not math.isfinite(value):
-                    raise HTTPError(422, "outcome values must be finite numbers", field=where)
+                                         "'_' or '-'", field=_where(batch, i, f"outcome.{metric}"))
         if label is None and outcome is None:
             raise HTTPError(422, "give a 'label' or an 'outcome'", field=_where(batch, i, "label"))
-        if isinstance(label, float) and not math.isfinite(label):
-            raise HTTPError(422, "'label' must be a finite value (or a list, one per row)",
-                            field=_where(batch, i, "label"))
+        problem = check_feedback_values(label, outcome)
+        if problem:
+            raise HTTPError(422, problem[1], field=_where(batch, i, problem[0]))
         items.append(FeedbackItem(rid, label, {k: float(v) for k, v in outcome.items()}
                                   if outcome else None))
     return items, batch

@@ -1,18 +1,45 @@
 """The gateway's request handlers, as plain functions of (gateway, body, scope) → Reply, so
-that the fast path (pure ASGI) and the FastAPI routes share one implementation."""
+that the fast path (pure ASGI) and the FastAPI routes share one implementation.
+
+Versioned Open Inference Protocol routes (``/v2/models/{name}/versions/{version}/...``) name
+the baseline's or a candidate's version. Inference pinned to a version is answered by that
+version or refused, never silently by another one:
+
+- the baseline's version: always answered by the baseline, outside the comparison (the caller
+  chose the model, so the request is counted in the ``excluded`` cohort, like the requests the
+  plan's targeting excludes; it keeps a record, so feedback joins);
+- a candidate's version: only once the rollout has promoted it (then every request gets it
+  anyway, through the rollout); before that a 409 — a pin must not bypass the rollout's
+  share, its targeting or a rollback;
+- any other version: 404.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from safeshift.assign import BASELINE, Assignment, Reason
 from safeshift.gateway import oip
-from safeshift.gateway._http import HTTPError, Scope, annotate, dumps, header, request_id
+from safeshift.gateway._http import (
+    HTTPError,
+    Scope,
+    annotate,
+    dumps,
+    header,
+    request_id,
+    request_id_given,
+)
+from safeshift.gateway.bodies import parse_predict
 from safeshift.gateway.feedback import parse_feedback, parse_reports
+from safeshift.gateway.request_ids import HEADER, serve_once
 from safeshift.gateway.runtime import Gateway
-from safeshift.gateway.serving import Endpoint, Served, cached_split, parse_predict
+from safeshift.gateway.serving import Endpoint, Served, baseline_failure, cached_split
+from safeshift.models import ModelBackend
 from safeshift.rollout import FeedbackResult, label_mismatch
 
 
@@ -42,13 +69,24 @@ def _served_headers(served: Served) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _record_id(given: str | None, scope: Scope) -> tuple[str, str | None]:
+    """The id the request's record gets, and where the client gave it (``id`` in the body, the
+    ``X-Request-ID`` header), None when the gateway made it."""
+    if given is not None:
+        return given, "id"
+    rid = request_id(scope)
+    if rid is None:
+        return uuid.uuid4().hex, None
+    return rid, HEADER if request_id_given(scope) else None
+
+
 async def predict(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
     """``POST /v1/endpoints/{name}/predict``."""
     ep = endpoint(gw, name)
     req = parse_predict(body)
-    rid = req.id or request_id(scope) or uuid.uuid4().hex
-    served = await ep.predict(req.rows, unit=req.unit, context=req.context, request_id=rid,
-                              protocol="v1")
+    rid, given = _record_id(req.id, scope)
+    served = await serve_once(gw, ep, rid, given, lambda: ep.predict(
+        req.rows, unit=req.unit, context=req.context, request_id=rid, protocol="v1"))
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
     doc: dict[str, Any] = {"id": rid, "outputs": served.outputs, "version": served.version,
@@ -61,7 +99,19 @@ async def predict(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
 
 async def infer(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
     """``POST /v2/models/{name}/infer`` (Open Inference Protocol)."""
+    return await _infer(gw, endpoint(gw, name), None, body, scope)
+
+
+async def infer_version(gw: Gateway, name: str, version: str, body: bytes,
+                        scope: Scope) -> Reply:
+    """``POST /v2/models/{name}/versions/{version}/infer``: pinned to ``version`` (see the
+    module docstring)."""
     ep = endpoint(gw, name)
+    return await _infer(gw, ep, version_arm(ep, version), body, scope)
+
+
+async def _infer(gw: Gateway, ep: Endpoint, pin: str | None, body: bytes, scope: Scope) -> Reply:
+    name = ep.name
     req = oip.parse_infer(body, header(scope, oip.HEADER_LENGTH.encode()))
     oip.check_outputs(req)
     rows = oip.to_rows(req.inputs)
@@ -69,8 +119,17 @@ async def infer(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
         raise HTTPError(422, "the batch is empty: the first dimension is 0",
                         field="inputs[0].shape")
     unit, context = oip.unit_and_context(req, scope["headers"])
-    rid = req.id or request_id(scope) or uuid.uuid4().hex
-    served = await ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip")
+    if pin is not None and not pinnable(ep, pin):
+        raise _not_pinnable(ep, pin)
+    rid, given = _record_id(req.id, scope)
+    serve: Callable[[], Awaitable[Served]]
+    if pin == BASELINE:
+        def serve() -> Awaitable[Served]:
+            return _serve_baseline(ep, rows, unit, context, rid)
+    else:
+        def serve() -> Awaitable[Served]:
+            return ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip")
+    served = await serve_once(gw, ep, rid, given, serve)
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
     if ep.output_datatype is None and served.outputs:
@@ -90,7 +149,11 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     fields = [f"[{i}].id" if batch else "id" for i in range(len(items))]
     joined = await gw.join([it.id for it in items], fields)
     for i, it in enumerate(items):
-        problem = label_mismatch(joined[it.id][1], it.label)
+        rollout, rec = joined[it.id]
+        bad = rollout.feedback_problem(it.label, it.outcome)  # e.g. labels bounded by abs_error
+        if bad:
+            raise HTTPError(422, bad[1], field=f"[{i}].{bad[0]}" if batch else bad[0])
+        problem = label_mismatch(rec, it.label)
         if problem:
             # schema-valid, but at odds with the request it names: a conflict
             raise HTTPError(409, problem, field=f"[{i}].label" if batch else "label")
@@ -147,6 +210,28 @@ async def reports(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     return Reply(200, dumps({"results": results} if batch else results[0]))
 
 
+async def _serve_baseline(ep: Endpoint, rows: list[Any], unit: str | None,
+                          context: dict[str, Any] | None, rid: str) -> Served:
+    """A request pinned to the baseline's version: the baseline answers, counted outside the
+    comparison (the ``excluded`` cohort, no unit hash), with a record that feedback joins."""
+    start = time.perf_counter()
+    if unit is None and context:
+        raw = context.get(ep.unit_key)
+        unit = None if raw is None else str(raw)
+    a = ep.assign(unit, context)
+    pinned = Assignment(BASELINE, ep.baseline_version, a.stage, a.stage_index, False,
+                        Reason.EXCLUDED)
+    base = await ep.call_baseline(rows)
+    if not base.ok or base.outputs is None:
+        error = baseline_failure(base)
+        if error.status != 422:  # the client's bad inputs are not a model's error
+            ep.rollout.record(pinned, base, context=context, request_id=rid)
+        raise error
+    ep.rollout.record(pinned, base, context=context, request_id=rid)
+    ep.metrics.served(BASELINE, "oip", time.perf_counter() - start)
+    return Served(rid, base.outputs, base.scores, ep.baseline_version, BASELINE, a.stage)
+
+
 def _stage_name(stages: Any, index: int) -> str | None:
     return stages[index].name if 0 <= index < len(stages) else None
 
@@ -155,18 +240,83 @@ def model_metadata(gw: Gateway, name: str) -> dict[str, Any]:
     """``GET /v2/models/{name}``: what the Open Inference Protocol calls model metadata."""
     ep = endpoint(gw, name)
     plan = ep.rollout.plan
-    features = getattr(ep.baseline, "features", None)
+    versions = [plan.baseline.version, *(plan.variant(n).version for n in plan.variants)]
+    return _metadata(ep, versions, ep.baseline, ep.output_datatype, {})
+
+
+def version_arm(ep: Endpoint, version: str) -> str:
+    """``baseline`` or the candidate variant whose version ``version`` is; 404 otherwise."""
+    plan = ep.rollout.plan
+    if version == plan.baseline.version:
+        return BASELINE
+    for name in plan.variants:
+        if plan.variant(name).version == version:
+            return name
+    known = ", ".join([plan.baseline.version, *(plan.variant(n).version for n in plan.variants)])
+    raise HTTPError(404, f"model {ep.name!r} has no version {version!r}; its versions are "
+                         f"{known}", field="version")
+
+
+def pinnable(ep: Endpoint, arm: str) -> bool:
+    """Whether inference pinned to ``arm``'s version is served now: the baseline always, a
+    candidate once the rollout has promoted it."""
+    if arm == BASELINE:
+        return True
+    split = cached_split(ep.rollout)
+    return split.serve_candidate_to_all and \
+        split.candidate_version == ep.rollout.plan.variant(arm).version
+
+
+def _not_pinnable(ep: Endpoint, arm: str) -> HTTPError:
+    version = ep.rollout.plan.variant(arm).version
+    split = cached_split(ep.rollout)
+    if split.active:
+        why = f"is being rolled out (stage {split.stage!r}): it answers only the requests the " \
+              "rollout gives it"
+    elif split.serve_candidate_to_all:
+        why = f"was not promoted ({split.candidate_version!r} was)"
+    else:
+        why = "is not served: the rollout was rolled back, or has not started"
+    return HTTPError(409, f"version {version!r} of model {ep.name!r} {why}; leave the version out "
+                          f"(POST /v2/models/{ep.name}/infer) to let the rollout choose, or pin "
+                          f"{ep.baseline_version!r}", field="version")
+
+
+def version_metadata(gw: Gateway, name: str, version: str) -> dict[str, Any]:
+    """``GET /v2/models/{name}/versions/{version}``: one version's model metadata."""
+    ep = endpoint(gw, name)
+    arm = version_arm(ep, version)
+    if arm == BASELINE:
+        model, datatype = ep.baseline, ep.output_datatype
+    else:
+        model = ep.candidates[arm].model
+        declared = getattr(model, "output_datatype", None)
+        datatype = declared if isinstance(declared, str) else None
+    return _metadata(ep, [version], model, datatype,
+                     {"arm": arm, "pinned_inference": pinnable(ep, arm)})
+
+
+def version_ready(gw: Gateway, name: str, version: str) -> bool:
+    """``GET /v2/models/{name}/versions/{version}/ready``: whether inference pinned to the
+    version is served now (404 for an unknown version). The protocol says not ready with a 4xx:
+    the route answers 409 for a candidate not promoted, 503 while the gateway starts."""
+    ep = endpoint(gw, name)
+    return gw.ready and pinnable(ep, version_arm(ep, version))
+
+
+def _metadata(ep: Endpoint, versions: list[str], model: ModelBackend, datatype: str | None,
+              parameters: dict[str, Any]) -> dict[str, Any]:
+    plan = ep.rollout.plan
+    features = getattr(model, "features", None)
     width = len(features) if isinstance(features, list) else -1
     return {
-        "name": name,
-        "versions": [plan.baseline.version,
-                     *(plan.variant(n).version for n in plan.variants)],
+        "name": ep.name,
+        "versions": versions,
         "platform": "safeshift",
         "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, width]}],
         # until the first answer shows otherwise, any output can travel as BYTES
-        "outputs": [{"name": "output", "datatype": ep.output_datatype or oip.BYTES,
-                     "shape": [-1]},
+        "outputs": [{"name": "output", "datatype": datatype or oip.BYTES, "shape": [-1]},
                     {"name": "score", "datatype": "FP64", "shape": [-1]}],
-        "parameters": {"rollout": plan.rollout,
-                       "stage": cached_split(ep.rollout).stage},
+        "parameters": {"rollout": plan.rollout, "stage": cached_split(ep.rollout).stage,
+                       **parameters},
     }

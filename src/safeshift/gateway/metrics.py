@@ -9,7 +9,11 @@ safeshift_requests_total                 counter      endpoint, arm, protocol (v
 safeshift_request_duration_seconds       histogram    endpoint, arm
 safeshift_model_duration_seconds         histogram    endpoint, arm
 safeshift_fallbacks_total                counter      endpoint, reason (error | timeout |
-                                                      invalid | breaker_open)
+                                                      invalid | breaker_open | saturated)
+safeshift_request_faults_total           counter      endpoint, arm (requests that failed
+                                                      through their own fault: 422)
+safeshift_candidate_hung_calls           gauge        endpoint, variant (calls past their
+                                                      timeout still running)
 safeshift_breaker_state                  gauge        endpoint, variant (0 closed, 1 half-open,
                                                       2 open)
 safeshift_breaker_opened_total           counter      endpoint, variant
@@ -45,7 +49,7 @@ from safeshift.assign import BASELINE, CANDIDATE, Split
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-FALLBACK_REASONS = ("error", "timeout", "invalid", "breaker_open")
+FALLBACK_REASONS = ("error", "timeout", "invalid", "breaker_open", "saturated")
 
 
 class GatewayMetrics:
@@ -64,8 +68,15 @@ class GatewayMetrics:
                                         registry=r)
         self.fallbacks = Counter("safeshift_fallbacks", "Candidate calls that failed (error, "
                                  "timeout, invalid output) or were refused by the open "
-                                 "breaker; the baseline answered", ["endpoint", "reason"],
-                                 registry=r)
+                                 "breaker or a saturated pool; the baseline answered",
+                                 ["endpoint", "reason"], registry=r)
+        self.request_faults = Counter("safeshift_request_faults", "Requests that failed "
+                                      "through their own fault (inputs the baseline rejects), "
+                                      "counted against neither model, by the assigned arm",
+                                      ["endpoint", "arm"], registry=r)
+        self.hung_calls = Gauge("safeshift_candidate_hung_calls", "Candidate calls past their "
+                                "timeout whose thread still runs them", ["endpoint", "variant"],
+                                registry=r)
         self.breaker_state = Gauge("safeshift_breaker_state", "Candidate circuit breaker: 0 "
                                    "closed, 1 half-open, 2 open", ["endpoint", "variant"],
                                    registry=r)
@@ -125,12 +136,19 @@ class EndpointMetrics:
         self.model_duration = {arm: m.model_duration.labels(endpoint, arm) for arm in arms}
         self.fallbacks = {reason: m.fallbacks.labels(endpoint, reason)
                           for reason in FALLBACK_REASONS}
+        self.request_faults = {arm: m.request_faults.labels(endpoint, arm) for arm in arms}
         self.shadow = {o: m.shadow.labels(endpoint, o) for o in ("ok", "error", "dropped")}
         self._info: tuple[str, ...] | None = None
 
     def served(self, arm: str, protocol: str, seconds: float) -> None:
         self.requests[arm, protocol].inc()
         self.duration[arm].observe(seconds)
+
+    def request_fault(self, arm: str) -> None:
+        self.request_faults[arm].inc()
+
+    def hung(self, variant: str, fn: Callable[[], float]) -> None:
+        self._m.hung_calls.labels(self.endpoint, variant).set_function(fn)
 
     def breaker_watcher(self, variant: str) -> Callable[[int], None]:
         """The callback a candidate's breaker reports its state changes to."""

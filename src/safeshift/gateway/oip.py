@@ -14,7 +14,6 @@ list) and, when the model gives scores, a ``score`` tensor (``FP64 [N]``).
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from safeshift.gateway._http import HTTPError, dumps
+from safeshift.gateway.bodies import load_json
 from safeshift.models.base import oip_datatype
 
 DTYPES: dict[str, str] = {
@@ -79,12 +79,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
             raise _fail(f"Inference-Header-Content-Length {n} is outside the body "
                         f"({len(body)} bytes)", "Inference-Header-Content-Length")
         body, blob = body[:n], body[n:]
-    if not body.strip():
-        raise _fail("request body is empty; send an inference request object", "body")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _fail(f"malformed JSON: {exc}", "body") from None
+    doc = load_json(body, "an inference request object")
     if not isinstance(doc, dict):
         raise _fail("the request must be a JSON object with 'inputs'", "body")
     rid = doc.get("id")

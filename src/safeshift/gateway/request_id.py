@@ -1,10 +1,11 @@
 """Request ids and the JSON access log, as one pure-ASGI middleware.
 
 Each HTTP request gets an id: the client's ``X-Request-ID`` when it is a sane token, otherwise
-a new one. It is echoed in the ``X-Request-ID`` response header, available to handlers through
-``scope["state"]["request_id"]`` and to every log line through a context variable, and ends up
-in one access-log line per request (method, path, status, duration and what the handlers
-annotated: endpoint, arm, version, fallback).
+a new one (``scope["state"]["request_id_given"]`` says which). It is echoed in the
+``X-Request-ID`` response header, available to handlers through ``scope["state"]["request_id"]``
+and to every log line through a context variable, and ends up in one access-log line per
+request (method, path, status, duration and what the handlers annotated: endpoint, arm,
+version, fallback).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class RequestIdMiddleware:
                 if _TOKEN.match(text):
                     rid = text
                 break
+        given = rid is not None
         if rid is None:
             rid = os.urandom(16).hex()
         fields: dict[str, Any] = {}
@@ -45,6 +47,7 @@ class RequestIdMiddleware:
         if not isinstance(state, dict):
             state = scope["state"] = {}
         state["request_id"] = rid
+        state["request_id_given"] = given  # the client's: it may repeat (see request_ids.py)
         state["log"] = fields
         token = request_id_var.set(rid)
         status = 500

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from safeshift.gateway import handlers, schemas
 from safeshift.gateway._http import BodyTooLarge, HTTPError, Scope, request_id
+from safeshift.gateway.bodies import MAX_DEPTH
 from safeshift.gateway.logs import gateway_logger
 from safeshift.gateway.metrics import CONTENT_TYPE
 from safeshift.gateway.runtime import Gateway
@@ -27,8 +28,18 @@ def internal_error(scope: Scope) -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text} for code, text in (
     (404, "unknown endpoint or request id"), (413, "request body too large"),
-    (422, "malformed JSON or wrong schema; `field` names the culprit"),
+    (422, "malformed JSON (also NaN, Infinity, numbers beyond a 64-bit float, or nesting deeper "
+          f"than {MAX_DEPTH} levels) or wrong schema; `field` names the culprit"),
     (429, "rate limit exceeded"), (502, "the baseline model could not answer"))}
+_ID_TAKEN = {"model": schemas.ErrorBody,
+             "description": "the request id (`id`, or the X-Request-ID header) is taken by an "
+                            "earlier request; send a fresh one"}
+_SERVE_ERRORS = {**_ERRORS, 409: _ID_TAKEN}
+_PINNED_ERRORS = {**_ERRORS, 404: {"model": schemas.ErrorBody, "description":
+                                   "unknown endpoint or version"},
+                  409: {"model": schemas.ErrorBody, "description":
+                        "the request id is taken (send a fresh one), or the version is a "
+                        "candidate the rollout has not promoted (leave the version out)"}}
 
 
 def _reply(reply: handlers.Reply) -> Response:
@@ -55,22 +66,38 @@ def build_api(gw: Gateway) -> FastAPI:
         return Path(description="the endpoint (model) name",
                     json_schema_extra={"enum": sorted(gw.endpoints)})
 
+    def version_name() -> Any:
+        versions = {v for ep in gw.endpoints.values()
+                    for v in [ep.rollout.plan.baseline.version,
+                              *(ep.rollout.plan.variant(n).version for n in ep.rollout.plan.variants)]}
+        return Path(description="a version of the model: the baseline's or a candidate's",
+                    json_schema_extra={"enum": sorted(versions)})
+
     api = FastAPI(title="safeshift gateway", version=__version__, lifespan=lifespan,
                   redoc_url=None, description="Predictions while rollouts run, feedback, "
                   "reports and the Open Inference Protocol. See docs/gateway.md.")
     _exception_handlers(api, gw)
 
     @api.post("/v1/endpoints/{name}/predict", tags=["predict"], summary="Predict",
-              response_model=schemas.PredictResponse, responses=_ERRORS,
+              response_model=schemas.PredictResponse, responses=_SERVE_ERRORS,
               openapi_extra=schemas.request_body(schemas.ref("PredictRequest")))
     async def predict(request: Request, name: str = endpoint_name()) -> Response:
         return _reply(await handlers.predict(gw, name, await request.body(), request.scope))
 
     @api.post("/v2/models/{name}/infer", tags=["open inference protocol"], summary="Infer",
-              response_model=schemas.InferResponse, responses=_ERRORS,
+              response_model=schemas.InferResponse, responses=_SERVE_ERRORS,
               openapi_extra=schemas.request_body(schemas.ref("InferRequest")))
     async def infer(request: Request, name: str = endpoint_name()) -> Response:
         return _reply(await handlers.infer(gw, name, await request.body(), request.scope))
+
+    @api.post("/v2/models/{name}/versions/{version}/infer", tags=["open inference protocol"],
+              summary="Infer, pinned to a version", response_model=schemas.InferResponse,
+              responses=_PINNED_ERRORS,
+              openapi_extra=schemas.request_body(schemas.ref("InferRequest")))
+    async def infer_version(request: Request, name: str = endpoint_name(),
+                            version: str = version_name()) -> Response:
+        return _reply(await handlers.infer_version(gw, name, version, await request.body(),
+                                                   request.scope))
 
     @api.post("/v1/feedback", tags=["feedback"], summary="Labels and outcomes",
               response_model=schemas.FeedbackResult | schemas.FeedbackBatchResult,
@@ -129,6 +156,24 @@ def build_api(gw: Gateway) -> FastAPI:
     async def model_ready(name: str = endpoint_name()) -> JSONResponse:
         handlers.endpoint(gw, name)
         return JSONResponse({"name": name, "ready": gw.ready}, 200 if gw.ready else 503)
+
+    @api.get("/v2/models/{name}/versions/{version}", tags=["open inference protocol"],
+             summary="Model version metadata", responses={404: _PINNED_ERRORS[404]})
+    async def version_metadata(name: str = endpoint_name(),
+                               version: str = version_name()) -> dict[str, Any]:
+        return handlers.version_metadata(gw, name, version)
+
+    @api.get("/v2/models/{name}/versions/{version}/ready", tags=["open inference protocol"],
+             summary="Model version ready",
+             responses={404: _PINNED_ERRORS[404],
+                        409: {"description": "not ready: a candidate the rollout has not "
+                                             "promoted (pinned inference would get 409)"},
+                        503: {"description": "starting or shutting down"}})
+    async def version_ready(name: str = endpoint_name(),
+                            version: str = version_name()) -> JSONResponse:
+        ready = handlers.version_ready(gw, name, version)
+        status = 200 if ready else 503 if not gw.ready else 409
+        return JSONResponse({"name": name, "version": version, "ready": ready}, status)
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema is None:

@@ -19,7 +19,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from safeshift.errors import SafeshiftError
@@ -48,14 +47,13 @@ class Gateway:
         self.controller = controller
         self.tick_interval = tick_interval
         self.owns_store = owns_store
-        self.executor = ThreadPoolExecutor(settings.candidate_threads,
-                                           thread_name_prefix="safeshift-candidate")
         self.endpoints: dict[str, Endpoint] = {}
         self.rollouts: dict[str, Rollout] = {}
         for rollout in rollouts:
             ep = Endpoint(rollout, metrics.endpoint(rollout.plan.endpoint,
                                                     tuple(rollout.plan.variants)),
-                          executor=self.executor, shadow_workers=settings.shadow_workers)
+                          threads=settings.candidate_threads,
+                          shadow_workers=settings.shadow_workers)
             self.endpoints[ep.name] = ep
             self.rollouts[rollout.plan.rollout] = rollout
         self._foreign: dict[str, Rollout] = {}  # rollouts met only through feedback
@@ -102,7 +100,8 @@ class Gateway:
                     with contextlib.suppress(Exception):
                         await aclose()
         written = await self._run(self._close_all)
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        for ep in self.endpoints.values():
+            ep.close()
         gateway_logger.info("gateway stopped", extra={"flushed": written})
         flush_logs()
 
@@ -262,5 +261,6 @@ class Gateway:
                          "active": split.active, "candidate_share": split.traffic / 10_000,
                          "breakers": {n: c.breaker.state.name.lower()
                                       for n, c in ep.candidates.items()},
+                         "hung_calls": {n: c.guard.pool.hung for n, c in ep.candidates.items()},
                          "shadow_queue": ep.shadow.depth}
         return out

@@ -11,12 +11,25 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 
+from safeshift.plan import BUILTIN_METRICS
+from safeshift.rollout import OUTCOME_LIMIT, outcome_range
+
 Scalar = str | int | float | bool | None
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Rows = Annotated[list[Any], WithJsonSchema({
     "type": "array", "minItems": 1, "items": {"not": {"type": "null"}}})]
+
+def _number_in(metric: str) -> dict[str, Any]:
+    low, high = outcome_range(metric)
+    return {"type": "number", "minimum": low, "maximum": high}
+
+
 Outcome = Annotated[dict[str, float], WithJsonSchema({
-    "type": "object", "minProperties": 1, "additionalProperties": {"type": "number"},
+    "type": "object", "minProperties": 1,
+    "description": f"metric: value; values within ±{OUTCOME_LIMIT:g}, built-in rates (e.g. "
+                   "accuracy) within [0, 1]",
+    "properties": {m: _number_in(m) for m, info in BUILTIN_METRICS.items() if info.rate},
+    "additionalProperties": _number_in("-"),
     "propertyNames": {"pattern": r"^[a-z0-9][a-z0-9._-]{0,62}$"}})]
 
 
@@ -38,7 +51,8 @@ class PredictRequest(_Request):
                                               "targeting and segments, e.g. country")
     inputs: dict[str, Any] | Rows = Field(description="one row or a list of rows")
     id: RequestId | None = Field(default=None, description="your id for this request "
-                                 "(feedback joins on it); a new one is made otherwise")
+                                 "(feedback joins on it; a fresh one each time: a repeat gets "
+                                 "409); a new one is made otherwise")
 
 
 class PredictResponse(BaseModel):
@@ -59,7 +73,8 @@ class FeedbackItem(_Request):
         {"required": ["outcome"], "properties": {"outcome": {"type": "object"}}}]})
 
     id: RequestId = Field(description="the id that predict returned")
-    label: Any = Field(default=None, description="the true answer (a list: one per row)")
+    label: Any = Field(default=None, description="the true answer (a list: one per row); "
+                       f"finite, and within ±{OUTCOME_LIMIT:g} when the plan guards abs_error")
     outcome: Outcome | None = Field(default=None, description="business metrics")
 
 
@@ -108,7 +123,8 @@ class Tensor(BaseModel):
 
 
 class InferRequest(BaseModel):
-    id: str | None = None
+    id: RequestId | None = Field(default=None, description="your id for this request "
+                                 "(feedback joins on it; a fresh one each time)")
     parameters: dict[str, Any] | None = Field(default=None, description="may carry unit and "
                                               "context (or context.<attr>)")
     inputs: Annotated[list[Tensor], Field(min_length=1)]

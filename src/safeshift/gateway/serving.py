@@ -1,42 +1,52 @@
 """The asynchronous prediction path of one endpoint, on top of :class:`~safeshift.Rollout`.
 
-``assign`` (pure, in memory) → the assigned arm's model → telemetry in memory. The baseline is
+What a request gets and what is counted is decided by the serving steps shared with library
+mode (:class:`safeshift.serving.Serving`: the circuit breaker, the fallback to the baseline,
+whose fault a failure is); this module only calls the models, asynchronously. The baseline is
 called inline: in-process models are short and CPU-bound, and a thread hop would cost more
-than the call. The candidate is protected: a circuit breaker, a per-call timeout, and — for a
-synchronous model whose ``apredict`` would run inline — a small dedicated thread pool, so that
-a hanging candidate cannot hold the event loop past a few milliseconds (see
-:meth:`Endpoint._in_thread`), let alone its timeout. Any candidate failure (error,
-timeout, NaN, wrong shape, open breaker) is recorded on the candidate arm and the user gets
-the baseline's answer. In shadow stages the baseline answers and a copy goes to the
-:class:`~safeshift.gateway.shadow.ShadowQueue`.
+than the call. The candidate is protected by a per-call timeout and — for a synchronous model
+whose ``apredict`` would run inline — its own small thread pool
+(:class:`~safeshift.serving.CandidatePool`), so that a hanging candidate cannot hold the event
+loop past a few milliseconds (see :meth:`Endpoint._in_thread`), let alone its timeout, nor
+starve the candidate's other calls. In shadow stages the baseline answers and a copy goes to
+the :class:`~safeshift.gateway.shadow.ShadowQueue`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from safeshift.assign import BASELINE, CANDIDATE, Assignment, Split
+from safeshift.breaker import CircuitBreaker
 from safeshift.gateway._http import HTTPError
-from safeshift.gateway.breaker import CircuitBreaker
 from safeshift.gateway.metrics import EndpointMetrics
 from safeshift.gateway.shadow import ShadowItem, ShadowQueue
 from safeshift.models import ModelBackend, ModelResult, SyncBackend, call_with_timeout
 from safeshift.models.base import validate_result
 from safeshift.rollout import Rollout
+from safeshift.serving import (
+    BREAKER_OPEN,
+    INPUTS,
+    Guard,
+    Serving,
+    failed,
+    fallback_reason,
+    is_input_error,
+    run_async,
+)
 
-BREAKER_OPEN = "circuit breaker open: the candidate was not called"
+__all__ = ["BREAKER_OPEN", "Candidate", "Endpoint", "Served", "baseline_failure",
+           "fallback_reason", "parse_predict"]
+
 GRACE_MIN = 0.0005
 GRACE_MAX = 0.005
 """Bounds, in seconds, of the loop's blocking wait for a threaded candidate (see
 :meth:`Endpoint._in_thread`)."""
-_INPUT_ERRORS = ("ValueError", "KeyError", "TypeError", "IndexError")
 _PREDICT_FIELDS = frozenset({"unit", "context", "inputs", "id"})
 
 
@@ -61,18 +71,6 @@ class PredictRequest:
     id: str | None
 
 
-def fallback_reason(result: ModelResult) -> str:
-    """``breaker_open`` | ``timeout`` | ``invalid`` (NaN, wrong shape) | ``error``."""
-    error = result.error or ""
-    if error == BREAKER_OPEN:
-        return "breaker_open"
-    if result.timed_out:
-        return "timeout"
-    if error.startswith(("wrong shape", "non-finite")):
-        return "invalid"
-    return "error"
-
-
 def cached_split(rollout: Rollout) -> Split:
     """The split the rollout last read, without re-reading the store.
 
@@ -90,21 +88,27 @@ def blocks_event_loop(model: ModelBackend) -> bool:
 
 @dataclass(slots=True)
 class Candidate:
-    """One candidate model (the candidate, or a challenger in an experiment stage) with its
-    own protection."""
+    """One candidate model (the candidate, or a challenger in an experiment stage) and its
+    protection (breaker, timeout, thread pool: the shared :class:`~safeshift.serving.Guard`)."""
 
     name: str
     model: ModelBackend
-    timeout: float
     threaded: bool
-    breaker: CircuitBreaker
-    typical: float = 0.001  # moving average of successful calls' latency, seconds
+    guard: Guard
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.guard.breaker
+
+    @property
+    def timeout(self) -> float:
+        return self.guard.timeout
 
 
 class Endpoint:
     """One endpoint: its rollout, its models and the candidates' protection."""
 
-    def __init__(self, rollout: Rollout, metrics: EndpointMetrics, *, executor: Executor,
+    def __init__(self, rollout: Rollout, metrics: EndpointMetrics, *, threads: int,
                  shadow_workers: int) -> None:
         plan = rollout.plan
         self.name = plan.endpoint
@@ -114,17 +118,16 @@ class Endpoint:
         self.baseline_version = plan.baseline.version
         self.baseline_timeout = plan.baseline.timeout
         self.unit_key = plan.unit
-        self.executor = executor
-        s = plan.serving
+        # one set of serving steps and protection per rollout, whoever calls it
+        rollout.serving.close()
+        self.serving = rollout.serving = Serving(rollout, threads=threads)
         self.candidates: dict[str, Candidate] = {}
-        for name in plan.variants:
+        for name, guard in self.serving.guards.items():
             model = rollout.model(name)
-            self.candidates[name] = Candidate(
-                name, model, self.rollout.timeout(name),
-                blocks_event_loop(model),
-                CircuitBreaker(s.breaker_failures, s.breaker_window, s.breaker_cooldown,
-                               on_change=metrics.breaker_watcher(name)))
-        self.shadow = ShadowQueue(rollout, self._shadow_call, maxsize=s.shadow_queue,
+            guard.breaker.on_change = metrics.breaker_watcher(name)
+            metrics.hung(name, guard.pool.hung_calls)
+            self.candidates[name] = Candidate(name, model, blocks_event_loop(model), guard)
+        self.shadow = ShadowQueue(rollout, self._shadow_copy, maxsize=plan.serving.shadow_queue,
                                   workers=shadow_workers, on_result=self._shadow_outcome)
         metrics.shadow_depth(lambda: float(self.shadow.depth))
         metrics.records(lambda: float(rollout.unflushed_records),
@@ -142,6 +145,10 @@ class Endpoint:
     def models(self) -> list[ModelBackend]:
         return [self.baseline, *(c.model for c in self.candidates.values())]
 
+    def close(self) -> None:
+        """Stop the candidates' threads (hung calls finish in the background)."""
+        self.serving.close()
+
     def _shadow_outcome(self, outcome: str) -> None:
         self.metrics.shadow[outcome].inc()
 
@@ -154,119 +161,102 @@ class Endpoint:
     # -- model calls ---------------------------------------------------------------------
 
     async def call_baseline(self, rows: list[Any]) -> ModelResult:
+        start = time.perf_counter()
         try:
             if self.baseline_timeout is None:
                 result = await self.baseline.apredict(rows)
             else:
                 result = await call_with_timeout(self.baseline, rows, self.baseline_timeout)
         except Exception as exc:  # a backend that breaks the protocol by raising
-            result = ModelResult(error=f"{type(exc).__name__}: {exc}")
+            result = failed(exc, start)
         result = validate_result(result, len(rows))
         self._model_seconds[BASELINE].observe(result.latency_ms / 1000.0)
         return result
 
-    async def _shadow_call(self, rows: list[Any]) -> ModelResult:
-        return await self.call_candidate(rows, self.rollout.shadow_variant)
-
     async def call_candidate(self, rows: list[Any], variant: str = CANDIDATE) -> ModelResult:
-        """The candidate's answer, or a failed result; never raises, never exceeds the
-        timeout by more than scheduling delay."""
+        """One call of a candidate variant under its timeout: its answer, or a failed result;
+        never raises, never exceeds the timeout by more than scheduling delay (plus, when its
+        threads are all busy, the wait for one). The breaker is the serving steps' business."""
         cand = self.candidates[variant]
-        if not cand.breaker.allow():
-            return ModelResult(error=BREAKER_OPEN, not_called=True)
+        start = time.perf_counter()
         try:
             if cand.threaded:
                 result = await self._in_thread(cand, rows)
             else:
                 result = await call_with_timeout(cand.model, rows, cand.timeout)
-        except asyncio.CancelledError:
-            cand.breaker.abandon()
-            raise
         except Exception as exc:
-            result = ModelResult(error=f"{type(exc).__name__}: {exc}")
+            result = failed(exc, start)
         result = validate_result(result, len(rows))
-        cand.breaker.record(result.ok)
-        self._model_seconds[variant].observe(result.latency_ms / 1000.0)
+        if not result.not_called:
+            self._model_seconds[variant].observe(result.latency_ms / 1000.0)
         return result
 
+    async def _call(self, arm: str, rows: list[Any]) -> ModelResult:
+        if arm == BASELINE:
+            return await self.call_baseline(rows)
+        return await self.call_candidate(rows, arm)
+
     async def _in_thread(self, cand: Candidate, rows: list[Any]) -> ModelResult:
-        """A synchronous candidate in a worker thread, awaited for at most its timeout.
+        """A synchronous candidate in its pool's worker thread, awaited for at most its timeout.
 
         The loop first *waits* for the thread for a short grace (a few times the candidate's
         usual latency, at most ``GRACE_MAX``): a healthy call ends within it, runs without
         competing with the loop for the GIL (so its measured latency is as fair as the inline
         baseline's) and costs no extra loop iteration. A slow or hung call blocks the loop
         for the grace only, then is awaited asynchronously until the timeout."""
-        start = time.perf_counter()
-        future = self.executor.submit(cand.model.predict, rows)
-        grace = min(cand.timeout, max(GRACE_MIN, min(GRACE_MAX, 4.0 * cand.typical)))
+        guard = cand.guard
+        call = guard.pool.submit(cand.model.predict, rows)
+        if call is None:
+            return guard.pool.refusal()
+        grace = min(guard.timeout, max(GRACE_MIN, min(GRACE_MAX, 4.0 * guard.typical)))
         try:
-            result: ModelResult = future.result(timeout=grace)
+            result = call.future.result(timeout=grace)
         except FutureTimeout:
-            remaining = cand.timeout - (time.perf_counter() - start)
-            try:
-                result = await asyncio.wait_for(asyncio.wrap_future(future), max(0.0, remaining))
-            except TimeoutError:
-                future.cancel()
-                return ModelResult(error=f"timeout after {cand.timeout * 1000:.0f} ms",
-                                   timed_out=True,
-                                   latency_ms=(time.perf_counter() - start) * 1000)
+            result = await guard.pool.run_async(call, guard.timeout)
         if result.ok:
-            cand.typical = 0.8 * cand.typical + 0.2 * result.latency_ms / 1000.0
+            guard.typical = 0.8 * guard.typical + 0.2 * result.latency_ms / 1000.0
         return result
+
+    async def _shadow_copy(self, item: ShadowItem) -> ModelResult:
+        """A shadow copy through the shared serving steps (protected, then counted)."""
+        return await run_async(
+            self.serving.shadow(item.assignment, item.rows, item.baseline, context=item.context,
+                                request_id=item.request_id),
+            lambda arm: self._call(arm, item.rows))
 
     # -- the request path ----------------------------------------------------------------
 
     async def predict(self, rows: list[Any], *, unit: str | None,
                       context: Mapping[str, Any] | None, request_id: str,
                       protocol: str) -> Served:
-        """Serve one request; raises :class:`HTTPError` only when the baseline fails."""
+        """Serve one request; raises :class:`HTTPError` only when the baseline cannot answer:
+        422 for inputs it rejects (a request fault), 502 for any other failure."""
         start = time.perf_counter()
         if unit is None and context:
             raw = context.get(self.unit_key)
             unit = None if raw is None else str(raw)
-        rollout = self.rollout
         a = self.assign(unit, context)
-        if a.arm == CANDIDATE:
-            result = await self.call_candidate(rows, a.variant)
-            if result.ok and result.outputs is not None:
-                rollout.record(a, result, context=context, request_id=request_id)
-                served = Served(request_id, result.outputs, result.scores, a.version, CANDIDATE,
-                                a.stage)
-            else:
-                base = await self.call_baseline(rows)
-                if not base.ok or base.outputs is None:
-                    error = baseline_failure(base)
-                    if error.status != 422:  # inputs both models reject are not counted
-                        rollout.record(a, result, context=context, request_id=request_id)
-                    raise error
-                rollout.record(a, result, context=context, request_id=request_id)
-                reason = fallback_reason(result)
-                self.metrics.fallbacks[reason].inc()
-                served = Served(request_id, base.outputs, base.scores, self.baseline_version,
-                                BASELINE, a.stage, reason)
-        else:
-            base = await self.call_baseline(rows)
-            if not base.ok or base.outputs is None:
-                error = baseline_failure(base)
-                if error.status != 422:  # the client's bad inputs are not a model's error
-                    rollout.record(a, base, context=context, request_id=request_id)
-                raise error
-            if a.shadow:
-                rollout.record(a, base, context=context, request_id=request_id, keep=False)
-                self.shadow.submit(ShadowItem(a, rows, base, context, request_id))
-            else:
-                rollout.record(a, base, context=context, request_id=request_id)
-            served = Served(request_id, base.outputs, base.scores, a.version, BASELINE, a.stage)
+        answer = await run_async(
+            self.serving.serve(a, rows, context=context, request_id=request_id),
+            lambda arm: self._call(arm, rows))
+        if answer.failure is not None:
+            if answer.failure == INPUTS:
+                self.metrics.request_fault(a.telemetry_arm)
+            raise baseline_failure(answer.result)
+        if answer.fallback is not None:
+            self.metrics.fallbacks[answer.fallback].inc()
+        if answer.shadow:
+            self.shadow.submit(ShadowItem(a, rows, answer.result, context, request_id))
         self.metrics.served(a.telemetry_arm, protocol, time.perf_counter() - start)
-        return served
+        return Served(request_id, answer.outputs, answer.result.scores, answer.version,
+                      answer.arm, a.stage, answer.fallback)
 
 
 def baseline_failure(result: ModelResult) -> HTTPError:
     """The baseline could not answer: the inputs' fault (422: the model raised ValueError,
     KeyError, TypeError or IndexError — e.g. a missing feature) or the model's (502)."""
     error = result.error or "no outputs"
-    if error.startswith(_INPUT_ERRORS):
+    if is_input_error(result):
         return HTTPError(422, f"the model rejected the inputs: {error}", field="inputs")
     return HTTPError(502, f"the model could not answer: {error}")
 

@@ -2,8 +2,9 @@
 
 The user's request is answered by the baseline before its copy is even looked at. A copy that
 finds the queue full is dropped and counted (``Rollout.record_shadow_dropped``), never waited
-for. Workers call the candidate under the same protection as live calls (timeout, breaker)
-and feed both answers to ``Rollout.record_shadow``.
+for. Workers hand each copy to ``call``: the shared serving steps
+(:meth:`safeshift.serving.Serving.shadow`), which call the candidate under the same protection
+as live calls (timeout, breaker) and feed both answers to ``Rollout.record_shadow``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ class ShadowItem:
     request_id: str
 
 
-CandidateCall = Callable[[list[Any]], Awaitable[ModelResult]]
+CopyCall = Callable[[ShadowItem], Awaitable[ModelResult]]
+"""Serves one copy: calls the candidate and counts both answers; returns its result."""
 
 
 class ShadowQueue:
     """Bounded queue of shadow copies for one rollout, served by ``workers`` tasks."""
 
-    def __init__(self, rollout: Rollout, call: CandidateCall, *, maxsize: int, workers: int,
+    def __init__(self, rollout: Rollout, call: CopyCall, *, maxsize: int, workers: int,
                  on_result: Callable[[str], None] | None = None) -> None:
         self.rollout = rollout
         self.call = call
@@ -80,9 +82,7 @@ class ShadowQueue:
         while True:
             item = await queue.get()
             try:
-                result = await self.call(item.rows)
-                self.rollout.record_shadow(item.assignment, item.baseline, result,
-                                           context=item.context, request_id=item.request_id)
+                result = await self.call(item)
                 self.done += 1
                 if self.on_result is not None:
                     self.on_result("ok" if result.ok else "error")

@@ -38,6 +38,9 @@ from safeshift.models import register_loader
 from safeshift.models.base import ModelResult, Rows, oip_datatype, validate_result
 
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+REJECTED_INPUTS = (400, 422)
+"""Upstream statuses that mean "these inputs cannot be read": reported like a local model's
+``ValueError``, so that inputs the baseline's upstream rejects are the request's fault."""
 _JSON = {"content-type": "application/json"}
 
 
@@ -174,6 +177,11 @@ class HTTPModel:
     def _answer(self, response: httpx.Response, n_rows: int, start: float) -> ModelResult:
         if response.status_code != 200:
             text = response.text[:300].strip()
+            if response.status_code in REJECTED_INPUTS:  # as a local model's ValueError: the
+                # inputs' fault when the baseline says it (safeshift.serving)
+                return ModelResult(error=f"ValueError: {self.name}: upstream rejected the inputs "
+                                         f"(HTTP {response.status_code}): {text}",
+                                   latency_ms=_ms(start))
             return ModelResult(error=f"{self.name}: upstream answered HTTP "
                                      f"{response.status_code}: {text}", latency_ms=_ms(start))
         try:

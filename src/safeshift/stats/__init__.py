@@ -5,6 +5,8 @@ they can be tested on their own by Monte-Carlo and against scipy:
 
 * :mod:`~safeshift.stats.sequential`: always-valid confidence sequences and
   p-values for differences between arms (the guardrail decisions);
+* :mod:`~safeshift.stats.clustered`: unit-level (cluster-robust) variance of
+  ratio metrics measured per request under randomisation by unit;
 * :mod:`~safeshift.stats.srm`: sequential sample-ratio-mismatch check;
 * :mod:`~safeshift.stats.drift`: PSI, Jensen-Shannon, Wasserstein, chi-square
   for distribution drift and shadow comparison;
@@ -13,6 +15,7 @@ they can be tested on their own by Monte-Carlo and against scipy:
 """
 
 from safeshift.stats.bandits import ArmStats, BanditKind, probability_best, thompson_allocation
+from safeshift.stats.clustered import cluster_ratio, diff_ratios
 from safeshift.stats.drift import (
     PSI_THRESHOLD,
     DriftResult,
@@ -59,10 +62,12 @@ __all__ = [
     "always_valid_p_value",
     "boundary_multiplier",
     "chi_square_classes",
+    "cluster_ratio",
     "confidence_sequence",
     "confidence_sequence_one_sample",
     "diff_means",
     "diff_proportions",
+    "diff_ratios",
     "fixed_horizon_interval",
     "fixed_horizon_samples_per_arm",
     "histogram_counts",

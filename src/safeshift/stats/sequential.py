@@ -251,16 +251,20 @@ def _interval(estimate: float, se: float, m: float, side: str) -> Interval:
 
 
 def confidence_sequence(
-    est: Estimate, *, alpha: float, n_star: float, side: Side = "two"
+    est: Estimate, *, alpha: float, n_star: float, side: Side = "two", n: float | None = None
 ) -> Interval:
     """Always-valid (1 - alpha) interval for ``est.diff`` at the current look.
 
-    ``n`` is the number of units over both arms. ``side="lower"`` gives
-    [lower, +inf) and ``side="upper"`` (-inf, upper], each at level 1 - alpha
-    on its own (use them for "harm proven" and "safety proven").
+    ``n`` is the boundary's time: the information so far in samples, on the
+    same scale as ``n_star`` — by default the samples over both arms; callers
+    with an uneven split or clustered samples pass their effective sample size.
+    ``side="lower"`` gives [lower, +inf) and ``side="upper"`` (-inf, upper],
+    each at level 1 - alpha on its own (use them for "harm proven" and "safety
+    proven").
     """
     _check_side(side)
-    n = float(est.n_baseline + est.n_candidate)
+    if n is None:
+        n = float(est.n_baseline + est.n_candidate)
     m = boundary_multiplier(n, n_star, alpha, one_sided=side != "two")
     return _interval(est.diff, est.se, m, side)
 

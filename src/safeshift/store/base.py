@@ -8,7 +8,7 @@ from typing import Any, Protocol
 from safeshift.state import AuditEvent, Decision, FeedbackItem, RequestRecord, RolloutState
 from safeshift.telemetry import TelemetryRow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Store(Protocol):

@@ -18,7 +18,7 @@ from safeshift.state import (
 )
 from safeshift.telemetry import TelemetryRow
 
-_Key = tuple[str, int, str, str, str, int, str]
+_Key = tuple[str, int, str, str, str, int, int, str]
 
 
 class MemoryStore:
@@ -89,7 +89,7 @@ class MemoryStore:
                 _add(self._telemetry, r)
                 _add(self._totals.setdefault((r.rollout, r.stage), {}),
                      TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, 0, r.signal,
-                                  r.n, r.s, r.ss, r.hist))
+                                  r.n, r.s, r.ss, r.hist, r.cluster))
 
     def telemetry_totals(self, rollout: str, stage: int) -> list[TelemetryRow]:
         with self._lock:
@@ -155,7 +155,7 @@ class MemoryStore:
 
 
 def _add(table: dict[_Key, TelemetryRow], r: TelemetryRow) -> None:
-    key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
+    key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.cluster, r.signal)
     old = table.get(key)
     if old is None:
         table[key] = r
@@ -164,4 +164,4 @@ def _add(table: dict[_Key, TelemetryRow], r: TelemetryRow) -> None:
     for b, c in (r.hist or {}).items():
         hist[b] = hist.get(b, 0) + c
     table[key] = TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal,
-                              old.n + r.n, old.s + r.s, old.ss + r.ss, hist or None)
+                              old.n + r.n, old.s + r.s, old.ss + r.ss, hist or None, r.cluster)

@@ -107,7 +107,7 @@ audit_t = sa.Table(
     sa.Column("hash", _str(64), nullable=False),
 )
 
-_TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "signal")
+_TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "cluster", "signal")
 
 
 def _cell_key() -> list[sa.Column[Any]]:
@@ -119,6 +119,7 @@ def _cell_key() -> list[sa.Column[Any]]:
         sa.Column("cohort", _str(16), primary_key=True),
         sa.Column("segment", _str(512), primary_key=True),
         sa.Column("window", sa.BigInteger, primary_key=True),
+        sa.Column("cluster", sa.Integer, primary_key=True),  # the unit's hash bucket, or -1
         sa.Column("signal", _str(128), primary_key=True),
     ]
 
@@ -147,6 +148,7 @@ requests = sa.Table(
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
     sa.Column("outputs", _str(), nullable=False),
+    sa.Column("cluster", sa.Integer, nullable=False, server_default="-1"),
 )
 
 feedback = sa.Table(
@@ -169,7 +171,23 @@ def _migrate_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1}
+def _migrate_v2(conn: Connection) -> None:
+    """Unit clusters: telemetry cells gain ``cluster`` in their key and request records their
+    unit's cluster. Rows written before are request-level (``-1``). A store created by this
+    release already has both (``_migrate_v1`` creates the current tables)."""
+    inspector = sa.inspect(conn)
+    if "cluster" not in {c["name"] for c in inspector.get_columns("telemetry")}:
+        for table in (telemetry, histograms):
+            old = [dict(r) for r in conn.execute(sa.text(f"SELECT * FROM {table.name}")).mappings()]
+            table.drop(conn)
+            table.create(conn)
+            if old:
+                conn.execute(table.insert(), [{**r, "cluster": -1} for r in old])
+    if "cluster" not in {c["name"] for c in inspector.get_columns("requests")}:
+        conn.execute(sa.text("ALTER TABLE requests ADD COLUMN cluster INTEGER NOT NULL DEFAULT -1"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
 """Schema version → the step that brings the previous version to it."""
 
 
@@ -350,7 +368,7 @@ class SQLStore:
         merged: dict[tuple[Any, ...], list[float]] = {}
         hists: dict[tuple[Any, ...], int] = {}
         for r in rows:
-            key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.signal)
+            key = (r.rollout, r.stage, r.arm, r.cohort, r.segment, r.window, r.cluster, r.signal)
             acc = merged.setdefault(key, [0.0, 0.0, 0.0])
             acc[0] += r.n
             acc[1] += r.s
@@ -388,13 +406,14 @@ class SQLStore:
         for r in rows:
             key = tuple(getattr(r, k) for k in _TELEMETRY_KEY)
             out.append(TelemetryRow(r.rollout, r.stage, r.arm, r.cohort, r.segment, int(r.window),
-                                    r.signal, r.n, r.s, r.ss, hist.get(key)))
+                                    r.signal, r.n, r.s, r.ss, hist.get(key), int(r.cluster)))
         return out
 
     def telemetry_totals(self, rollout: str, stage: int) -> list[TelemetryRow]:
-        key = (telemetry.c.arm, telemetry.c.cohort, telemetry.c.segment, telemetry.c.signal)
-        hkey = (histograms.c.arm, histograms.c.cohort, histograms.c.segment, histograms.c.signal,
-                histograms.c.bucket)
+        key = (telemetry.c.arm, telemetry.c.cohort, telemetry.c.segment, telemetry.c.cluster,
+               telemetry.c.signal)
+        hkey = (histograms.c.arm, histograms.c.cohort, histograms.c.segment, histograms.c.cluster,
+                histograms.c.signal, histograms.c.bucket)
         with self._snapshot.connect() as conn:
             rows = conn.execute(
                 sa.select(*key, sa.func.sum(telemetry.c.n), sa.func.sum(telemetry.c.s),
@@ -406,11 +425,12 @@ class SQLStore:
                 .where(histograms.c.rollout == rollout, histograms.c.stage == stage)
                 .group_by(*hkey)).fetchall()
         hist: dict[tuple[Any, ...], dict[int, int]] = {}
-        for arm, cohort, segment, signal, bucket, count in hrows:
-            hist.setdefault((arm, cohort, segment, signal), {})[int(bucket)] = int(count)
+        for arm, cohort, segment, cluster, signal, bucket, count in hrows:
+            hist.setdefault((arm, cohort, segment, cluster, signal), {})[int(bucket)] = int(count)
         return [TelemetryRow(rollout, stage, arm, cohort, segment, 0, signal, float(n), float(s),
-                             float(ss), hist.get((arm, cohort, segment, signal)))
-                for arm, cohort, segment, signal, n, s, ss in rows]
+                             float(ss), hist.get((arm, cohort, segment, cluster, signal)),
+                             int(cluster))
+                for arm, cohort, segment, cluster, signal, n, s, ss in rows]
 
     # -- requests and feedback --------------------------------------------------------
 
@@ -421,7 +441,8 @@ class SQLStore:
             conn.execute(self._requests_insert, [
                 {"id": r.id, "rollout": r.rollout, "stage": r.stage, "arm": r.arm,
                  "cohort": r.cohort, "segment": r.segment, "created_at": r.created_at,
-                 "expires_at": r.expires_at, "outputs": json.dumps(r.outputs, default=str)}
+                 "expires_at": r.expires_at, "outputs": json.dumps(r.outputs, default=str),
+                 "cluster": r.cluster}
                 for r in records
             ])
 
@@ -431,7 +452,7 @@ class SQLStore:
         if r is None:
             return None
         return RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment, r.created_at,
-                             r.expires_at, json.loads(r.outputs))
+                             r.expires_at, json.loads(r.outputs), r.cluster)
 
     def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         out: dict[str, RequestRecord] = {}
@@ -444,7 +465,8 @@ class SQLStore:
                 for r in conn.execute(sa.select(requests).where(requests.c.id.in_(chunk))):
                     rid = asked.get(r.id, r.id)
                     out[rid] = RequestRecord(rid, r.rollout, r.stage, r.arm, r.cohort, r.segment,
-                                             r.created_at, r.expires_at, json.loads(r.outputs))
+                                             r.created_at, r.expires_at, json.loads(r.outputs),
+                                             r.cluster)
         return out
 
     def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
