@@ -14,7 +14,6 @@ the :class:`~safeshift.gateway.shadow.ShadowQueue`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -41,13 +40,12 @@ from safeshift.serving import (
 )
 
 __all__ = ["BREAKER_OPEN", "Candidate", "Endpoint", "Served", "baseline_failure",
-           "fallback_reason", "parse_predict"]
+           "fallback_reason"]
 
 GRACE_MIN = 0.0005
 GRACE_MAX = 0.005
 """Bounds, in seconds, of the loop's blocking wait for a threaded candidate (see
 :meth:`Endpoint._in_thread`)."""
-_PREDICT_FIELDS = frozenset({"unit", "context", "inputs", "id"})
 
 
 @dataclass(slots=True)
@@ -61,14 +59,6 @@ class Served:
     arm: str  # the arm whose model answered
     stage: str
     fallback: str | None = None  # why the candidate's answer was replaced, if it was
-
-
-@dataclass(slots=True)
-class PredictRequest:
-    rows: list[Any]
-    unit: str | None
-    context: dict[str, Any] | None
-    id: str | None
 
 
 def cached_split(rollout: Rollout) -> Split:
@@ -259,57 +249,3 @@ def baseline_failure(result: ModelResult) -> HTTPError:
     if is_input_error(result):
         return HTTPError(422, f"the model rejected the inputs: {error}", field="inputs")
     return HTTPError(502, f"the model could not answer: {error}")
-
-
-# -- request parsing -----------------------------------------------------------------------
-
-
-def parse_predict(body: bytes) -> PredictRequest:
-    """Validate a ``/v1/endpoints/{name}/predict`` body; :class:`HTTPError` 422 names the
-    field that is wrong."""
-    if not body.strip():
-        raise HTTPError(422, "request body is empty; send a JSON object with 'inputs'",
-                        field="body")
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise HTTPError(422, f"malformed JSON: {exc}", field="body") from None
-    if type(doc) is not dict:
-        raise HTTPError(422, "the body must be a JSON object with 'inputs'", field="body")
-    if not doc.keys() <= _PREDICT_FIELDS:
-        extra = sorted(doc.keys() - _PREDICT_FIELDS)[0]
-        raise HTTPError(422, f"unknown field {extra!r}; the fields are id, unit, context and "
-                             "inputs", field=extra)
-    inputs = doc.get("inputs")
-    if type(inputs) is dict:
-        rows: list[Any] = [inputs]
-    elif type(inputs) is list and inputs:
-        rows = inputs
-        for i, row in enumerate(rows):
-            if row is None:
-                raise HTTPError(422, "a row cannot be null", field=f"inputs[{i}]")
-    elif inputs is None:
-        raise HTTPError(422, "'inputs' is required: one row (an object) or a list of rows",
-                        field="inputs")
-    else:
-        raise HTTPError(422, "'inputs' must be one row (an object) or a non-empty list of "
-                             "rows", field="inputs")
-    unit = doc.get("unit")
-    if unit is not None:
-        if type(unit) is int:
-            unit = str(unit)
-        elif type(unit) is not str:
-            raise HTTPError(422, "'unit' must be a string (or an integer)", field="unit")
-    context = doc.get("context")
-    if context is not None:
-        if type(context) is not dict:
-            raise HTTPError(422, "'context' must be an object of attribute values",
-                            field="context")
-        for key, value in context.items():
-            if isinstance(value, dict | list):
-                raise HTTPError(422, "context values must be strings, numbers, booleans or "
-                                     "null", field=f"context.{key}")
-    rid = doc.get("id")
-    if rid is not None and (type(rid) is not str or not 0 < len(rid) <= 128):
-        raise HTTPError(422, "'id' must be a string of 1 to 128 characters", field="id")
-    return PredictRequest(rows, unit, context, rid)
