@@ -407,9 +407,10 @@ class Summary:
 
     cells: dict[tuple[str, str, str, int], dict[str, Moments]] = field(default_factory=dict)
     hists: dict[tuple[str, str], Histogram] = field(default_factory=dict)  # (arm, signal)
-    _index: dict[_IndexKey, Pooled] | None = None
-    _signals: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
-    _values: dict[str, set[str]] = field(default_factory=dict)
+    _index: dict[_IndexKey, Pooled] | None = field(default=None, repr=False, compare=False)
+    _signals: dict[tuple[str, str], dict[str, float]] = field(
+        default_factory=dict, repr=False, compare=False)
+    _values: dict[str, set[str]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_rows(cls, rows: Iterable[TelemetryRow]) -> Summary:
@@ -418,8 +419,11 @@ class Summary:
             cell = out.cells.setdefault((r.arm, r.cohort, r.segment, r.cluster), {})
             m = cell.get(r.signal)
             if m is None:
-                m = cell[r.signal] = Moments()
-            m.merge(Moments(r.n, r.s, r.ss))
+                cell[r.signal] = Moments(r.n, r.s, r.ss)
+            else:
+                m.n += r.n
+                m.s += r.s
+                m.ss += r.ss
             if r.hist:
                 out.hists.setdefault((r.arm, r.signal), Histogram()).merge(r.hist)
         return out
