@@ -21,7 +21,7 @@ no events yet does not look certain.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -463,6 +463,27 @@ def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] |
     return v
 
 
+def segment_weights(requests: Mapping[tuple[str, str], float]) -> dict[tuple[str, str], float]:
+    """How the segment tests' share of alpha is spent, from each value's baseline requests in
+    the stage: each attribute gets an equal part, and within it a value gets half by its share
+    of the traffic and half evenly. Large values, where harm reaches the most users, get more;
+    none gets less than half an even split. The weights sum to 1.
+
+    Baseline requests carry no information about the candidate's metrics (the candidate
+    cannot change them), so weighting by them keeps each test's level; they move only while a
+    stage's traffic mix settles."""
+    by_attr: dict[str, dict[str, float]] = {}
+    for (attr, value), n in requests.items():
+        by_attr.setdefault(attr, {})[value] = max(float(n), 0.0)
+    out: dict[tuple[str, str], float] = {}
+    for attr, counts in by_attr.items():
+        total = sum(counts.values())
+        for value, n in counts.items():
+            share = n / total if total > 0 else 1.0 / len(counts)
+            out[(attr, value)] = (0.5 * share + 0.5 / len(counts)) / len(by_attr)
+    return out
+
+
 def analyse(plan: Plan, stage_index: int, summary: Summary,
             variants: Sequence[str] = (CANDIDATE,)) -> StageAnalysis:
     """Judge every guardrail that applies to the stage, globally and per segment value, for
@@ -484,12 +505,14 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                     | protected)
     judged = [(g, where) for g in segmented for where in values]
     # false rollbacks are shared over every harm test: guardrails x variants globally, and
-    # guardrails x segment values x variants for the segments
+    # guardrails x segment values x variants for the segments, weighted by traffic
     k = max(len(guardrails), 1) * len(variants)
     has_segments = bool(judged)
     alpha_global = (alpha / 2 if has_segments else alpha) / k
-    alpha_each = (alpha / 2) / max(len(judged) * len(variants), 1)
-    alpha_segment = {where: alpha_each for where in values}
+    weights = segment_weights({where: summary.total(BASELINE, REQUESTS, where=where).n
+                               for where in values})
+    alpha_segment = {where: (alpha / 2) * w / (len(segmented) * len(variants))
+                     for where, w in weights.items()}
     out.drift = prediction_drift(summary, variants[0])
     for arm in variants:
         for g in guardrails:

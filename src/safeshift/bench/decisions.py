@@ -43,6 +43,12 @@ The horizon of the three baselines is the fixed-horizon sample size a practition
 for the tightest guardrail (one-sided alpha 0.05, power 0.8, margin = tolerance), rounded up
 to whole 1-minute checks. Samples are candidate + baseline requests at the decision.
 
+On *clustered* traffic (:mod:`safeshift.bench._clustered`: a population of users per
+rollout, heavy-tailed requests per user, per-user error, latency and accuracy propensities)
+the same methods and ``safeshift_requests`` — the engine on the same telemetry without unit
+clusters — are compared again, with the engine's standard error against the Monte-Carlo one
+and the best any test could do by ``max_duration`` (JSON section ``clustered``).
+
 Besides the five methods the JSON carries ``reference`` figures: the textbook peeking
 experiment (``naive_no_tolerance``: a z-test of any difference at every look), the SPRT of
 the hypothesis safeshift actually tests (``oracle_at_tolerance``: H0 harm = tolerance), the
@@ -87,6 +93,7 @@ __all__ = [
     "engine_statuses",
     "main",
     "mann_whitney_p",
+    "segment_alpha",
     "simulate",
 ]
 
@@ -131,8 +138,15 @@ SRM_MIN_DEVIATION = 0.002
 SRM_MIN_COUNT = 8
 
 
-def bench_plan() -> Plan:
-    """The plan every scenario runs: one canary stage, two guardrails, countries as segments."""
+def bench_plan(*, accuracy: bool = False) -> Plan:
+    """The plan every scenario runs: one canary stage, two guardrails, countries as segments;
+    with ``accuracy`` also an accuracy guardrail on feedback labels (± 1 pt)."""
+    guardrails: list[dict[str, Any]] = [
+        {"metric": "error_rate", "tolerance": 0.002},
+        {"metric": "latency_ms", "above": 250, "tolerance": 0.01},
+    ]
+    if accuracy:
+        guardrails.append({"metric": "accuracy", "tolerance": 0.01})
     return Plan.from_dict({
         "rollout": "bench-decisions",
         "endpoint": "bench",
@@ -142,10 +156,7 @@ def bench_plan() -> Plan:
         "segments": [SEGMENT_ATTRIBUTE],
         "stages": [{"name": "canary", "traffic": TRAFFIC, "min_samples": MIN_SAMPLES,
                     "min_duration": MIN_DURATION, "max_duration": MAX_DURATION}],
-        "guardrails": [
-            {"metric": "error_rate", "tolerance": 0.002},
-            {"metric": "latency_ms", "above": 250, "tolerance": 0.01},
-        ],
+        "guardrails": guardrails,
         "analysis": {"alpha": 0.05},
     })
 
@@ -188,16 +199,17 @@ SCENARIOS: tuple[Scenario, ...] = (
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
     """What :func:`safeshift.analysis.analyse` and the controller use for one canary stage of
-    rate guardrails, with ``n_segments`` segment values present."""
+    absolute-tolerance rate guardrails (higher or lower worse) with one segment attribute."""
 
     signals: tuple[str, ...]
     tolerances: tuple[float, ...]
     strict: tuple[bool, ...]
     segmented: tuple[bool, ...]
+    signs: tuple[float, ...]  # +1 when higher is worse, -1 when lower is worse (accuracy)
     n_star: float
     alpha: float
     alpha_global: float
-    alpha_segment: float
+    alpha_segments: float  # (alpha/2) / segmented guardrails: spread over values by weight
     segment_min: float
     share: float
     srm_alpha: float
@@ -212,28 +224,28 @@ class EngineSpec:
         guardrails = plan.guardrails_for(stage)
         for g in guardrails:
             info = g.info
-            if (not info.rate or g.is_bound or g.relative_tolerance is not None
-                    or info.bad is not Direction.INCREASE):
+            if not info.rate or g.is_bound or g.relative_tolerance is not None:
                 raise ValueError(f"the vectorised engine covers absolute-tolerance rate "
-                                 f"guardrails where higher is worse, not {g.describe()!r}")
+                                 f"guardrails, not {g.describe()!r}")
         if stage.is_shadow or not 0 < stage.traffic < BASIS_POINTS or len(plan.segments) != 1:
             raise ValueError("the vectorised engine covers one canary stage and one segment "
                              "attribute")
-        # alpha sharing exactly as in analyse()
+        # alpha sharing exactly as in analyse(); each segment value's part of alpha_segments
+        # follows the baseline's requests at every look (segment_alpha)
         alpha = plan.analysis.alpha
-        judged = sum(n_segments for g in guardrails if g.segments)
+        segmented = sum(1 for g in guardrails if g.segments)
         k = max(len(guardrails), 1)
-        alpha_global = (alpha / 2 if judged else alpha) / k
-        alpha_segment = (alpha / 2) / max(judged, 1)
+        alpha_global = (alpha / 2 if segmented and n_segments else alpha) / k
         return cls(
             signals=tuple(g.key for g in guardrails),
             tolerances=tuple(float(g.tolerance or 0.0) for g in guardrails),
             strict=tuple(g.strict for g in guardrails),
             segmented=tuple(g.segments for g in guardrails),
+            signs=tuple(1.0 if g.info.bad is Direction.INCREASE else -1.0 for g in guardrails),
             n_star=tuning_samples(plan, stage),
             alpha=alpha,
             alpha_global=alpha_global,
-            alpha_segment=alpha_segment,
+            alpha_segments=(alpha / 2) / max(segmented, 1),
             segment_min=float(plan.analysis.segment_min_samples),
             share=stage.traffic / BASIS_POINTS,
             srm_alpha=plan.analysis.srm_alpha,
@@ -246,9 +258,33 @@ class EngineSpec:
         )
 
 
-def _multiplier(n: Array, n_star: float, alpha: float) -> Array:
-    """:func:`safeshift.stats.boundary_multiplier` (one-sided), elementwise."""
-    rho2 = mixture_rho2(n_star, alpha, one_sided=True)
+def segment_alpha(spec: EngineSpec, baseline_requests: Array,
+                  present: Mask | None = None) -> Array:
+    """The harm alpha of each segment test, ``[..., value]``, as analyse() spends it:
+    :func:`safeshift.analysis.segment_weights` of the baseline's requests per value, elementwise
+    (same operations in the same order). ``present`` marks the values that have telemetry; the
+    others get no test (NaN)."""
+    if present is None:
+        present = np.ones(baseline_requests.shape, bool)
+    n = np.where(present, np.maximum(baseline_requests, 0.0), 0.0)
+    k = present.sum(axis=-1, keepdims=True).astype(np.float64)
+    total = n.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(total > 0, n / total, 1.0 / k)
+        weight = (0.5 * share + 0.5 / k) / 1  # one segment attribute
+    segmented = sum(spec.segmented)
+    alpha: Array = np.where(present, (spec.alpha / 2) * weight / max(segmented, 1), np.nan)
+    return alpha
+
+
+def _multiplier(n: Array, n_star: float, alpha: float | Array) -> Array:
+    """:func:`safeshift.stats.boundary_multiplier` (one-sided), elementwise (also in alpha)."""
+    if isinstance(alpha, float):
+        rho2: float | Array = mixture_rho2(n_star, alpha, one_sided=True)
+    else:
+        with np.errstate(invalid="ignore"):
+            log_a = np.log(2.0 * np.asarray(alpha))
+            rho2 = (-2.0 * log_a + np.log(1.0 - 2.0 * log_a)) / n_star
     with np.errstate(divide="ignore", invalid="ignore"):
         r = rho2 * n
         m2 = 2.0 * (1.0 + 1.0 / r) * np.log1p(np.sqrt(1.0 + r) / (2.0 * alpha))
@@ -258,13 +294,30 @@ def _multiplier(n: Array, n_star: float, alpha: float) -> Array:
 
 
 def _compare(nb: Array, xb: Array, nc: Array, xc: Array, *, tol: float, strict: bool,
-             n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
+             n_star: float, alpha_harm: float | Array, alpha_pass: float, min_n: float,
+             sign: float = 1.0, cluster_var: tuple[Array, Array] | None = None,
              known_baseline: float | None = None) -> NDArray[np.int8]:
     """Verdict codes of :func:`safeshift.analysis.compare` for rate guardrails, elementwise.
 
-    ``known_baseline`` (for the cost breakdown only) replaces the baseline arm by its true
-    rate: a one-sample comparison, on the same time scale as a bound (4·n_c)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    ``sign`` is -1 for a metric where lower is worse. ``cluster_var`` holds each arm's
+    cluster-robust variance (``inf`` below two clusters): the standard error is then the larger
+    of the unit-level and the Agresti-Caffo one, and the boundary's time is scaled by their
+    squared ratio, as in ``analysis._clustered_se``. ``known_baseline`` (for the cost breakdown
+    only) replaces the baseline arm by its true rate: a one-sample comparison, on the same time
+    scale as a bound (4·n_c)."""
+    _, _, status = _compare_se(nb, xb, nc, xc, tol=tol, strict=strict, n_star=n_star,
+                                alpha_harm=alpha_harm, alpha_pass=alpha_pass, min_n=min_n,
+                                sign=sign, cluster_var=cluster_var,
+                                known_baseline=known_baseline)
+    return status
+
+
+def _compare_se(nb: Array, xb: Array, nc: Array, xc: Array, *, tol: float, strict: bool,
+                n_star: float, alpha_harm: float | Array, alpha_pass: float, min_n: float,
+                sign: float = 1.0, cluster_var: tuple[Array, Array] | None = None,
+                known_baseline: float | None = None) -> tuple[Array, Array, NDArray[np.int8]]:
+    """:func:`_compare` with the standard error the bounds used and the difference c - b."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         qc = (xc + 1) / (nc + 2)
         vc = np.maximum(qc * (1.0 - qc), 0.0)
         if known_baseline is None:
@@ -279,12 +332,19 @@ def _compare(nb: Array, xb: Array, nc: Array, xc: Array, *, tol: float, strict: 
             se = np.sqrt(vc / (nc + 2))
             n_eff = 4.0 * nc
             no_data = nc < min_n
-    harm_lo = diff - _multiplier(n_eff, n_star, alpha_harm) * se
-    harm_hi = diff + _multiplier(n_eff, n_star, alpha_pass) * se
+        if cluster_var is not None:
+            iid_se = se
+            se = np.maximum(np.sqrt(cluster_var[0] + cluster_var[1]), iid_se)
+            factor = np.where((se > 0) & (se < np.inf) & np.isfinite(iid_se),
+                              (iid_se / se) ** 2, 1.0)
+            n_eff = n_eff * factor
+        harm = sign * diff
+        harm_lo = harm - _multiplier(n_eff, n_star, alpha_harm) * se
+        harm_hi = harm + _multiplier(n_eff, n_star, alpha_pass) * se
     status = np.where(harm_lo > (0.0 if strict else tol), HARM,
                       np.where(harm_hi < tol, PASS, HOLD))
     out: NDArray[np.int8] = np.where(no_data, NO_DATA, status).astype(np.int8)
-    return out
+    return se, diff, out
 
 
 @dataclass(slots=True)
@@ -305,16 +365,17 @@ def engine_statuses(spec: EngineSpec, n: Array, x: Array) -> EngineVerdicts:
     xb_all, xc_all = x[:, 0].sum(axis=1), x[:, 1].sum(axis=1)
     overall = np.empty((runs, n_g), dtype=np.int8)
     segments = np.full((runs, n_seg, n_g), NO_DATA, dtype=np.int8)
+    alpha_seg = segment_alpha(spec, n[:, 0])
     for j in range(n_g):
-        tol, strict = spec.tolerances[j], spec.strict[j]
+        tol, strict, sign = spec.tolerances[j], spec.strict[j], spec.signs[j]
         overall[:, j] = _compare(nb_all, xb_all[:, j], nc_all, xc_all[:, j], tol=tol,
                                  strict=strict, n_star=spec.n_star, alpha_harm=spec.alpha_global,
-                                 alpha_pass=spec.alpha, min_n=MIN_GLOBAL_SAMPLES)
+                                 alpha_pass=spec.alpha, min_n=MIN_GLOBAL_SAMPLES, sign=sign)
         if spec.segmented[j]:
             segments[:, :, j] = _compare(n[:, 0], x[:, 0, :, j], n[:, 1], x[:, 1, :, j], tol=tol,
                                          strict=strict, n_star=spec.n_star,
-                                         alpha_harm=spec.alpha_segment, alpha_pass=spec.alpha,
-                                         min_n=spec.segment_min)
+                                         alpha_harm=alpha_seg, alpha_pass=spec.alpha,
+                                         min_n=spec.segment_min, sign=sign)
     return EngineVerdicts(overall, segments, _srm_mismatch(spec, nb_all, nc_all))
 
 
@@ -426,9 +487,11 @@ class _Sprt:
         self.outcomes = [Outcome.empty(runs) for _ in probes]
 
     def look(self, rng: np.random.Generator, counts: NDArray[np.int64], t0: float,
-             before: float) -> None:
-        """``counts[run, category]`` of this look's requests; every run's look has the same
-        number of requests."""
+             before: float | Array, *, pad: bool = False, seconds: float = LOOK) -> None:
+        """``counts[run, category]`` of this look's requests (``seconds`` long); every run's
+        look has the same number of requests, unless ``pad``: then runs are padded to the
+        largest count with requests that do not exist (time slots without a request) and
+        ``before`` gives each run's requests before the look."""
         active = np.flatnonzero(np.logical_or.reduce([o.running for o in self.outcomes]))
         if active.size == 0:
             return
@@ -436,24 +499,33 @@ class _Sprt:
         width = int(cc.sum(axis=1).max())
         if width == 0:
             return
+        if pad:
+            cc = np.concatenate([cc, width - cc.sum(axis=1, keepdims=True)], axis=1)
         ranks = rng.random((active.size, width)).argsort(axis=1).argsort(axis=1)
         ends = np.cumsum(cc, axis=1)
         category = (ranks[:, :, None] >= ends[:, None, :-1]).sum(axis=2)
+        real = np.cumsum(category != cc.shape[1] - 1, axis=1) if pad else None
         for inc, llr, out in zip(self.increments, self.llr, self.outcomes, strict=True):
-            path = llr[active, None] + np.cumsum(inc[category], axis=1)
+            steps = np.append(inc, 0.0) if pad else inc
+            path = llr[active, None] + np.cumsum(steps[category], axis=1)
             up, lo = path >= self.upper, path <= self.lower
             first_up = np.where(up.any(axis=1), up.argmax(axis=1), width)
             first_lo = np.where(lo.any(axis=1), lo.argmax(axis=1), width)
-            hit = (np.minimum(first_up, first_lo) < width) & out.running[active]
-            frac = (np.minimum(first_up, first_lo) + 1) / width
+            first = np.minimum(first_up, first_lo)
+            hit = (first < width) & out.running[active]
+            frac = (first + 1) / width
             samples = np.zeros(out.code.size)
-            seconds = np.zeros(out.code.size)
-            samples[active] = np.ceil(before + frac * width)
-            seconds[active] = t0 + frac * LOOK
+            times = np.zeros(out.code.size)
+            if real is None:
+                samples[active] = np.ceil(before + frac * width)
+            else:
+                at = real[np.arange(active.size), np.minimum(first, width - 1)]
+                samples[active] = np.asarray(before)[active] + at
+            times[active] = t0 + frac * seconds
             for code, cond in ((ROLLBACK, first_up < first_lo), (PROMOTE, first_lo < first_up)):
                 sel = np.zeros(out.code.size, bool)
                 sel[active[hit & cond]] = True
-                out.decide(sel, code, samples, seconds)
+                out.decide(sel, code, samples, times)
             llr[active] = path[:, -1]
 
 
@@ -706,9 +778,11 @@ def figures(o: Outcome) -> dict[str, Any]:
     }
 
 
-def must_show(methods: dict[str, dict[str, dict[str, Any]]],
-              named: dict[str, float]) -> list[dict[str, Any]]:
-    """The properties the benchmark exists to show, each with its figure and verdict."""
+def must_show(methods: dict[str, dict[str, dict[str, Any]]], named: dict[str, float],
+              bound: dict[str, Any] | None = None,
+              clustered: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The properties the benchmark exists to show, each with its figure and verdict: on
+    independent requests, then (``clustered``) on clustered traffic."""
     s, o = methods["safeshift"], methods["oracle"]
     ratio = math.nan
     if s["harmful"]["median_rollback_samples"] and o["harmful"]["median_rollback_samples"]:
@@ -733,7 +807,20 @@ def must_show(methods: dict[str, dict[str, dict[str, Any]]],
          s["at_tolerance"]["rollback_rate"] <= 0.05),
         ("exactly at the tolerance: promoted ≤ 5%", s["at_tolerance"]["promote_rate"],
          s["at_tolerance"]["promote_rate"] <= 0.05),
+        # unit clusters and traffic-weighted segment alpha must not cost the unclustered case
+        ("A/A: false rollbacks ≤ 1% (no worse than before unit clusters)",
+         s["aa"]["rollback_rate"], s["aa"]["rollback_rate"] <= 0.01),
+        ("harmful: rolled back ≥ 99.9%", s["harmful"]["rollback_rate"],
+         s["harmful"]["rollback_rate"] >= 0.999),
     ]
+    if bound and bound.get("safeshift_vs_bound_median"):
+        v = bound["safeshift_vs_bound_median"]
+        checks.append((f"harmful: median samples to roll back ≤ {ORACLE_RATIO_TARGET}× the SPRT's "
+                       f"at the least favourable null point", v, v <= ORACLE_RATIO_TARGET))
+    if clustered is not None:
+        from safeshift.bench import _clustered
+
+        checks.extend(_clustered.must_show(clustered))
     return [{"check": c, "value": v, "ok": bool(ok)} for c, v, ok in checks]
 
 
@@ -856,6 +943,10 @@ def render(result: dict[str, Any], console: Console) -> None:
             f"mean {_fmt_n(lb['mean_samples'])} ({lb['bound_vs_oracle_mean']:.2f}×); safeshift "
             f"takes {lb['safeshift_vs_bound_median']:.2f}× the SPRT (median), "
             f"{lb['safeshift_vs_bound_mean']:.2f}× (mean)", markup=False)
+    if "clustered" in result:
+        from safeshift.bench import _clustered
+
+        _clustered.render(result["clustered"], console)
     for c in result["must_show"]:
         mark = "[green]✓[/green]" if c["ok"] else "[red]✗[/red]"
         v = c["value"]
@@ -956,7 +1047,9 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
                  "check_seconds": CHECK, "min_duration": MIN_DURATION,
                  "max_duration": MAX_DURATION, "min_samples": MIN_SAMPLES,
                  "n_star": spec.n_star, "alpha": spec.alpha, "alpha_global": spec.alpha_global,
-                 "alpha_segment": spec.alpha_segment,
+                 "alpha_segment": {c: float(a) for (c, _), a in zip(
+                     COUNTRIES, segment_alpha(spec, np.array([w for _, w in COUNTRIES])),
+                     strict=True)},
                  "guardrails": dict(zip(spec.signals, spec.tolerances, strict=True)),
                  "segments": dict(COUNTRIES),
                  "baseline_horizon_seconds": baseline_horizon(spec)},
@@ -969,9 +1062,16 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
         "engine_check": {"looks": sum(r.engine_checks for r in results.values()),
                          "mismatches": sum(r.engine_mismatches for r in results.values())},
     }
-    out["must_show"] = must_show(methods, named)
+    from safeshift.bench import _clustered
+
+    out["clustered"] = _clustered.run(runs=max(runs // 2, 1), seed=seed, quick=quick)
+    out["must_show"] = must_show(methods, named, out["harm_lower_bound"], out["clustered"])
     render(out, console)
-    console.print(f"{len(SCENARIOS)} scenarios × {runs:,} rollouts in {elapsed:.1f} s",
+    c = out["clustered"]
+    per = c["runs_per_scenario"]
+    console.print(f"{len(SCENARIOS)} scenarios × {runs:,} rollouts in {elapsed:.1f} s; "
+                  f"{len(c['scenarios'])} clustered scenarios × {per['clustered_aa']:,} rollouts "
+                  f"({per['many_segments_aa']:,} with 50 countries) in {c['seconds']:.1f} s",
                   markup=False)
     if json_path is not None:
         json_path.write_text(json.dumps(_finite(out), indent=2, ensure_ascii=False))
