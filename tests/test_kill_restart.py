@@ -28,9 +28,11 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
                                       request: pytest.FixtureRequest) -> None:
     data = plan_dict(rollout="kill-test")
     data["stages"] = [
-        {"name": "a", "traffic": "10%", "min_duration": "1s", "min_samples": 150},
-        {"name": "b", "traffic": "30%", "min_duration": "1s", "min_samples": 150},
-        {"name": "c", "traffic": "60%", "min_duration": "1s", "min_samples": 150},
+        # Stages long enough (9 s in all) that kills 0.4-1.5 s after "ready" land mid-rollout
+        # even on an idle machine: each restart also spends its start-up time in the stage.
+        {"name": "a", "traffic": "10%", "min_duration": "3s", "min_samples": 150},
+        {"name": "b", "traffic": "30%", "min_duration": "3s", "min_samples": 150},
+        {"name": "c", "traffic": "60%", "min_duration": "3s", "min_samples": 150},
         {"name": "full", "traffic": "100%"},
     ]
     plan_path = tmp_path / "plan.yaml"
@@ -51,7 +53,7 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
                    and time.monotonic() - started < 60):
                 time.sleep(0.02)
             try:
-                proc.wait(timeout=rng.uniform(0.8, 2.5))
+                proc.wait(timeout=rng.uniform(0.4, 1.5))
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
@@ -60,6 +62,7 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
         assert proc.returncode == 0, log.read_text()
         break
     store = SQLStore(url)
+    request.addfinalizer(store.close)  # closed even when an assertion below fails
     state = store.get_state("kill-test")
     assert state.phase is Phase.PROMOTED, f"not finished after {kills} kills: {state}"
     assert kills >= 2, "the test should have killed the worker mid-rollout at least twice"
@@ -73,4 +76,3 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
     events = store.audit_events("kill-test")
     assert len(events) == len(decisions)
     assert verify_chain(events)[0]
-    store.close()

@@ -270,7 +270,8 @@ def test_library_mode_counts_two_percent_of_hung_calls_as_two_percent() -> None:
     finally:
         model.release.set()
     n, failures = _totals(rollout, CANDIDATE)["error_rate"]
-    assert model.hangs == model.calls // 50 and model.calls == n  # every call was made
+    # every call was made but for a few refused as "saturated" while the threads were hung
+    assert n - 0.005 * n <= model.calls <= n and model.hangs == model.calls // 50
     # the hung calls (2 %), give or take a healthy call a loaded machine descheduled for 50 ms
     assert model.hangs <= failures <= model.hangs + 0.005 * n
     assert sum(p.fallback for p in answers) == failures

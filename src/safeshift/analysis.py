@@ -155,7 +155,7 @@ class StageAnalysis:
 def tuning_samples(plan: Plan, stage: Stage) -> float:
     """N* for the stage, fixed before data arrives, in effective units (see ``effective_n``)."""
     cand = float(stage.expected_samples or max(stage.min_samples, plan.analysis.expected_samples))
-    share = (stage.traffic or stage.shadow) / BASIS_POINTS
+    share = (stage.served or stage.shadow) / BASIS_POINTS
     if stage.is_shadow:
         base = cand / max(share, 1e-4)
     else:
@@ -530,7 +530,7 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                              min_n=plan.analysis.segment_min_samples, several=several)
             verdict.protected = where in protected
             out.verdicts.append(verdict)
-    if not stage.is_shadow and 0 < stage.traffic < BASIS_POINTS:
+    if not stage.is_shadow and 0 < stage.served < BASIS_POINTS:
         # the split is by unit, so units are counted (first sightings per process); telemetry
         # written without them falls back to requests, whose share wanders more because a
         # user's requests travel together. Either way only a deviation beyond the floor pauses.
@@ -538,7 +538,7 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
         out.srm_counted = counted = UNITS if units_b > 0 else REQUESTS
         # every candidate variant that served in the stage, dropped experiment arms included
         n_all = sum(summary.total(arm, counted).n for arm in summary.arms() if arm != BASELINE)
-        share = stage.traffic / BASIS_POINTS
+        share = stage.served / BASIS_POINTS
         floor = max(0.002, plan.analysis.srm_min_deviation * min(share, 1 - share))
         out.srm = srm_test([int(units_b if units_b > 0 else n_b), int(n_all)],
                            [1 - share, share], alpha=plan.analysis.srm_alpha,

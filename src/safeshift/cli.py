@@ -271,6 +271,7 @@ def status(
     json_out: JsonOpt = False,
 ) -> None:
     """Show where each rollout is and what its guardrails say."""
+    from safeshift._units import format_duration
     from safeshift.clock import SystemClock
     from safeshift.plan import Plan
     from safeshift.rollout import Rollout
@@ -295,6 +296,10 @@ def status(
                   f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
         if s.reason:
             out.print(f"  {s.reason}", markup=False)
+        if s.watch is not None:
+            out.print(f"  watch after promotion: {s.watch['holdback'] / 100:g}% of units held "
+                      f"back on the baseline, {format_duration(s.watch['remaining'])} of "
+                      f"{format_duration(s.watch['watch'])} left", markup=False)
         if s.request_faults:
             faults = ", ".join(f"{arm} {f['count']:,.0f} ({f['share']:.1%})"
                                for arm, f in s.request_faults.items())

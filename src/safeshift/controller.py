@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from safeshift._units import format_duration
+from safeshift._units import format_duration, format_share
 from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded_harm
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
@@ -28,7 +28,11 @@ from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
 _PRIORITY = {Action.ROLLBACK: 0, Action.DROP_ARM: 1, Action.PAUSE: 2, Action.PROMOTE: 3,
-             Action.AWAIT_APPROVAL: 4, Action.ADVANCE: 5, Action.START: 6, Action.REALLOCATE: 7}
+             Action.END_WATCH: 3, Action.AWAIT_APPROVAL: 4, Action.ADVANCE: 5, Action.START: 6,
+             Action.REALLOCATE: 7}
+
+_JUDGING = (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING)
+"""The phases in which the guardrails run: a stage, or the watch after promotion."""
 
 
 @dataclass(slots=True)
@@ -89,11 +93,28 @@ def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
     return nxt, Action.ADVANCE
 
 
+def promoted_phase(plan: Plan, to_stage: int) -> Phase:
+    """The phase promotion into stage ``to_stage`` leads to: the watch when that stage holds
+    units back on the baseline, else promoted."""
+    stage = plan.stages[to_stage] if 0 <= to_stage < len(plan.stages) else None
+    return Phase.WATCHING if stage is not None and stage.holdback is not None else Phase.PROMOTED
+
+
+def _with_watch(plan: Plan, to_stage: int, reason: str) -> str:
+    stage = plan.stages[to_stage]
+    if stage.holdback is None or stage.watch is None:
+        return reason
+    return (f"{reason}; watching {format_share(stage.holdback)} of units held back on the "
+            f"baseline for {format_duration(stage.watch)}")
+
+
 def _transition(plan: Plan, current: int, reason: str, evidence: dict[str, Any],
                 extra: dict[str, Any] | None = None) -> Intent:
     to, action = next_stage(plan, current)
-    phase = {Action.PROMOTE: Phase.PROMOTED, Action.AWAIT_APPROVAL: Phase.AWAITING_APPROVAL,
-             Action.ADVANCE: Phase.RUNNING}[action]
+    if action is Action.PROMOTE:
+        return Intent(action, _with_watch(plan, to, reason), to, promoted_phase(plan, to),
+                      evidence, dict(extra or {}))
+    phase = {Action.AWAIT_APPROVAL: Phase.AWAITING_APPROVAL, Action.ADVANCE: Phase.RUNNING}[action]
     return Intent(action, reason, to, phase, evidence, dict(extra or {}))
 
 
@@ -110,7 +131,7 @@ def step_start(ctx: TickContext) -> None:
 
 
 def step_analyse(ctx: TickContext) -> None:
-    if ctx.state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL) or ctx.stage is None:
+    if ctx.state.phase not in _JUDGING or ctx.stage is None:
         return
     rows = ctx.store.telemetry_totals(ctx.plan.rollout, ctx.state.stage_index)
     ctx.summary = Summary.from_rows(rows)
@@ -203,6 +224,27 @@ def step_progress(ctx: TickContext) -> None:
     ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, a.to_json()))
 
 
+def step_watch(ctx: TickContext) -> None:
+    """The watch after promotion ends when its time is up with no regression proven (a proven
+    one rolls back first: step_harm's intent outranks this one)."""
+    a, stage = ctx.analysis, ctx.stage
+    if ctx.state.phase is not Phase.WATCHING or stage is None or stage.watch is None:
+        return
+    if ctx.elapsed < stage.watch:
+        return
+    n_c, n_b = (int(a.n_candidate), int(a.n_baseline)) if a is not None else (0, 0)
+    reason = (f"the watch after promotion ended: no regression proven in "
+              f"{format_duration(ctx.elapsed)} against the {format_share(stage.holdback or 0)} "
+              f"holdback ({n_c} candidate, {n_b} baseline requests); the candidate now serves "
+              "everyone")
+    if a is not None:
+        unexcluded = unexcluded_harm(a)
+        if unexcluded:
+            reason += f"; largest harm not yet excluded per segment: {unexcluded}"
+    ctx.want(Intent(Action.END_WATCH, reason, ctx.state.stage_index, Phase.PROMOTED,
+                    a.to_json() if a is not None else {}))
+
+
 def step_deadline(ctx: TickContext) -> None:
     stage = ctx.stage
     if ctx.state.phase is not Phase.RUNNING or stage is None or stage.max_duration is None:
@@ -231,7 +273,7 @@ def step_deadline(ctx: TickContext) -> None:
 
 
 PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,
-                              step_progress, step_deadline)
+                              step_progress, step_watch, step_deadline)
 
 
 class Controller:
@@ -287,7 +329,7 @@ class Controller:
             new.stage_index = intent.to_stage
             new.stage_started_at = now
             new.pending_stage = None
-        if intent.phase is Phase.PROMOTED:
+        if intent.phase in (Phase.PROMOTED, Phase.WATCHING):
             new.pending_stage = None
         decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
                             new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
@@ -316,8 +358,9 @@ class Controller:
             to = state.pending_stage
             stage = self.plan.stages[to]
             if stage.is_full:
-                intent = Intent(Action.PROMOTE, f"{actor} approved stage {stage.name!r}{why}", to,
-                                Phase.PROMOTED)
+                intent = Intent(Action.PROMOTE, _with_watch(
+                    self.plan, to, f"{actor} approved stage {stage.name!r}{why}"), to,
+                    promoted_phase(self.plan, to))
             else:
                 intent = Intent(Action.APPROVE, f"{actor} approved stage {stage.name!r}{why}", to,
                                 Phase.RUNNING)
@@ -334,9 +377,19 @@ class Controller:
             intent = Intent(Action.RESUME, f"resumed by {actor}{why}", state.stage_index, back)
         elif action is Action.ROLLBACK:
             intent = Intent(Action.ROLLBACK, f"rolled back by {actor}{why}", -1, Phase.ROLLED_BACK)
+        elif action is Action.PROMOTE and phase is Phase.WATCHING:
+            intent = Intent(Action.END_WATCH, f"watch ended early by {actor}{why}; the candidate "
+                            "now serves everyone", state.stage_index, Phase.PROMOTED)
         elif action is Action.PROMOTE:
-            intent = Intent(Action.PROMOTE, f"promoted by {actor}{why}", state.stage_index,
-                            Phase.PROMOTED)
+            # promotion by hand enters the plan's watch after promotion, if it has one
+            last = len(self.plan.stages) - 1
+            if promoted_phase(self.plan, last) is Phase.WATCHING:
+                intent = Intent(Action.PROMOTE, _with_watch(self.plan, last,
+                                                            f"promoted by {actor}{why}"),
+                                last, Phase.WATCHING)
+            else:
+                intent = Intent(Action.PROMOTE, f"promoted by {actor}{why}", state.stage_index,
+                                Phase.PROMOTED)
         else:
             raise InvalidTransitionError(f"{action} is not an operator action")
         decision = self._commit(state, intent, actor, now)

@@ -340,6 +340,11 @@ def _estimate_stage(plan: Plan, index: int, rate: float, baselines: Mapping[str,
                else format_share(stage.traffic))
     out = StageEstimate(stage.name, index, traffic, stage.is_shadow, cand_rate, base_rate, None,
                         stage.min_duration, stage.max_duration, stage.min_samples)
+    if stage.is_full and stage.holdback is not None and stage.watch is not None:
+        out.note = (f"promoted on entering it; then a {format_duration(stage.watch)} watch with "
+                    f"{format_share(stage.holdback)} of units held back on the baseline")
+        out.seconds = stage.watch
+        return out
     if stage.is_full:
         out.note = "100% traffic: nothing left to compare; the rollout is promoted on entering it"
         out.seconds = 0.0

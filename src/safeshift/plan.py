@@ -327,6 +327,12 @@ class Stage(_Strict):
     def is_full(self) -> bool:
         return self.traffic >= BASIS_POINTS
 
+    @property
+    def served(self) -> int:
+        """Basis points of units the candidate serves while this stage runs: its traffic,
+        less the holdback that stays on the baseline during the watch after promotion."""
+        return self.traffic - (self.holdback or 0)
+
 
 class Direction(StrEnum):
     """Which way a metric moves when the candidate is worse."""
@@ -777,12 +783,7 @@ def semantic_problems(plan: Plan) -> list[Problem]:
     last = len(plan.stages) - 1
     for i, stage in enumerate(plan.stages):
         where = f"stages.{i}"
-        shape = _holdback_problems(stage, where, is_last=i == last)
-        problems += shape
-        if stage.holdback is not None and not shape:
-            problems.append(Problem(f"{where}.holdback", "the watch after promotion is not "
-                                    "available in this release yet; remove holdback and watch "
-                                    "(the rollout then promotes at this stage)"))
+        problems += _holdback_problems(plan, i, where, is_last=i == last)
         if stage.is_full and i != last:
             problems.append(Problem(f"{where}.traffic", "a 100% stage is promotion, so the stages "
                                     "after it would never run; make it the last stage"))
@@ -881,9 +882,20 @@ def _judged_by(plan: Plan, guardrail: Guardrail) -> list[str]:
             if _runs_guardrails(plan, i) and guardrail.applies_to(s)]
 
 
-def _holdback_problems(stage: Stage, where: str, *, is_last: bool) -> list[Problem]:
+def _holdback_problems(plan: Plan, index: int, where: str, *, is_last: bool) -> list[Problem]:
+    stage = plan.stages[index]
     problems = []
     if stage.holdback is not None:
+        if index == 0:
+            problems.append(Problem(f"{where}.holdback", "a holdback watches the candidate after "
+                                    "promotion, so a stage must come before it"))
+        elif stage.is_full and plan.stages[index - 1].traffic > stage.served:
+            before = plan.stages[index - 1]
+            problems.append(Problem(
+                f"{where}.holdback", f"a holdback of {format_share(stage.holdback)} after stage "
+                f"{before.name!r} at {format_share(before.traffic)} would move units that had "
+                "the candidate back to the baseline; keep the holdback at most "
+                f"{format_share(BASIS_POINTS - before.traffic)}"))
         if not is_last:
             problems.append(Problem(f"{where}.holdback", "only the last stage can have a holdback: "
                                     "it runs after promotion"))

@@ -91,6 +91,9 @@ class Status:
     # arm -> {"count", "share"}: requests that failed through their own fault in the stage
     # (inputs the baseline rejects), counted against neither model
     request_faults: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the watch after promotion, while it runs: holdback (basis points on the baseline),
+    # watch and remaining (seconds)
+    watch: dict[str, float] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,9 @@ class Status:
             "stage_elapsed": self.stage_elapsed, "reason": self.reason,
             "pending_stage": self.pending_stage, "variants": self.variants,
             "request_faults": self.request_faults,
+            "watch": None if self.watch is None else {
+                "holdback": self.watch["holdback"] / BASIS_POINTS, "watch": self.watch["watch"],
+                "remaining": self.watch["remaining"]},
             "analysis": self.analysis.to_json() if self.analysis else None,
         }
 
@@ -114,8 +120,8 @@ def _base_split(plan: Plan, state: RolloutState) -> Split:
                      **common)  # type: ignore[arg-type]
     if state.phase in (Phase.PENDING, Phase.ROLLED_BACK) or i < 0:
         return Split(traffic=0, shadow=0, active=False, **common)  # type: ignore[arg-type]
-    stage = plan.stages[i]
-    return Split(traffic=stage.traffic, shadow=stage.shadow, active=True,
+    stage = plan.stages[i]  # running, awaiting approval, paused, or watching after promotion
+    return Split(traffic=stage.served, shadow=stage.shadow, active=True,
                  **common)  # type: ignore[arg-type]
 
 
@@ -744,7 +750,18 @@ class Rollout:
                       split.stage if state.stage_index >= 0 else None, state.stage_index,
                       split.traffic, split.shadow, max(until - state.stage_started_at, 0.0),
                       state.reason, pending, analysis, allocation(self.plan, state),
-                      self._request_faults(state.stage_index))
+                      self._request_faults(state.stage_index), self._watch(state))
+
+    def _watch(self, state: RolloutState) -> dict[str, float] | None:
+        watching = state.phase is Phase.WATCHING or (
+            state.phase is Phase.PAUSED and state.extra.get("paused_from") == Phase.WATCHING)
+        if not watching:
+            return None
+        stage = self.plan.stages[state.stage_index]
+        watch = stage.watch or 0.0
+        remaining = watch - (self.clock.now() - state.stage_started_at)
+        return {"holdback": float(stage.holdback or 0), "watch": watch,
+                "remaining": max(remaining, 0.0)}
 
     def _request_faults(self, stage: int) -> dict[str, dict[str, float]]:
         """Per arm, the stage's request faults and their share of the arm's requests."""

@@ -16,6 +16,7 @@ class Phase(StrEnum):
     RUNNING = "running"  # in a stage
     AWAITING_APPROVAL = "awaiting_approval"  # next stage needs a person; current stage continues
     PAUSED = "paused"  # no automatic decisions; traffic split frozen
+    WATCHING = "watching"  # promoted; a holdback stays on the baseline and is still compared
     PROMOTED = "promoted"  # candidate serves everyone
     ROLLED_BACK = "rolled_back"  # baseline serves everyone
 
@@ -35,6 +36,7 @@ class Action(StrEnum):
     RESUME = "resume"
     ROLLBACK = "rollback"
     PROMOTE = "promote"
+    END_WATCH = "end_watch"  # the watch after promotion ended with no regression proven
     DROP_ARM = "drop_arm"  # an experiment arm with proven harm leaves the experiment
     REALLOCATE = "reallocate"  # bandit allocation update (state only, not a decision)
 

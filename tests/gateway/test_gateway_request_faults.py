@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+from tests.test_serving import HangsEvery
 from typer.testing import CliRunner
 
 from safeshift.assign import BASELINE, CANDIDATE
@@ -152,32 +152,12 @@ def test_bad_inputs_never_open_the_breaker_but_the_candidates_own_failures_do() 
             assert reasons == [None] * 6 and errors == 0
 
 
-class HangsEvery:
-    """A synchronous candidate that hangs on every ``k``-th call until released."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-        self.calls = 0
-        self.hangs = 0
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-
-    def __call__(self, rows: list[Any]) -> list[Any]:
-        with self._lock:
-            self.calls += 1
-            hang = self.calls % self.k == 0
-            self.hangs += hang
-        if hang:
-            self.release.wait(2.0)
-        return [2] * len(rows)
-
-
 def test_a_candidate_hanging_on_2_percent_of_calls_is_counted_as_failing_2_percent() -> None:
     """32 requests at a time, every 50th candidate call hangs for 2 s against a 50 ms timeout.
     Before, the hung calls held the gateway's four candidate threads and the calls queued behind
     them timed out as well: here 1,090 of 1,490 calls never ran and were counted as timeouts
     (over HTTP, with 1 s hangs against 100 ms, 6.7 % were counted for 2.3 % hung)."""
-    model = HangsEvery(50)
+    model = HangsEvery(50, 2.0)
     plan = make_plan(stages=[{"name": "canary", "traffic": "99%", "min_duration": "1h"}],
                      serving={"candidate_timeout": "50ms", "breaker_failures": 10_000})
     app = create_app([plan], store="memory://", tick_interval=3600, access_log=False,
@@ -203,11 +183,13 @@ def test_a_candidate_hanging_on_2_percent_of_calls_is_counted_as_failing_2_perce
     rows = [r for r in ep.rollout.store.telemetry(plan.rollout, 0)
             if r.arm == CANDIDATE and r.signal == "error_rate"]
     n, failures = sum(r.n for r in rows), sum(r.s for r in rows)
-    assert model.calls == n and model.hangs == n // 50  # every call was made
+    # every call was made but for a few refused as "saturated" while four threads were hung
+    assert n - 0.005 * n <= model.calls <= n and model.hangs == model.calls // 50
     # the hung calls (2 %), give or take a healthy call a loaded machine descheduled for 50 ms
     assert model.hangs <= failures <= model.hangs + 0.005 * n
     fallbacks = [s.fallback for s in served if s.fallback]
-    assert set(fallbacks) == {"timeout"} and len(fallbacks) == failures
+    assert set(fallbacks) <= {"timeout", "saturated"} and "timeout" in fallbacks
+    assert len(fallbacks) == failures
     ep.close()
 
 
