@@ -516,6 +516,40 @@ def test_stage_holdback_and_watch() -> None:
     assert plan.stages[2].served == 9_800 and plan.stages[0].served == 1_000
 
 
+@pytest.mark.parametrize(("guardrail", "where", "words"), [
+    ({"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [5, 1]}, "guardrails.1.range",
+     "low end (5) must be below its high end (1)"),
+    ({"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [0, 1e12]},
+     "guardrails.1.range", "within ±1e+09"),
+    ({"metric": "revenue", "direction": "decrease", "tolerance": 1,
+      "range": [0, float("nan")]}, "guardrails.1.range.1", "finite"),
+    ({"metric": "accuracy", "tolerance": 0.01, "range": [0, 1]}, "guardrails.1.range",
+     "values are 0 to 1 already"),
+    ({"metric": "latency_ms", "above": 250, "tolerance": 0.01, "range": [0, 10]},
+     "guardrails.1.range", "measured by safeshift"),
+    ({"metric": "score", "source": "request", "tolerance": 1, "range": [0, 10]},
+     "guardrails.1.range", "not to source: request"),
+])
+def test_bad_outcome_ranges(guardrail: dict[str, Any], where: str, words: str) -> None:
+    data = plan_dict()
+    data["guardrails"].append(guardrail)
+    by_path = _problems(data)
+    assert where in by_path and words in by_path[where], by_path
+
+
+def test_an_outcome_range_is_one_per_metric_and_keeps_old_hashes() -> None:
+    data = plan_dict()
+    data["guardrails"] += [{"metric": "revenue", "direction": "decrease", "tolerance": 1,
+                            "range": [0, 500]},
+                           {"metric": "revenue", "direction": "decrease", "min": 10,
+                            "range": [0, 500]}]
+    plan = Plan.from_dict(data)
+    assert plan.outcome_ranges() == {"revenue": (0.0, 500.0)}
+    data["guardrails"][2]["range"] = [0, 600]
+    assert "declares the range [0, 500]" in _problems(data)["guardrails.2.range"]
+    assert "range" not in Plan.from_dict(plan_dict()).canonical()["guardrails"][0]
+
+
 def test_a_holdback_cannot_move_units_back_nor_start_the_rollout() -> None:
     # stage "half" is at 50%: a 60% holdback is refused by its range, 50% is the edge
     data = plan_dict(stages=[{"name": "most", "traffic": "99%"},
@@ -598,6 +632,10 @@ SCHEMA_REJECTS = {
     "protected value empty": lambda d: _set(d, "analysis.protected", {"country": [""]}),
     "protected value too long": lambda d: _set(d, "analysis.protected", {"country": ["x" * 65]}),
     "protected list empty": lambda d: _set(d, "analysis.protected", {"country": []}),
+    "outcome range beyond the limit": lambda d: d["guardrails"].append(
+        {"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [0, 1e12]}),
+    "outcome range of three": lambda d: d["guardrails"].append(
+        {"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [0, 1, 2]}),
     "holdback without watch": lambda d: _set(d, "stages.2.holdback", "2%"),
     "watch without holdback": lambda d: _set(d, "stages.2.watch", "1d"),
     "holdback 0%": lambda d: d["stages"][2].update(holdback="0%", watch="1d"),
@@ -625,6 +663,12 @@ SCHEMA_CANNOT_SAY = {
     "holdback not on the last stage": lambda d: (
         d["stages"][2].update(holdback="2%", watch="1d"),
         d["stages"].append({"name": "after", "shadow": "100%"})),
+    "outcome range upside down": lambda d: d["guardrails"].append(
+        {"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [5, 1]}),
+    "outcome range on a built-in metric": lambda d: _set(d, "guardrails.0.range", [0, 1]),
+    "two ranges for one outcome": lambda d: d["guardrails"].extend([
+        {"metric": "revenue", "direction": "decrease", "tolerance": 1, "range": [0, 10]},
+        {"metric": "revenue", "direction": "decrease", "max": 5, "range": [0, 20]}]),
     "holdback moving units back": lambda d: (
         _set(d, "stages.1.traffic", "99%"), d["stages"][2].update(holdback="2%", watch="1d")),
     "holdback on the first stage": lambda d: (

@@ -372,6 +372,13 @@ BUILTIN_METRICS: dict[str, MetricInfo] = {
 }
 
 
+OUTCOME_LIMIT = 1e9
+"""Outcome values (and numeric labels where ``abs_error`` is guarded) must lie within
+±``OUTCOME_LIMIT`` unless a guardrail declares a narrower ``range``: the sequential tests keep
+running sums of squares, and one absurd value such as 1e308 would overflow them and freeze a
+guardrail (or swamp it)."""
+
+
 class Guardrail(_Strict):
     """A comparison of candidate against baseline (or an absolute bound on the candidate)."""
 
@@ -399,6 +406,28 @@ class Guardrail(_Strict):
                         "description": "only judge in this stage or these stages"}),
     ] = None
     segments: bool = Field(default=True, description="also judge each segment")
+    range: Annotated[
+        tuple[float, float] | None,
+        WithJsonSchema({"anyOf": [{"type": "array", "minItems": 2, "maxItems": 2, "items": {
+            "type": "number", "minimum": -OUTCOME_LIMIT, "maximum": OUTCOME_LIMIT}},
+            {"type": "null"}]}),
+    ] = Field(
+        default=None, description="outcome metrics sent as feedback only: the values an "
+        f"outcome may take, [low, high] within ±{OUTCOME_LIMIT:g}; feedback outside is refused "
+        f"(defaults to ±{OUTCOME_LIMIT:g})")
+
+    @field_validator("range")
+    @classmethod
+    def _ordered_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is None:
+            return None
+        low, high = value
+        if not low < high:
+            raise ValueError(f"the range's low end ({low:g}) must be below its high end ({high:g})")
+        if not (low >= -OUTCOME_LIMIT and high <= OUTCOME_LIMIT):
+            raise ValueError(f"a range must lie within ±{OUTCOME_LIMIT:g}: larger values would "
+                             "swamp the guardrails' sums; measure the outcome in a larger unit")
+        return value
 
     @field_validator("stage", mode="before")
     @classmethod
@@ -540,6 +569,11 @@ class Plan(_Strict):
     def variants(self) -> list[str]:
         """The candidate and the challengers, by name."""
         return ["candidate", *(c.name for c in self.challengers)]
+
+    def outcome_ranges(self) -> dict[str, tuple[float, float]]:
+        """The range each outcome metric's values must lie in, where a guardrail declares one
+        (others: ±:data:`OUTCOME_LIMIT`, built-in rates [0, 1])."""
+        return {g.metric: g.range for g in self.guardrails if g.range is not None}
 
     def guardrails_for(self, stage: Stage) -> list[Guardrail]:
         return [g for g in self.guardrails if g.applies_to(stage)]
@@ -860,6 +894,7 @@ def semantic_problems(plan: Plan) -> list[Problem]:
         if all(name in names for name in g.stage or []) and not _judged_by(plan, g):
             problems.append(Problem(where, _judges_nothing(plan, g)))
     problems += _duplicate_guardrails(plan)
+    problems += _range_problems(plan)
     for kind in ("always_candidate", "never_candidate"):
         for key in getattr(plan.targeting, kind):
             if not key:
@@ -937,6 +972,30 @@ def _checks(g: Guardrail) -> set[str]:
     if not g.is_bound:
         return {f"compare:{g.info.bad}"}
     return {side for side, value in (("max", g.max), ("min", g.min)) if value is not None}
+
+
+def _range_problems(plan: Plan) -> list[Problem]:
+    problems: list[Problem] = []
+    declared: dict[str, tuple[float, float]] = {}
+    for i, g in enumerate(plan.guardrails):
+        if g.range is None:
+            continue
+        where = f"guardrails.{i}.range"
+        builtin = BUILTIN_METRICS.get(g.metric)
+        if builtin is not None:
+            why = ("a rate's values are 0 to 1 already" if builtin.rate else
+                   f"{g.metric} is measured by safeshift, not sent as an outcome")
+            problems.append(Problem(where, f"range applies to outcome metrics sent as feedback; "
+                                    f"{why}: remove range"))
+        elif g.info.source is not Source.FEEDBACK:
+            problems.append(Problem(where, "range applies to outcome metrics sent as feedback "
+                                    f"(source: feedback), not to source: {g.info.source}"))
+        elif declared.setdefault(g.metric, g.range) != g.range:
+            low, high = declared[g.metric]
+            problems.append(Problem(where, f"another guardrail on {g.metric!r} declares the range "
+                                    f"[{low:g}, {high:g}]: an outcome has one range; give both "
+                                    "the same"))
+    return problems
 
 
 def _duplicate_guardrails(plan: Plan) -> list[Problem]:

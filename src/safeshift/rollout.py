@@ -29,7 +29,7 @@ from safeshift.errors import RejectedInputError, RolloutError, UnknownRequestErr
 from safeshift.experiment import allocation, current_variants, variant_split
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.models.base import validate_result
-from safeshift.plan import BUILTIN_METRICS, Plan
+from safeshift.plan import BUILTIN_METRICS, OUTCOME_LIMIT, Plan
 from safeshift.serving import INPUTS, REQUEST_FAULT, Serving, failed, run_sync
 from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
 from safeshift.store import Store, open_store
@@ -166,18 +166,16 @@ def label_mismatch(rec: RequestRecord, label: Any) -> str | None:
 
 # -- feedback values -----------------------------------------------------------------------
 
-OUTCOME_LIMIT = 1e9
-"""Outcome values (and numeric labels where ``abs_error`` is guarded) must lie within
-±``OUTCOME_LIMIT``: the sequential tests keep running sums of squares, and one absurd value such
-as 1e308 would overflow them and freeze a guardrail (or swamp it)."""
-
-
-def outcome_range(metric: str) -> tuple[float, float]:
+def outcome_range(metric: str,
+                  ranges: Mapping[str, tuple[float, float]] | None = None) -> tuple[float, float]:
     """The values an outcome ``metric`` may take: [0, 1] for a built-in rate (e.g. ``accuracy``
-    sent as an outcome), else ±:data:`OUTCOME_LIMIT`."""
+    sent as an outcome), the ``range`` a guardrail declares for it (``ranges``, from
+    :meth:`Plan.outcome_ranges`), else ±:data:`OUTCOME_LIMIT`."""
     info = BUILTIN_METRICS.get(metric)
     if info is not None and info.rate:
         return 0.0, 1.0
+    if ranges is not None and metric in ranges:
+        return ranges[metric]
     return -OUTCOME_LIMIT, OUTCOME_LIMIT
 
 
@@ -208,12 +206,13 @@ def _label_values(label: Any) -> Iterator[tuple[str, Any]]:
             yield where, value
 
 
-def check_feedback_values(label: Any, outcome: Any, *,
-                          label_limit: float | None = None) -> tuple[str, str] | None:
+def check_feedback_values(label: Any, outcome: Any, *, label_limit: float | None = None,
+                          ranges: Mapping[str, tuple[float, float]] | None = None,
+                          ) -> tuple[str, str] | None:
     """The first label or outcome value that cannot be counted, as (field, what is wrong and
     what to do), or None. Fields are relative to the item: ``label``, ``label[2]``,
     ``outcome.revenue``. Labels must be finite (within ±``label_limit`` when it is given);
-    outcomes finite numbers within :func:`outcome_range`."""
+    outcomes finite numbers within :func:`outcome_range` (given the plan's ``ranges``)."""
     if outcome is not None:
         if not isinstance(outcome, Mapping):
             return "outcome", "'outcome' must be an object of metric: number"
@@ -221,13 +220,17 @@ def check_feedback_values(label: Any, outcome: Any, *,
             where = f"outcome.{metric}"
             if not _real(value):
                 return where, f"outcome values must be numbers, not {_shown(value)}"
-            low, high = outcome_range(str(metric))
+            low, high = outcome_range(str(metric), ranges)
             if not _finite(value):
                 return where, (f"{_shown(value)} is not a finite number: send a number within "
                                f"[{low:g}, {high:g}], the range of {metric!r}")
             if not low <= value <= high:
-                why = ("a rate is a share between 0 and 1" if high == 1.0 else
-                       "larger values would swamp the guardrails' sums; send it in a larger unit")
+                if ranges is not None and metric in ranges:
+                    why = "the plan's guardrail declares this range"
+                elif high == 1.0:
+                    why = "a rate is a share between 0 and 1"
+                else:
+                    why = "larger values would swamp the guardrails' sums; send it in a larger unit"
                 return where, (f"{_shown(value)} is outside [{low:g}, {high:g}], the range of "
                                f"{metric!r}: send a number in that range ({why})")
     if label is not None:
@@ -317,6 +320,7 @@ class Rollout:
         self._units = UnitCounter()
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._abs_error = any(g.metric == "abs_error" for g in plan.guardrails)
+        self._outcome_ranges = plan.outcome_ranges()
         self._shadow: _ShadowWorker | None = None
         self.serving = Serving(self)  # the serving steps and the candidates' protection
         self.request_ids = RecentRequestIds()  # the ids check_request_id claimed
@@ -410,13 +414,19 @@ class Rollout:
         """Serve one request in-process: assign, call the arm's model (the baseline answers if
         the candidate fails), mirror to the candidate in shadow stages, record telemetry — the
         steps of :meth:`Serving.serve`, shared with the gateway. Inputs the baseline rejects
-        raise :class:`RejectedInputError` (counted as a request fault, not a model error)."""
+        raise :class:`RejectedInputError` (counted as a request fault, not a model error). A
+        ``request_id`` an earlier request here (or in the store) has raises
+        :class:`RequestIdTakenError`: feedback joins on it."""
         rows = inputs if isinstance(inputs, list) else [inputs]
+        if request_id is not None:
+            self.check_request_id(request_id)  # a caller's id names one request, or none
         a = self.assign(unit, context)
         rid = request_id or uuid.uuid4().hex
         answer = run_sync(self.serving.serve(a, rows, context=context, request_id=rid),
                           lambda arm: self._call(arm, rows))
         if answer.failure == INPUTS:
+            if request_id is not None:
+                self.request_ids.release(request_id)  # no record: the id may be used again
             raise RejectedInputError(f"the model rejected the inputs: {answer.result.error}")
         if answer.failure is not None:
             raise RolloutError(f"the baseline model failed: {answer.result.error}")
@@ -546,7 +556,8 @@ class Rollout:
         """:func:`check_feedback_values` as this rollout counts feedback: numeric labels are
         bounded too when a guardrail scores them as ``abs_error``."""
         return check_feedback_values(label, outcome,
-                                     label_limit=OUTCOME_LIMIT if self._abs_error else None)
+                                     label_limit=OUTCOME_LIMIT if self._abs_error else None,
+                                     ranges=self._outcome_ranges)
 
     def _find(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         """The live request records for ``request_ids``; :class:`UnknownRequestError` names

@@ -14,7 +14,8 @@ from gateway_helpers import make_plan, running
 from safeshift import MemoryStore
 from safeshift.clock import VirtualClock
 from safeshift.gateway import create_app
-from safeshift.rollout import OUTCOME_LIMIT, Rollout, check_feedback_values
+from safeshift.plan import OUTCOME_LIMIT
+from safeshift.rollout import Rollout, check_feedback_values
 
 P = "/v1/endpoints/churn/predict"
 F = "/v1/feedback"
@@ -143,3 +144,29 @@ def test_check_feedback_values(label: Any, outcome: Any, limit: float | None,
                                expected: str | None) -> None:
     problem = check_feedback_values(label, outcome, label_limit=limit)
     assert (problem[0] if problem else None) == expected
+
+
+def test_a_declared_range_bounds_an_outcome_over_http_and_in_python() -> None:
+    """``range: [0, 500]`` on a guardrail: 501 is refused naming the field and the range, in a
+    batch nothing is stored; values inside the range are counted."""
+    ranged = {**REVENUE, "range": [0, 500]}
+    app = create_app([make_plan(guardrails=[ranged])], store="memory://", tick_interval=3600)
+    rollout = app.gateway.endpoints["churn"].rollout
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        ids = _serve(c, 2)
+        r = c.post(F, json=[{"id": ids[0], "outcome": {"revenue": 20}},
+                            {"id": ids[1], "outcome": {"revenue": 501}}])
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "[1].outcome.revenue"
+        assert "outside [0, 500]" in r.json()["error"]
+        assert "the plan's guardrail declares this range" in r.json()["error"]
+        assert c.post(F, json={"id": ids[0], "outcome": {"revenue": -1}}).status_code == 422
+        # an outcome the plan gives no range keeps the default limit
+        ok = c.post(F, json={"id": ids[0], "outcome": {"revenue": 500, "spend": 1e6}})
+        assert ok.status_code == 200 and sorted(ok.json()["accepted"]) == ["revenue", "spend"]
+    assert rollout.feedback_problem(None, {"revenue": 500.5}) == (
+        "outcome.revenue", "500.5 is outside [0, 500], the range of 'revenue': send a number in "
+        "that range (the plan's guardrail declares this range)")
+    assert rollout.feedback_problem(None, {"revenue": 0}) is None
+    with pytest.raises(ValueError, match=r"outcome.revenue: 900 is outside \[0, 500\]"):
+        rollout.feedback(ids[1], outcome={"revenue": 900})

@@ -15,7 +15,7 @@ from gateway_helpers import make_plan, running, units_for
 from safeshift import MemoryStore
 from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.clock import VirtualClock
-from safeshift.errors import StoreError
+from safeshift.errors import RejectedInputError, StoreError
 from safeshift.gateway import create_app
 from safeshift.models.python import PythonModel
 from safeshift.rollout import RecentRequestIds, RequestIdTakenError, Rollout
@@ -234,3 +234,26 @@ def test_recent_request_ids_are_bounded_and_expire() -> None:
     assert len(ids) == 3 and ids.claim("a", until=100, now=10)  # the oldest was forgotten
     ids.release("a")
     assert ids.claim("a", until=100, now=10)
+
+
+def test_rollout_predict_refuses_a_request_id_twice() -> None:
+    """Library mode checks a caller's id as the gateway does: the second request with it would
+    never get a label. Inputs the model rejects leave no record, so their id stays free."""
+    def needs_x(rows: list[Any]) -> list[Any]:
+        return [row["x"] for row in rows]
+
+    store = MemoryStore()
+    rollout = Rollout.from_plan(make_plan(), store=store, clock=VirtualClock(),
+                                models={"baseline": PythonModel(needs_x),
+                                        "candidate": PythonModel(needs_x)})
+    first = rollout.predict({"x": 1}, unit="u1", request_id="lib-1")
+    assert first.id == "lib-1"
+    with pytest.raises(RequestIdTakenError, match="'lib-1' is already taken"):
+        rollout.predict({"x": 2}, unit="u2", request_id="lib-1")
+    with pytest.raises(RejectedInputError):
+        rollout.predict({"y": 2}, unit="u2", request_id="lib-2")
+    assert rollout.predict({"x": 2}, unit="u2", request_id="lib-2").id == "lib-2"
+    rollout.flush()
+    assert store.get_request("lib-1") is not None and store.get_request("lib-2") is not None
+    assert rollout.predict({"x": 3}).id not in {"lib-1", "lib-2"}  # no id: one is made
+    rollout.close()
