@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.gateway import create_app
+from safeshift.models.python import PythonModel
 
 
 def _input(value: float = 1.0, binary: bool = True) -> httpclient.InferInput:
@@ -107,6 +108,28 @@ def test_pinned_requests_are_counted_outside_the_comparison_and_take_feedback() 
     assert {(r.arm, r.cohort) for r in rows} == {(BASELINE, "excluded")}
     assert sum(r.n for r in rows) == 6
     assert rollout.store.get_request(f"pin-{base[0]}").cohort == "excluded"
+
+
+def test_pinned_requests_with_bad_inputs_are_request_faults_like_any_other() -> None:
+    """The pinned route runs the same serving steps: inputs the baseline rejects are a 422 and
+    a request fault (in /metrics and the store), never a model error, and leave no record."""
+    def needs_x(rows: list[Any]) -> list[Any]:
+        return [row["x"] for row in rows]
+
+    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+                     models={"churn": {"baseline": PythonModel(needs_x)}})
+    rollout = app.gateway.endpoints["churn"].rollout
+    wrong = {"name": "y", "shape": [1], "datatype": "FP64", "data": [1.0]}
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        r = c.post("/v2/models/churn/versions/v1/infer", json={"id": "bad-1", "inputs": [wrong]})
+        assert r.status_code == 422 and "rejected the inputs" in r.json()["error"]
+        metrics = c.get("/metrics").text
+    assert 'safeshift_request_faults_total{arm="baseline",endpoint="churn"} 1.0' in metrics
+    app.gateway.flush_all()
+    rows = rollout.store.telemetry("churn-v2", 0)
+    assert sum(r.n for r in rows if r.signal == "request_fault") == 1
+    assert not any(r.signal == "error_rate" and r.s > 0 for r in rows)
+    assert rollout.store.get_request("bad-1") is None
 
 
 def test_a_promoted_candidate_can_be_pinned() -> None:

@@ -17,13 +17,12 @@ version or refused, never silently by another one:
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from safeshift.assign import BASELINE, Assignment, Reason
+from safeshift.assign import BASELINE
 from safeshift.gateway import oip
 from safeshift.gateway._http import (
     HTTPError,
@@ -38,7 +37,7 @@ from safeshift.gateway.bodies import parse_predict
 from safeshift.gateway.feedback import parse_feedback, parse_reports
 from safeshift.gateway.request_ids import HEADER, serve_once
 from safeshift.gateway.runtime import Gateway
-from safeshift.gateway.serving import Endpoint, Served, baseline_failure, cached_split
+from safeshift.gateway.serving import Endpoint, Served, cached_split
 from safeshift.models import ModelBackend
 from safeshift.rollout import FeedbackResult, label_mismatch
 
@@ -122,13 +121,10 @@ async def _infer(gw: Gateway, ep: Endpoint, pin: str | None, body: bytes, scope:
     if pin is not None and not pinnable(ep, pin):
         raise _not_pinnable(ep, pin)
     rid, given = _record_id(req.id, scope)
-    serve: Callable[[], Awaitable[Served]]
-    if pin == BASELINE:
-        def serve() -> Awaitable[Served]:
-            return _serve_baseline(ep, rows, unit, context, rid)
-    else:
-        def serve() -> Awaitable[Served]:
-            return ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip")
+
+    def serve() -> Awaitable[Served]:
+        return ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip",
+                          pin_baseline=pin == BASELINE)
     served = await serve_once(gw, ep, rid, given, serve)
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
@@ -208,28 +204,6 @@ async def reports(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     results = await asyncio.to_thread(write)
     annotate(scope, reports=len(results))
     return Reply(200, dumps({"results": results} if batch else results[0]))
-
-
-async def _serve_baseline(ep: Endpoint, rows: list[Any], unit: str | None,
-                          context: dict[str, Any] | None, rid: str) -> Served:
-    """A request pinned to the baseline's version: the baseline answers, counted outside the
-    comparison (the ``excluded`` cohort, no unit hash), with a record that feedback joins."""
-    start = time.perf_counter()
-    if unit is None and context:
-        raw = context.get(ep.unit_key)
-        unit = None if raw is None else str(raw)
-    a = ep.assign(unit, context)
-    pinned = Assignment(BASELINE, ep.baseline_version, a.stage, a.stage_index, False,
-                        Reason.EXCLUDED)
-    base = await ep.call_baseline(rows)
-    if not base.ok or base.outputs is None:
-        error = baseline_failure(base)
-        if error.status != 422:  # the client's bad inputs are not a model's error
-            ep.rollout.record(pinned, base, context=context, request_id=rid)
-        raise error
-    ep.rollout.record(pinned, base, context=context, request_id=rid)
-    ep.metrics.served(BASELINE, "oip", time.perf_counter() - start)
-    return Served(rid, base.outputs, base.scores, ep.baseline_version, BASELINE, a.stage)
 
 
 def _stage_name(stages: Any, index: int) -> str | None:

@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from safeshift.assign import BASELINE, CANDIDATE, Assignment, Split
+from safeshift.assign import BASELINE, CANDIDATE, Assignment, Reason, Split
 from safeshift.breaker import CircuitBreaker
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.metrics import EndpointMetrics
@@ -218,14 +218,20 @@ class Endpoint:
 
     async def predict(self, rows: list[Any], *, unit: str | None,
                       context: Mapping[str, Any] | None, request_id: str,
-                      protocol: str) -> Served:
+                      protocol: str, pin_baseline: bool = False) -> Served:
         """Serve one request; raises :class:`HTTPError` only when the baseline cannot answer:
-        422 for inputs it rejects (a request fault), 502 for any other failure."""
+        422 for inputs it rejects (a request fault), 502 for any other failure.
+        ``pin_baseline``: the client asked for the baseline's version (the Open Inference
+        Protocol's versioned route), so the baseline answers and the request is counted
+        outside the comparison (the ``excluded`` cohort, no unit hash)."""
         start = time.perf_counter()
         if unit is None and context:
             raw = context.get(self.unit_key)
             unit = None if raw is None else str(raw)
         a = self.assign(unit, context)
+        if pin_baseline:
+            a = Assignment(BASELINE, self.baseline_version, a.stage, a.stage_index, False,
+                           Reason.EXCLUDED)
         answer = await run_async(
             self.serving.serve(a, rows, context=context, request_id=request_id),
             lambda arm: self._call(arm, rows))
