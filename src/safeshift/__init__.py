@@ -24,8 +24,9 @@ from safeshift.errors import (
     UnknownRolloutError,
 )
 from safeshift.models import FakeModel, ModelBackend, ModelResult
+from safeshift.ops import Status
 from safeshift.plan import Plan
-from safeshift.rollout import FeedbackResult, Prediction, Rollout, Status
+from safeshift.rollout import FeedbackResult, Prediction, Rollout
 from safeshift.state import Action, Decision, Phase
 from safeshift.store import MemoryStore, SQLStore, Store, open_store
 

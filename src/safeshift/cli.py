@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from safeshift import ops
 from safeshift.errors import PlanError, PlanValidationError, SafeshiftError
 
 app = typer.Typer(
@@ -251,19 +252,6 @@ def _open(store: str | None, *, existing: bool = True) -> Any:
         fail(str(exc))
 
 
-def _controller(store_url: str | None, rollout: str) -> Any:
-    from safeshift.clock import SystemClock
-    from safeshift.controller import Controller
-    from safeshift.plan import Plan
-
-    store = _open(store_url)
-    try:
-        plan = Plan.from_dict(store.get_plan(rollout), source=f"stored plan of {rollout}")
-    except SafeshiftError as exc:
-        fail(str(exc))
-    return Controller(plan, store, SystemClock())
-
-
 @app.command()
 def status(
     rollout: Annotated[str | None, typer.Argument(help="rollout name (default: all)")] = None,
@@ -273,18 +261,12 @@ def status(
     """Show where each rollout is and what its guardrails say."""
     from safeshift._units import format_duration
     from safeshift.clock import SystemClock
-    from safeshift.plan import Plan
-    from safeshift.rollout import Rollout
 
     st = _open(store)
-    names = [rollout] if rollout else [s.name for s in st.list_states()]
-    results = []
-    for name in names:
-        try:
-            plan = Plan.from_dict(st.get_plan(name))
-        except SafeshiftError as exc:
-            fail(str(exc))
-        results.append(Rollout(plan, st, clock=SystemClock()).status())
+    try:
+        results = ops.statuses(st, SystemClock(), [rollout] if rollout else None)
+    except SafeshiftError as exc:
+        fail(str(exc))
     if json_out:
         out.print_json(data=[r.to_json() for r in results])
         return
@@ -317,11 +299,13 @@ def status(
 
 def _action(action: str, rollout: str, store: str | None, actor: str | None, reason: str,
             json_out: bool) -> None:
+    from safeshift.clock import SystemClock
     from safeshift.state import Action
 
-    ctl = _controller(store, rollout)
+    st = _open(store)
     try:
-        decision = ctl.act(Action(action), actor=_actor(actor), reason=reason)
+        decision = ops.act(st, rollout, Action(action), SystemClock(), actor=_actor(actor),
+                           reason=reason)
     except SafeshiftError as exc:
         fail(str(exc))
     if json_out:
@@ -359,10 +343,9 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
 
     st = _open(store)
     try:
-        st.get_state(rollout)
+        decisions = ops.history(st, rollout)
     except SafeshiftError as exc:
         fail(str(exc))
-    decisions = st.decisions(rollout)
     if json_out:
         out.print_json(data=[d.to_json() for d in decisions])
         return
@@ -375,14 +358,11 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
 @audit_app.command("verify")
 def audit_verify(rollout: str, store: StoreOpt = None) -> None:
     """Check that a rollout's audit log is complete and unaltered (exit 1 if not)."""
-    from safeshift.state import verify_rollout
-
     st = _open(store)
     try:
-        state = st.get_state(rollout)
+        ok, message = ops.verify_audit(st, rollout)
     except SafeshiftError as exc:
         fail(str(exc))
-    ok, message = verify_rollout(state, st.audit_events(rollout), st.decisions(rollout))
     (out if ok else err).print(f"{rollout}: {message}", markup=False)
     raise typer.Exit(0 if ok else 1)
 

@@ -14,14 +14,22 @@ is the safe direction); a sample-ratio mismatch blocks every advance and pauses 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from safeshift._units import format_duration, format_share
+from safeshift._units import BASIS_POINTS, format_duration, format_share
 from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded_harm
+from safeshift.assign import Split
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
-from safeshift.experiment import allocation, best_arm, current_variants, moved, new_allocation
+from safeshift.experiment import (
+    allocation,
+    best_arm,
+    current_variants,
+    moved,
+    new_allocation,
+    variant_split,
+)
 from safeshift.plan import Experiment, Plan, Stage
 from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState
 from safeshift.store.base import Store
@@ -270,6 +278,34 @@ def step_deadline(ctx: TickContext) -> None:
     else:
         ctx.want(Intent(Action.PAUSE, base + "; holding for a person to decide", ctx.state.stage_index,
                         Phase.PAUSED, evidence))
+
+
+# -- what a state means for traffic -----------------------------------------------------------
+
+
+def _base_split(plan: Plan, state: RolloutState) -> Split:
+    i = state.stage_index
+    name = plan.stages[i].name if 0 <= i < len(plan.stages) else "-"
+    common = {"stage": name, "stage_index": i, "candidate_version": plan.candidate.version,
+              "baseline_version": plan.baseline.version}
+    if state.phase is Phase.PROMOTED:
+        return Split(traffic=BASIS_POINTS, shadow=0, active=False, serve_candidate_to_all=True,
+                     **common)  # type: ignore[arg-type]
+    if state.phase in (Phase.PENDING, Phase.ROLLED_BACK) or i < 0:
+        return Split(traffic=0, shadow=0, active=False, **common)  # type: ignore[arg-type]
+    stage = plan.stages[i]  # running, awaiting approval, paused, or watching after promotion
+    return Split(traffic=stage.served, shadow=stage.shadow, active=True,
+                 **common)  # type: ignore[arg-type]
+
+
+def split_for(plan: Plan, state: RolloutState) -> Split:
+    """The traffic split a state means, with the candidate variant(s) that serve."""
+    split = _base_split(plan, state)
+    if not plan.challengers:
+        return split
+    variants = variant_split(plan, state)
+    return replace(split, variants=variants, candidate_version=variants[0][1])
+
 
 
 PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,

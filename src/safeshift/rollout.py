@@ -16,19 +16,20 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safeshift._units import BASIS_POINTS, format_duration
-from safeshift.analysis import StageAnalysis, analyse
+from safeshift import ops
+from safeshift._units import format_duration
+from safeshift.analysis import StageAnalysis
 from safeshift.assign import BASELINE, Assigner, Assignment, Split
 from safeshift.clock import Clock, SystemClock
-from safeshift.controller import Controller
+from safeshift.controller import Controller, split_for
 from safeshift.errors import RejectedInputError, RolloutError, UnknownRequestError
-from safeshift.experiment import allocation, current_variants, variant_split
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.models.base import validate_result
+from safeshift.ops import Status
 from safeshift.plan import BUILTIN_METRICS, OUTCOME_LIMIT, Plan
 from safeshift.serving import INPUTS, REQUEST_FAULT, Serving, failed, run_sync
 from safeshift.state import Action, Decision, FeedbackItem, Phase, RequestRecord, RolloutState
@@ -38,7 +39,6 @@ from safeshift.telemetry import (
     Cell,
     CellKey,
     Moments,
-    Summary,
     UnitCounter,
     prediction_signals,
     rows_from_cells,
@@ -70,68 +70,6 @@ class FeedbackResult:
     id: str
     accepted: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Status:
-    """A rollout at a glance."""
-
-    rollout: str
-    endpoint: str
-    phase: Phase
-    stage: str | None
-    stage_index: int
-    traffic: int  # basis points to the candidate
-    shadow: int
-    stage_elapsed: float
-    reason: str
-    pending_stage: str | None
-    analysis: StageAnalysis | None
-    variants: dict[str, float] = field(default_factory=dict)  # candidate variant -> share of it
-    # arm -> {"count", "share"}: requests that failed through their own fault in the stage
-    # (inputs the baseline rejects), counted against neither model
-    request_faults: dict[str, dict[str, float]] = field(default_factory=dict)
-    # the watch after promotion, while it runs: holdback (basis points on the baseline),
-    # watch and remaining (seconds)
-    watch: dict[str, float] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "rollout": self.rollout, "endpoint": self.endpoint, "phase": str(self.phase),
-            "stage": self.stage, "stage_index": self.stage_index,
-            "traffic": self.traffic / BASIS_POINTS, "shadow": self.shadow / BASIS_POINTS,
-            "stage_elapsed": self.stage_elapsed, "reason": self.reason,
-            "pending_stage": self.pending_stage, "variants": self.variants,
-            "request_faults": self.request_faults,
-            "watch": None if self.watch is None else {
-                "holdback": self.watch["holdback"] / BASIS_POINTS, "watch": self.watch["watch"],
-                "remaining": self.watch["remaining"]},
-            "analysis": self.analysis.to_json() if self.analysis else None,
-        }
-
-
-def _base_split(plan: Plan, state: RolloutState) -> Split:
-    i = state.stage_index
-    name = plan.stages[i].name if 0 <= i < len(plan.stages) else "-"
-    common = {"stage": name, "stage_index": i, "candidate_version": plan.candidate.version,
-              "baseline_version": plan.baseline.version}
-    if state.phase is Phase.PROMOTED:
-        return Split(traffic=BASIS_POINTS, shadow=0, active=False, serve_candidate_to_all=True,
-                     **common)  # type: ignore[arg-type]
-    if state.phase in (Phase.PENDING, Phase.ROLLED_BACK) or i < 0:
-        return Split(traffic=0, shadow=0, active=False, **common)  # type: ignore[arg-type]
-    stage = plan.stages[i]  # running, awaiting approval, paused, or watching after promotion
-    return Split(traffic=stage.served, shadow=stage.shadow, active=True,
-                 **common)  # type: ignore[arg-type]
-
-
-def split_for(plan: Plan, state: RolloutState) -> Split:
-    """The traffic split a state means, with the candidate variant(s) that serve."""
-    split = _base_split(plan, state)
-    if not plan.challengers:
-        return split
-    variants = variant_split(plan, state)
-    return replace(split, variants=variants, candidate_version=variants[0][1])
 
 
 def _number(value: Any) -> bool:
@@ -338,16 +276,7 @@ class Rollout:
         if store is None or isinstance(store, str | Path):
             store = open_store(store)
         clock = clock or SystemClock()
-        now = clock.now()
-        state = store.create_rollout(
-            plan.canonical(),
-            RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now),
-        )
-        if state.plan_hash != plan.hash:
-            raise RolloutError(
-                f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "
-                f"({state.phase}); give the new plan another rollout name"
-            )
+        state = ops.register(store, plan, clock)
         rollout = cls(plan, store, clock=clock, models=models)
         if start and state.phase is Phase.PENDING:
             rollout.tick()
@@ -742,51 +671,12 @@ class Rollout:
         return self.store.decisions(self.plan.rollout)
 
     def analysis(self) -> StageAnalysis | None:
-        state = self.state()
-        if state.stage_index < 0:
-            return None
-        rows = self.store.telemetry_totals(self.plan.rollout, state.stage_index)
-        return analyse(self.plan, state.stage_index, Summary.from_rows(rows),
-                       current_variants(self.plan, state))
+        """The current stage's analysis, as the controller's next tick would see it."""
+        return ops.stage_analysis(self.plan, self.store, self.state())
 
     def status(self) -> Status:
-        state = self.state()
-        split = split_for(self.plan, state)
-        pending = (self.plan.stages[state.pending_stage].name
-                   if state.pending_stage is not None else None)
-        analysis = self.analysis() if not state.phase.terminal else None
-        # a finished rollout's last stage ended with its last decision, not now
-        until = state.updated_at if state.phase.terminal else self.clock.now()
-        return Status(self.plan.rollout, self.plan.endpoint, state.phase,
-                      split.stage if state.stage_index >= 0 else None, state.stage_index,
-                      split.traffic, split.shadow, max(until - state.stage_started_at, 0.0),
-                      state.reason, pending, analysis, allocation(self.plan, state),
-                      self._request_faults(state.stage_index), self._watch(state))
-
-    def _watch(self, state: RolloutState) -> dict[str, float] | None:
-        watching = state.phase is Phase.WATCHING or (
-            state.phase is Phase.PAUSED and state.extra.get("paused_from") == Phase.WATCHING)
-        if not watching:
-            return None
-        stage = self.plan.stages[state.stage_index]
-        watch = stage.watch or 0.0
-        remaining = watch - (self.clock.now() - state.stage_started_at)
-        return {"holdback": float(stage.holdback or 0), "watch": watch,
-                "remaining": max(remaining, 0.0)}
-
-    def _request_faults(self, stage: int) -> dict[str, dict[str, float]]:
-        """Per arm, the stage's request faults and their share of the arm's requests."""
-        if stage < 0:
-            return {}
-        faults: dict[str, float] = {}
-        requests: dict[str, float] = {}
-        for row in self.store.telemetry_totals(self.plan.rollout, stage):
-            if row.signal == REQUEST_FAULT:
-                faults[row.arm] = faults.get(row.arm, 0.0) + row.n
-            elif row.signal == "requests":
-                requests[row.arm] = requests.get(row.arm, 0.0) + row.n
-        return {arm: {"count": n, "share": n / (n + requests.get(arm, 0.0))}
-                for arm, n in sorted(faults.items())}
+        """The rollout at a glance (:func:`safeshift.ops.status`)."""
+        return ops.status(self.store, self.plan, self.clock)
 
     def close(self) -> None:
         if self._shadow is not None:

@@ -21,13 +21,13 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from safeshift import ops
 from safeshift.errors import SafeshiftError
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.logs import flush_logs, gateway_logger
 from safeshift.gateway.metrics import GatewayMetrics
 from safeshift.gateway.serving import Endpoint, cached_split
 from safeshift.gateway.settings import GatewaySettings
-from safeshift.plan import Plan
 from safeshift.rollout import Rollout
 from safeshift.state import Decision, RequestRecord
 from safeshift.store import Store
@@ -217,7 +217,7 @@ class Gateway:
         rollout = self.rollouts.get(name) or self._foreign.get(name)
         if rollout is None:
             clock = next(iter(self.rollouts.values())).clock
-            plan = Plan.from_dict(self.store.get_plan(name), source=f"stored plan of {name}")
+            plan = ops.stored_plan(self.store, name)
             rollout = self._foreign[name] = Rollout(plan, self.store, clock=clock)
         return rollout
 
