@@ -3,6 +3,7 @@ looked for, not imported, and ``joblib:`` files are checked, not unpickled, unle
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,14 @@ from safeshift.errors import ModelLoadError
 from safeshift.models import inspect_model_ref
 
 
-class _OpensAFile:
-    """Unpickling it calls ``open(marker, "w")``: code that runs on load."""
+class _MakesADirectory:
+    """Unpickling it calls ``os.mkdir(marker)``: code that runs on load."""
 
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (str(self.marker), "w"))
+        return (os.mkdir, (str(self.marker),))
 
 
 def _plan(tmp_path: Path, baseline: str, candidate: str) -> Path:
@@ -44,7 +45,7 @@ def test_validate_runs_no_code_from_the_plan_unless_told_to_load(tmp_path: Path)
     imported, unpickled = tmp_path / "imported", tmp_path / "unpickled"
     (tmp_path / "evil_model.py").write_text(
         f"open({str(imported)!r}, 'w').close()\n\ndef predict(rows):\n    return rows\n")
-    joblib.dump(_OpensAFile(unpickled), tmp_path / "evil.joblib")
+    joblib.dump(_MakesADirectory(unpickled), tmp_path / "evil.joblib")
     plan = _plan(tmp_path, "python:evil_model:predict", "joblib:evil.joblib")
     res = _validate(str(plan))
     assert res.exit_code == 0, res.output

@@ -76,3 +76,15 @@ def parse_share(value: Any) -> int:
 def format_share(bp: int) -> str:
     """``500`` → ``5%``, ``25`` → ``0.25%``."""
     return f"{bp / 100:g}%"
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+"""Control characters (newlines and terminal escapes included), and the invisible or
+direction-changing ones that can make a text read as something else."""
+
+
+def printable(text: str) -> str:
+    """``text`` with every control or invisible character escaped (``\\n``, ``\\x1b``,
+    ``\\u202e``): reasons and actor names come from people, and must not forge a line of a
+    history or drive a terminal."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)

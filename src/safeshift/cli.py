@@ -15,8 +15,10 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from safeshift import ops
+from safeshift._units import printable
 from safeshift.errors import PlanError, PlanValidationError, SafeshiftError
 
 app = typer.Typer(
@@ -50,7 +52,7 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded in the a
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"error: {message}", markup=False)
+    err.print(f"error: {printable(message)}", markup=False)
     raise typer.Exit(code)
 
 
@@ -61,7 +63,7 @@ def _actor(actor: str | None) -> str:
 # -- plans -------------------------------------------------------------------------------
 
 
-def _model_ref_problems(path: Path, known: set[str]) -> list[Any]:
+def _model_ref_problems(path: Path, known: set[str], *, load: bool) -> list[Any]:
     """Problems loading the model references of a plan that did not validate, read from the
     raw document (references whose fields already have a problem are skipped)."""
     import yaml
@@ -81,15 +83,19 @@ def _model_ref_problems(path: Path, known: set[str]) -> list[Any]:
     refs = [(f"{where}.model", side["model"]) for where, side in sides
             if isinstance(side, dict) and isinstance(side.get("model"), str) and side["model"]
             and not any(k == where or k.startswith(f"{where}.") for k in known)]
-    return check_model_refs(refs, path.parent)
+    return check_model_refs(refs, path.parent, load=load)
 
 
 @app.command()
 def validate(
     plan: Annotated[Path, typer.Argument(help="plan file (YAML or JSON)")],
     json_out: JsonOpt = False,
+    load: Annotated[bool, typer.Option(
+        "--load", help="also load the models: imports python: modules and unpickles joblib: "
+        "files, which runs their code — only for plans you trust")] = False,
 ) -> None:
-    """Check a plan: every problem at once, each with its field path; exit 2 if any."""
+    """Check a plan: every problem at once, each with its field path; exit 2 if any. Model
+    references are checked without running anything they name unless --load is given."""
     from safeshift.models import check_models
     from safeshift.plan import Plan, tolerance_warnings
 
@@ -98,11 +104,12 @@ def validate(
         p = Plan.load(plan)
     except PlanValidationError as exc:
         # the model references that are well-formed are checked too: every problem at once
-        problems = [*exc.problems, *_model_ref_problems(plan, {pr.path for pr in exc.problems})]
+        problems = [*exc.problems,
+                    *_model_ref_problems(plan, {pr.path for pr in exc.problems}, load=load)]
     except PlanError as exc:
         fail(str(exc))
     else:
-        problems = check_models(p)
+        problems = check_models(p, load=load)
     if problems or p is None:
         if json_out:
             out.print_json(data={"valid": False, "problems": [
@@ -277,7 +284,7 @@ def status(
         out.print(f"{s.rollout} ({s.endpoint}): {s.phase} — stage {stage}, candidate "
                   f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
         if s.reason:
-            out.print(f"  {s.reason}", markup=False)
+            out.print(f"  {printable(s.reason)}", markup=False)
         if s.watch is not None:
             out.print(f"  watch after promotion: {s.watch['holdback'] / 100:g}% of units held "
                       f"back on the baseline, {format_duration(s.watch['remaining'])} of "
@@ -293,7 +300,9 @@ def status(
                 table.add_column(col)
             for v in s.analysis.verdicts:
                 if v.segment is None or v.status.value == "harm":
-                    table.add_row(v.guardrail, v.segment or "all", v.status.value, v.sentence)
+                    # segment values come from clients: escaped, and never read as markup
+                    table.add_row(*(Text(printable(cell)) for cell in (
+                        v.guardrail, v.segment or "all", v.status.value, v.sentence)))
             out.print(table)
 
 
@@ -311,7 +320,8 @@ def _action(action: str, rollout: str, store: str | None, actor: str | None, rea
     if json_out:
         out.print_json(data=decision.to_json())
     else:
-        out.print(f"{rollout}: {decision.action} → {decision.phase}; {decision.reason}", markup=False)
+        out.print(f"{printable(rollout)}: {decision.action} → {decision.phase}; "
+                  f"{printable(decision.reason)}", markup=False)
 
 
 _ACTIONS = {
@@ -351,7 +361,8 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
         return
     for d in decisions:
         when = datetime.fromtimestamp(d.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        out.print(f"{d.seq:3} {when} {d.actor:12} {d.action!s:15} → {d.phase!s:18} {d.reason}",
+        out.print(f"{d.seq:3} {when} {printable(d.actor):12} {d.action!s:15} → {d.phase!s:18} "
+                  f"{printable(d.reason)}",
                   markup=False)
 
 
@@ -363,7 +374,7 @@ def audit_verify(rollout: str, store: StoreOpt = None) -> None:
         ok, message = ops.verify_audit(st, rollout)
     except SafeshiftError as exc:
         fail(str(exc))
-    (out if ok else err).print(f"{rollout}: {message}", markup=False)
+    (out if ok else err).print(f"{printable(rollout)}: {printable(message)}", markup=False)
     raise typer.Exit(0 if ok else 1)
 
 

@@ -7,8 +7,10 @@ compare-and-set on a version column, so two controllers can never both act on on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -553,11 +555,20 @@ def _display_url(url: str) -> str:
     return parsed.render_as_string(hide_password=True) if parsed.password else url
 
 
+def _create_private(path: Path) -> None:
+    """Create an SQLite store file readable and writable by its owner only (0600): it holds
+    decisions, request records and the audit log. SQLite gives its -wal and -shm files the
+    same mode. An existing file keeps its mode."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
+        if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _create_private(Path(path))
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
