@@ -204,3 +204,54 @@ def test_validate_a_stage_without_guardrails_exits_2(tmp_path: Path) -> None:
     r = cli("validate", str(write(tmp_path, data)))
     assert r.returncode == 2
     assert "  stages.1: no guardrail judges stage 'half'" in r.stderr
+
+
+def test_help_shows_flags_without_a_type() -> None:
+    r = cli("status", "--help")
+    assert r.returncode == 0
+    lines = {line.split()[1]: line for line in r.stdout.splitlines()
+             if line.strip().startswith("│ --")}
+    assert "<bool>" not in lines["--json"] and "<bool>" not in lines["--help"]
+    assert "<str>" in lines["--store"]  # options that take a value still say what
+
+
+def test_status_says_which_stage_awaits_approval(tmp_path: Path) -> None:
+    from safeshift import FakeModel, Plan, Rollout
+    from safeshift.store import sqlite_url
+
+    data = plan_dict(stages=[{"name": "canary", "traffic": "10%", "approval": "required"},
+                             {"name": "full", "traffic": "100%"}])
+    url = sqlite_url(tmp_path / "s.db")
+    Rollout.from_plan(Plan.from_dict(data), store=url,
+                      models={"baseline": FakeModel(), "candidate": FakeModel()}).close()
+    r = cli("status", "--store", url)
+    assert r.returncode == 0, r.stderr
+    assert "awaiting approval of stage 'canary': safeshift approve test-rollout" in r.stdout
+
+
+@pytest.mark.parametrize(("column", "value", "words"), [
+    ("plan_json", "{not json", "the stored plan of rollout 'test-rollout' in the store cannot be read"),
+    ("plan_json", "[1, 2]", "a plan is an object, not list"),
+    ("phase", "exploded", "'exploded' is not a valid Phase"),
+    ("extra", "{", "the state of rollout 'test-rollout' in the store cannot be read"),
+])
+def test_a_damaged_store_is_a_clear_error_not_a_traceback(tmp_path: Path, column: str,
+                                                           value: str, words: str) -> None:
+    import sqlite3
+
+    from safeshift import FakeModel, Plan, Rollout
+
+    db = tmp_path / "s.db"
+    Rollout.from_plan(Plan.from_dict(plan_dict()), store=str(db),
+                      models={"baseline": FakeModel(), "candidate": FakeModel()}).close()
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"UPDATE rollouts SET {column} = ?", (value,))
+    for verb in (["status"], ["status", "test-rollout"], ["history", "test-rollout"],
+                 ["pause", "test-rollout"]):
+        r = cli(*verb, "--store", str(db))
+        if column == "plan_json" and verb[0] == "history":
+            assert r.returncode == 0  # history needs no plan
+            continue
+        assert r.returncode == 2, (verb, r.stdout, r.stderr)
+        assert words in r.stderr and "restore it from a backup" in r.stderr
+        assert "Traceback" not in r.stderr

@@ -21,6 +21,25 @@ from safeshift import ops
 from safeshift._units import printable
 from safeshift.errors import PlanError, PlanValidationError, SafeshiftError
 
+
+def _flags_without_a_type() -> None:
+    """Typer's help shows every option's type, ``--json <bool>`` included, as if a flag took a
+    value; show none for flags."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_safeshift", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    display_type_rich._safeshift = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_flags_without_a_type()
+
 app = typer.Typer(
     name="safeshift",
     help="Safe, incremental rollout of machine-learning model changes.",
@@ -285,6 +304,9 @@ def status(
                   f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
         if s.reason:
             out.print(f"  {printable(s.reason)}", markup=False)
+        if s.pending_stage is not None:
+            out.print(f"  awaiting approval of stage {s.pending_stage!r}: safeshift approve "
+                      f"{printable(s.rollout)} --reason …", markup=False)
         if s.watch is not None:
             out.print(f"  watch after promotion: {s.watch['holdback'] / 100:g}% of units held "
                       f"back on the baseline, {format_duration(s.watch['remaining'])} of "

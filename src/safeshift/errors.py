@@ -8,6 +8,7 @@
     ├── ModelLoadError             a model reference cannot be loaded
     ├── StoreError                 the store cannot be read or written
     │   ├── ConcurrencyError       another controller changed the rollout first
+    │   ├── DamagedStoreError      a value safeshift cannot have written (edited by hand)
     │   └── SchemaVersionError     the store's schema is newer than this release
     ├── RolloutError               an action does not fit the rollout's state
     │   ├── UnknownRolloutError    no rollout with that name
@@ -61,6 +62,10 @@ class ModelLoadError(SafeshiftError):
 
 class StoreError(SafeshiftError):
     """The store cannot be read or written."""
+
+
+class DamagedStoreError(StoreError):
+    """The store holds a value safeshift cannot have written (e.g. edited by hand)."""
 
 
 class ConcurrencyError(StoreError):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gateway_helpers import free_socket, make_plan, write_plan
+from gateway_helpers import free_socket, make_plan, running, write_plan
 
 from safeshift.errors import ModelLoadError, PlanError, RolloutError
 from safeshift.gateway import create_app
 from safeshift.rollout import Rollout
-from safeshift.store import open_store
+from safeshift.store import open_store, sqlite_url
 
 pytestmark = pytest.mark.process
 
@@ -123,3 +123,22 @@ def test_bad_models_fail_create_app_with_the_rollout_named() -> None:
     plan = make_plan(baseline={"version": "v1", "model": "python:no_such_module:f"})
     with pytest.raises(ModelLoadError, match=r"rollout 'churn-v2' .* baseline model"):
         create_app([plan], store="memory://")
+
+
+def test_readyz_names_the_phase_and_a_paused_rollout_is_not_active(tmp_path: Path) -> None:
+    """A rollout paused from another process (the CLI on the same store) shows as paused
+    within the gateway's phase refresh (at most about 5 s), no longer as active."""
+    url = sqlite_url(tmp_path / "ready.db")
+    app = create_app([make_plan()], store=url, tick_interval=3600, access_log=False)
+    with running(app) as base, httpx.Client(base_url=base) as c:
+        first = c.get("/readyz").json()["endpoints"]["churn"]
+        assert first["phase"] == "running" and first["active"] is True
+        other = Rollout.from_plan(make_plan(), store=url)
+        other.pause(actor="alice", reason="checking a dashboard")
+        deadline = time.monotonic() + 15
+        now = first
+        while now["phase"] != "paused" and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = c.get("/readyz").json()["endpoints"]["churn"]
+        assert now["phase"] == "paused" and now["active"] is False
+        other.close()

@@ -257,8 +257,12 @@ class Gateway:
         out = {}
         for name, ep in self.endpoints.items():
             split = cached_split(ep.rollout)
-            out[name] = {"rollout": ep.rollout.plan.rollout, "stage": split.stage,
-                         "active": split.active, "candidate_share": split.traffic / 10_000,
+            rollout = ep.rollout.plan.rollout
+            phase = self._phase.get(rollout, "unknown")
+            # active: a stage runs and the controller decides (a paused split is frozen)
+            out[name] = {"rollout": rollout, "stage": split.stage, "phase": phase,
+                         "active": split.active and phase != "paused",
+                         "candidate_share": split.traffic / 10_000,
                          "breakers": {n: c.breaker.state.name.lower()
                                       for n, c in ep.candidates.items()},
                          "hung_calls": {n: c.guard.pool.hung for n, c in ep.candidates.items()},

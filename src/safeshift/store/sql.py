@@ -11,14 +11,20 @@ import contextlib
 import functools
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from safeshift.errors import ConcurrencyError, SchemaVersionError, StoreError, UnknownRolloutError
+from safeshift.errors import (
+    ConcurrencyError,
+    DamagedStoreError,
+    SchemaVersionError,
+    StoreError,
+    UnknownRolloutError,
+)
 from safeshift.state import (
     GENESIS,
     Action,
@@ -297,7 +303,10 @@ class SQLStore:
             text = conn.execute(sa.select(rollouts.c.plan_json).where(rollouts.c.name == name)).scalar()
         if text is None:
             raise UnknownRolloutError(f"no rollout named {name!r} in {self.url}")
-        result: dict[str, Any] = json.loads(text)
+        with _damaged("stored plan", name):
+            result = json.loads(text)
+            if not isinstance(result, dict):
+                raise ValueError(f"a plan is an object, not {type(result).__name__}")
         return result
 
     def get_state(self, name: str) -> RolloutState:
@@ -496,15 +505,18 @@ class SQLStore:
         t = decisions_t
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(t).where(t.c.rollout == rollout).order_by(t.c.seq)).fetchall()
-        return [Decision(r.rollout, r.seq, r.at, Action(r.action), r.from_stage, r.to_stage,
-                         Phase(r.phase), r.reason, r.actor, json.loads(r.evidence)) for r in rows]
+        with _damaged("decisions", rollout):
+            return [Decision(r.rollout, r.seq, r.at, Action(r.action), r.from_stage, r.to_stage,
+                             Phase(r.phase), r.reason, r.actor, json.loads(r.evidence))
+                    for r in rows]
 
     def audit_events(self, rollout: str) -> list[AuditEvent]:
         t = audit_t
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(t).where(t.c.rollout == rollout).order_by(t.c.seq)).fetchall()
-        return [AuditEvent(r.rollout, r.seq, r.at, r.actor, r.action, json.loads(r.detail),
-                           r.prev_hash, r.hash) for r in rows]
+        with _damaged("audit events", rollout):
+            return [AuditEvent(r.rollout, r.seq, r.at, r.actor, r.action, json.loads(r.detail),
+                               r.prev_hash, r.hash) for r in rows]
 
     def purge_expired(self, now: float) -> int:
         with self.engine.begin() as conn:
@@ -593,10 +605,24 @@ def _state_values(state: RolloutState) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _damaged(what: str, rollout: str) -> Iterator[None]:
+    """Turn a value the store cannot have written (unreadable JSON, an unknown phase) into a
+    :class:`DamagedStoreError` naming the rollout, instead of a traceback."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+        raise DamagedStoreError(
+            f"the {what} of rollout {rollout!r} in the store cannot be read ({exc}): the store "
+            "was changed by something other than safeshift, or by a newer release; restore it "
+            "from a backup") from None
+
+
 def _state(row: Any) -> RolloutState:
-    return RolloutState(
-        name=row.name, plan_hash=row.plan_hash, phase=Phase(row.phase),
-        stage_index=row.stage_index, stage_started_at=row.stage_started_at,
-        pending_stage=row.pending_stage, version=row.version, created_at=row.created_at,
-        updated_at=row.updated_at, reason=row.reason, extra=json.loads(row.extra),
-    )
+    with _damaged("state", row.name):
+        return RolloutState(
+            name=row.name, plan_hash=row.plan_hash, phase=Phase(row.phase),
+            stage_index=row.stage_index, stage_started_at=row.stage_started_at,
+            pending_stage=row.pending_stage, version=row.version, created_at=row.created_at,
+            updated_at=row.updated_at, reason=row.reason, extra=json.loads(row.extra),
+        )
