@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
+from tests.conftest import plan_dict
 
-from safeshift import ConcurrencyError, Plan, UnknownRolloutError
+import safeshift.store.sql as sql
+from safeshift import ConcurrencyError, Plan, UnknownRolloutError, VirtualClock, ops
 from safeshift.errors import SchemaVersionError, StoreError
 from safeshift.state import (
     Action,
@@ -259,4 +262,25 @@ def test_a_version_1_store_migrates_and_keeps_its_telemetry(
                                       "latency_ms", 1, 10, 100, None, 5)])
     totals = {r.cluster: r.n for r in store.telemetry_totals("r1", 0)}
     assert totals == {-1: 2, 5: 1}
+    store.close()
+
+
+def test_a_locked_sqlite_store_says_why_without_sqlalchemy_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sql, "_SQLITE_BUSY_SECONDS", 0.2)
+    path = tmp_path / "locked.db"
+    store = sql.SQLStore(sql.sqlite_url(path))
+    clock = VirtualClock()
+    ops.create(store, Plan.from_dict(plan_dict()), clock)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError) as info:
+            ops.act(store, "test-rollout", Action.PAUSE, clock, actor="alice")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    message = str(info.value)
+    assert "database is locked; another process held a write lock" in message
+    assert "for 0.2 s" in message and "sqlalche.me" not in message and "\n" not in message
     store.close()

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,10 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migra
 """Schema version → the step that brings the previous version to it."""
 
 
+_SQLITE_BUSY_SECONDS = 30.0
+"""How long an SQLite write waits for another process's write lock before it fails."""
+
+
 def sqlite_url(path: Path | str) -> str:
     return f"sqlite:///{Path(path).resolve()}"
 
@@ -215,7 +220,7 @@ class SQLStore:
                 f"cannot open store {self.url!r}: {exc}; for PostgreSQL install the driver with "
                 "pip install 'safeshift[postgres]' and use a postgresql+psycopg:// URL") from None
         except Exception as exc:
-            raise StoreError(f"cannot open store {self.url!r}: {exc}") from None
+            raise StoreError(f"cannot open store {self.url!r}: {_reason(exc)}") from None
         self.dialect = self.engine.dialect.name
         # reads that take several queries see one snapshot (PostgreSQL's default isolation,
         # READ COMMITTED, gives each statement its own; SQLite's read transaction already is one)
@@ -279,7 +284,7 @@ class SQLStore:
         except (SchemaVersionError, StoreError):
             raise
         except sa.exc.SQLAlchemyError as exc:
-            raise StoreError(f"cannot prepare store {self.url!r}: {exc}") from None
+            raise StoreError(f"cannot prepare store {self.url!r}: {_reason(exc)}") from None
 
     # -- rollouts -------------------------------------------------------------------
 
@@ -541,6 +546,20 @@ class SQLStore:
         self.engine.dispose()
 
 
+def _reason(exc: BaseException) -> str:
+    """What went wrong, in the driver's words: the first line of the DBAPI error, without
+    SQLAlchemy's statement dump and its documentation link; a locked SQLite file says why."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    text = text.split("\n", 1)[0]
+    text = re.sub(r"\s*\(Background on this error at: [^)]*\)", "", text).strip()
+    if "database is locked" in text:
+        text += (f"; another process held a write lock on this SQLite file for "
+                 f"{_SQLITE_BUSY_SECONDS:g} s (a running gateway or controller writes to it): "
+                 "try again, or use PostgreSQL for several writers")
+    return text
+
+
 def _unreachable_as_store_error(method: Callable[..., Any]) -> Callable[..., Any]:
     """A lost connection, a server that went away or a locked database becomes a
     :class:`StoreError` naming the store, which callers (the CLI, the gateway) report plainly;
@@ -550,7 +569,7 @@ def _unreachable_as_store_error(method: Callable[..., Any]) -> Callable[..., Any
         try:
             return method(self, *args, **kwargs)
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-            raise StoreError(f"store {self.url} failed: {exc.orig or exc}".strip()) from exc
+            raise StoreError(f"store {self.url} failed: {_reason(exc)}") from exc
     return wrapper
 
 
@@ -581,14 +600,15 @@ def _engine(url: str) -> Engine:
         if path and path != ":memory:" and not path.startswith("file:"):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             _create_private(Path(path))
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_SECONDS,
+                                                     "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_SECONDS * 1000)}")
             cur.close()
 
         return engine
