@@ -7,8 +7,9 @@ import pytest
 from tests.conftest import plan_dict
 
 from safeshift import FakeModel, InvalidTransitionError, Phase, Plan, Rollout, VirtualClock
+from safeshift.audit import verify_chain
 from safeshift.controller import next_stage
-from safeshift.state import Action, verify_chain
+from safeshift.state import Action
 from safeshift.store import Store
 from safeshift.telemetry import Summary
 
@@ -265,7 +266,7 @@ def test_in_process_predict_enforces_the_candidate_timeout(store: Store,
 
 def test_audit_verification_catches_removed_and_altered_records(plan: Plan, store: Store,
                                                                 clock: VirtualClock) -> None:
-    from safeshift.state import verify_rollout
+    from safeshift.audit import verify_rollout
 
     rollout = make(plan, store, clock, candidate=FakeModel(output=1))
     rollout.pause(actor="ann")
@@ -291,3 +292,23 @@ def test_status_counts_stage_time_until_the_rollout_finished(store: Store,
     status = rollout.status()
     assert status.phase is Phase.ROLLED_BACK and status.stage_elapsed == pytest.approx(90)
     rollout.close()
+
+
+def test_of_two_controllers_with_leases_one_decides_until_its_lease_lapses() -> None:
+    from safeshift import MemoryStore
+    from safeshift.controller import Controller, Lease
+
+    store, clock = MemoryStore(), VirtualClock()
+    plan = Plan.from_dict(plan_dict())
+    Rollout.from_plan(plan, store=store, clock=clock, start=False)
+    a = Controller(plan, store, clock, lease=Lease("replica-a", ttl=30))
+    b = Controller(plan, store, clock, lease=Lease("replica-b", ttl=30))
+    assert a.tick() is not None  # a takes the lease and starts the rollout
+    clock.advance(10)
+    assert not b.holds_lease() and b.tick() is None
+    assert a.holds_lease()  # renewed: until t=40
+    clock.advance(25)  # t=35
+    assert not b.holds_lease()
+    clock.advance(10)  # t=45: a was silent past its ttl (e.g. killed), b takes over
+    assert b.holds_lease() and not a.holds_lease()
+    assert Controller(plan, store, clock).holds_lease()  # no lease: a library's own controller

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from safeshift.audit import verify_chain
 from safeshift.demo import run_demo
-from safeshift.state import Action, verify_chain
+from safeshift.state import Action
 from safeshift.store import SQLStore, sqlite_url
 
 

@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from safeshift import FakeModel, InvalidTransitionError, MemoryStore, Phase, Plan, Rollout, VirtualClock
 from safeshift.assign import BASELINE
+from safeshift.audit import verify_chain
 from safeshift.cli import app as cli
 from safeshift.controller import next_stage
-from safeshift.state import Action, Decision, verify_chain
+from safeshift.state import Action, Decision
 from safeshift.store import SQLStore, sqlite_url
 
 COUNTRIES = ["US", "BR", "IN", "GB"]

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from tests.conftest import ROOT, plan_dict
 
-from safeshift.state import Action, Phase, verify_chain
+from safeshift.audit import verify_chain
+from safeshift.state import Action, Phase
 from safeshift.store import SQLStore, sqlite_url
 
 WORKER = Path(__file__).with_name("rollout_worker.py")

@@ -8,16 +8,15 @@ from tests.conftest import plan_dict
 
 import safeshift.store.sql as sql
 from safeshift import ConcurrencyError, Plan, UnknownRolloutError, VirtualClock, ops
+from safeshift.audit import AuditEvent, verify_chain
 from safeshift.errors import SchemaVersionError, StoreError
 from safeshift.state import (
     Action,
-    AuditEvent,
     Decision,
     FeedbackItem,
     Phase,
     RequestRecord,
     RolloutState,
-    verify_chain,
 )
 from safeshift.store import SCHEMA_VERSION, SQLStore, Store, open_store, sqlite_url
 from safeshift.telemetry import TelemetryRow

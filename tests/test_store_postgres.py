@@ -16,7 +16,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from safeshift import ConcurrencyError
-from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState, verify_chain
+from safeshift.audit import AuditEvent, verify_chain
+from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store import SCHEMA_VERSION, SQLStore, open_store
 from safeshift.telemetry import TelemetryRow
 

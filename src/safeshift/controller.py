@@ -20,6 +20,7 @@ from typing import Any
 from safeshift._units import BASIS_POINTS, format_duration, format_share
 from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded_harm
 from safeshift.assign import Split
+from safeshift.audit import decision_event
 from safeshift.clock import Clock
 from safeshift.errors import InvalidTransitionError
 from safeshift.experiment import (
@@ -31,7 +32,7 @@ from safeshift.experiment import (
     variant_split,
 )
 from safeshift.plan import Experiment, Plan, Stage
-from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState
+from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
@@ -312,15 +313,33 @@ PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_ha
                               step_progress, step_watch, step_deadline)
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A controller that decides only while it holds the rollout's lease in the store, so that
+    of several replicas one decides (the others keep serving and recording)."""
+
+    holder: str  # unique per process, e.g. host:pid:random
+    ttl: float  # seconds the lease lasts; renewed by every tick that holds it
+
+
 class Controller:
     """Runs ticks and operator actions for one rollout against a store."""
 
     def __init__(self, plan: Plan, store: Store, clock: Clock,
-                 steps: tuple[Step, ...] = PIPELINE) -> None:
+                 steps: tuple[Step, ...] = PIPELINE, *, lease: Lease | None = None) -> None:
         self.plan = plan
         self.store = store
         self.clock = clock
         self.steps = steps
+        self.lease = lease
+
+    def holds_lease(self) -> bool:
+        """Whether this controller may decide now: always without a lease, else while it holds
+        (takes or renews) the rollout's lease."""
+        if self.lease is None:
+            return True
+        return self.store.acquire_lease(f"controller:{self.plan.rollout}", self.lease.holder,
+                                        self.lease.ttl, self.clock.now())
 
     def evaluate(self) -> TickContext:
         """Run the pipeline without committing anything."""
@@ -334,7 +353,10 @@ class Controller:
 
     def tick(self) -> Decision | None:
         """Evaluate and commit the most important intent, if any. Idempotent: a tick that
-        finds nothing to do writes nothing."""
+        finds nothing to do writes nothing; without the lease (another replica decides) it does
+        nothing at all."""
+        if not self.holds_lease():
+            return None
         ctx = self.evaluate()
         if not ctx.intents:
             return None
@@ -369,10 +391,7 @@ class Controller:
             new.pending_stage = None
         decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
                             new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
-        event = AuditEvent(self.plan.rollout, 0, now, actor, str(intent.action),
-                           {"reason": intent.reason, "from_stage": state.stage_index,
-                            "to_stage": new.stage_index, "phase": str(intent.phase),
-                            "plan_hash": state.plan_hash})
+        event = decision_event(decision, plan_hash=state.plan_hash)
         self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event])
         return decision
 

@@ -15,13 +15,14 @@ from typing import Any
 
 from safeshift._units import BASIS_POINTS
 from safeshift.analysis import StageAnalysis, analyse
+from safeshift.audit import AuditEvent, verify_rollout
 from safeshift.clock import Clock
 from safeshift.controller import Controller, split_for
 from safeshift.errors import RolloutError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
 from safeshift.serving import REQUEST_FAULT
-from safeshift.state import Action, AuditEvent, Decision, Phase, RolloutState, verify_rollout
+from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary, TelemetryRow
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from safeshift import ops
+from safeshift.controller import Lease
 from safeshift.errors import SafeshiftError
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.logs import flush_logs, gateway_logger
@@ -58,6 +59,9 @@ class Gateway:
             self.rollouts[rollout.plan.rollout] = rollout
         self._foreign: dict[str, Rollout] = {}  # rollouts met only through feedback
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        lease = Lease(self.holder, max(settings.controller_lease, 3 * tick_interval))
+        for rollout in rollouts:
+            rollout.controller.lease = lease  # of several replicas, one decides
         self.ready = False
         self.started_at = 0.0
         self.last_refresh_error: str | None = None
@@ -172,20 +176,11 @@ class Gateway:
                 self._background_error("flush", exc)
             flush_logs()
 
-    def _tick(self, rollout: Rollout) -> Decision | None:
-        name = rollout.plan.rollout
-        ttl = max(self.settings.controller_lease, 3 * self.tick_interval)
-        if not self.store.acquire_lease(f"controller:{name}", self.holder, ttl,
-                                        rollout.clock.now()):
-            rollout.flush()  # another replica decides; keep our telemetry flowing
-            return None
-        return rollout.tick()
-
     async def tick(self) -> list[Decision]:
         """One controller tick for every rollout (what the controller task runs)."""
         decisions = []
         for ep in self.endpoints.values():
-            decision = await self._run(lambda r=ep.rollout: self._tick(r))  # type: ignore[misc]
+            decision = await self._run(ep.rollout.tick)
             if decision is None:
                 continue
             decisions.append(decision)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from safeshift.state import AuditEvent, Decision, FeedbackItem, RequestRecord, RolloutState
+from safeshift.audit import AuditEvent
+from safeshift.state import Decision, FeedbackItem, RequestRecord, RolloutState
 from safeshift.telemetry import TelemetryRow
 
 SCHEMA_VERSION = 2

@@ -7,10 +7,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from safeshift.audit import GENESIS, AuditEvent
 from safeshift.errors import ConcurrencyError, UnknownRolloutError
 from safeshift.state import (
-    GENESIS,
-    AuditEvent,
     Decision,
     FeedbackItem,
     RequestRecord,

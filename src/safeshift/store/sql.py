@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from safeshift.audit import GENESIS, AuditEvent
 from safeshift.errors import (
     ConcurrencyError,
     DamagedStoreError,
@@ -27,9 +28,7 @@ from safeshift.errors import (
     UnknownRolloutError,
 )
 from safeshift.state import (
-    GENESIS,
     Action,
-    AuditEvent,
     Decision,
     FeedbackItem,
     Phase,
