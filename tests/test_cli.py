@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from tests.conftest import ROOT, plan_dict
 
@@ -237,8 +239,6 @@ def test_status_says_which_stage_awaits_approval(tmp_path: Path) -> None:
 ])
 def test_a_damaged_store_is_a_clear_error_not_a_traceback(tmp_path: Path, column: str,
                                                            value: str, words: str) -> None:
-    import sqlite3
-
     from safeshift import FakeModel, Plan, Rollout
 
     db = tmp_path / "s.db"
@@ -255,3 +255,38 @@ def test_a_damaged_store_is_a_clear_error_not_a_traceback(tmp_path: Path, column
         assert r.returncode == 2, (verb, r.stdout, r.stderr)
         assert words in r.stderr and "restore it from a backup" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_reading_commands_never_create_nor_upgrade_a_store(tmp_path: Path) -> None:
+    """status, history and audit verify open the store without migrating: a v1 store stays
+    v1 (the message says how to upgrade), a file that is no store is refused and left as it
+    was; `safeshift store migrate` upgrades it."""
+    from tests.test_store import _V1_TABLES
+
+    path = tmp_path / "v1.db"
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        for statement in _V1_TABLES.split(";"):
+            if statement.strip():
+                conn.exec_driver_sql(statement)
+    engine.dispose()
+    for verb in (["status"], ["history", "r1"], ["audit", "verify", "r1"]):
+        r = cli(*verb, "--store", str(path))
+        assert r.returncode == 2, (verb, r.stdout, r.stderr)
+        assert "schema version 1, older than this release's" in r.stderr
+        assert "safeshift store migrate" in r.stderr
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT max(version) FROM safeshift_schema").fetchone() == (1,)
+    r = cli("store", "migrate", "--store", str(path))
+    assert r.returncode == 0 and "schema version" in r.stdout, r.stderr
+    with sqlite3.connect(path) as conn:
+        (version,) = conn.execute("SELECT max(version) FROM safeshift_schema").fetchone()
+    assert version > 1
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    r = cli("status", "--store", str(other))
+    assert r.returncode == 2 and "is not a safeshift store" in r.stderr
+    with sqlite3.connect(other) as conn:  # nothing was created in it
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert names == {"notes"}

@@ -4,6 +4,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from tests.conftest import plan_dict
 
 import safeshift.store.sql as sql
@@ -245,12 +246,12 @@ def test_a_version_1_store_migrates_and_keeps_its_telemetry(
     rows (cluster -1), and the tables take clustered rows from then on."""
     url = (sqlite_url(tmp_path / "v1.db") if backend == "sqlite"
            else str(request.getfixturevalue("postgres_db_url")))
-    old = SQLStore(url, migrate=False)
-    with old.engine.begin() as conn:
+    engine = sa.create_engine(url)  # a bare engine: SQLStore would check or create the schema
+    with engine.begin() as conn:
         for statement in _V1_TABLES.split(";"):
             if statement.strip():
                 conn.exec_driver_sql(statement)
-    old.close()
+    engine.dispose()
     store = SQLStore(url)
     assert store.schema_version() == SCHEMA_VERSION
     (row,) = store.telemetry("r1", 0)

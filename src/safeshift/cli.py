@@ -50,9 +50,11 @@ app = typer.Typer(
 plan_app = typer.Typer(help="Work with plan files.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print figures side by side.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+store_app = typer.Typer(help="The store itself.", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 app.add_typer(bench_app, name="bench")
 app.add_typer(audit_app, name="audit")
+app.add_typer(store_app, name="store")
 
 out = Console(highlight=False, soft_wrap=True, emoji=False,
               width=None if sys.stdout.isatty() else 120)
@@ -265,15 +267,16 @@ def serve(
 # -- control -----------------------------------------------------------------------------
 
 
-def _open(store: str | None, *, existing: bool = True) -> Any:
-    """The store to read or act on; a path that does not exist is a typo, not a new store."""
+def _open(store: str | None, *, migrate: bool = True) -> Any:
+    """The store to read or act on; a path that does not exist is a typo, not a new store.
+    Commands that only read open it with ``migrate=False``: they never create or upgrade it."""
     from safeshift.store import DEFAULT_STORE, open_store
 
     path = store if store is not None else DEFAULT_STORE
-    if existing and "://" not in path and not Path(path).exists():
+    if "://" not in path and not Path(path).exists():
         fail(f"no store at {path}; give --store (or SAFESHIFT_STORE) the path a rollout wrote")
     try:
-        return open_store(store)
+        return open_store(store, migrate=migrate)
     except SafeshiftError as exc:
         fail(str(exc))
 
@@ -288,7 +291,7 @@ def status(
     from safeshift._units import format_duration
     from safeshift.clock import SystemClock
 
-    st = _open(store)
+    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
     try:
         results = ops.statuses(st, SystemClock(), [rollout] if rollout else None)
     except SafeshiftError as exc:
@@ -373,7 +376,7 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
     """Every decision of a rollout, with its reason."""
     from datetime import UTC, datetime
 
-    st = _open(store)
+    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
     try:
         decisions = ops.history(st, rollout)
     except SafeshiftError as exc:
@@ -391,13 +394,23 @@ def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> 
 @audit_app.command("verify")
 def audit_verify(rollout: str, store: StoreOpt = None) -> None:
     """Check that a rollout's audit log is complete and unaltered (exit 1 if not)."""
-    st = _open(store)
+    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
     try:
         ok, message = ops.verify_audit(st, rollout)
     except SafeshiftError as exc:
         fail(str(exc))
     (out if ok else err).print(f"{printable(rollout)}: {printable(message)}", markup=False)
     raise typer.Exit(0 if ok else 1)
+
+
+@store_app.command("migrate")
+def store_migrate(store: StoreOpt = None) -> None:
+    """Upgrade a store's schema in place to this release's (serve does it on start)."""
+    from safeshift.store import SCHEMA_VERSION
+
+    st = _open(store)  # opening with migrate=True upgrades it
+    out.print(f"{st.url}: schema version {SCHEMA_VERSION}", markup=False)
+    st.close()
 
 
 # -- benchmarks --------------------------------------------------------------------------

@@ -12,17 +12,19 @@ from safeshift.store.sql import SQLStore, sqlite_url
 DEFAULT_STORE = "safeshift.db"
 
 
-def open_store(url: str | Path | None = None) -> Store:
-    """``None`` → ``./safeshift.db``; ``memory://``; a path; or any SQLAlchemy URL."""
+def open_store(url: str | Path | None = None, *, migrate: bool = True) -> Store:
+    """``None`` → ``./safeshift.db``; ``memory://``; a path; or any SQLAlchemy URL. With
+    ``migrate=False`` (commands that only read) the store is neither created nor upgraded: its
+    schema must be this release's, else :class:`StoreError` says how to upgrade it."""
     if url is None:
-        return SQLStore(sqlite_url(DEFAULT_STORE))
+        return SQLStore(sqlite_url(DEFAULT_STORE), migrate=migrate)
     text = str(url)
     if text == "memory://":
         return MemoryStore()
     if "://" not in text:
-        return SQLStore(sqlite_url(text))
+        return SQLStore(sqlite_url(text), migrate=migrate)
     if text.startswith(("sqlite", "postgresql")):
-        return SQLStore(text)
+        return SQLStore(text, migrate=migrate)
     raise StoreError(f"unsupported store URL {text!r}; use a file path, sqlite:///PATH, "
                      "postgresql+psycopg://USER:PASS@HOST/DB or memory://")
 

@@ -244,12 +244,14 @@ class SQLStore:
             index_elements=["request_id", "signal"]).execution_options(preserve_rowcount=True)
         self._requests_insert = self._insert(requests).on_conflict_do_nothing(
             index_elements=["id"])
-        if migrate:
-            try:
+        try:
+            if migrate:
                 self.migrate()
-            except BaseException:
-                self.engine.dispose()  # no pooled connection outlives a store that failed to open
-                raise
+            else:
+                self._check_version()
+        except BaseException:
+            self.engine.dispose()  # no pooled connection outlives a store that failed to open
+            raise
 
     # -- schema ---------------------------------------------------------------------
 
@@ -259,6 +261,24 @@ class SQLStore:
                 return 0
             value = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
             return int(value or 0)
+
+    def _check_version(self) -> None:
+        """For a store opened without migrating: it must be a safeshift store of this
+        release's schema (nothing is created or upgraded)."""
+        try:
+            have = self.schema_version()
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"cannot read store {self.url!r}: {_reason(exc)}") from None
+        if have == 0:
+            raise StoreError(f"{self.url} is not a safeshift store (no safeshift tables); give "
+                             "--store the store a rollout wrote")
+        if have > SCHEMA_VERSION:
+            raise SchemaVersionError(f"store {self.url!r} has schema version {have}, newer than "
+                                     f"this release's {SCHEMA_VERSION}; upgrade safeshift")
+        if have < SCHEMA_VERSION:
+            raise StoreError(f"store {self.url!r} has schema version {have}, older than this "
+                             f"release's {SCHEMA_VERSION}; upgrade it in place with safeshift "
+                             "store migrate --store URL (serve does it too), then run this again")
 
     def migrate(self) -> int:
         """Bring the schema to :data:`SCHEMA_VERSION`; returns the version found before."""
