@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -146,35 +147,34 @@ def _check_name(value: str) -> str:
 Name = Annotated[str, BeforeValidator(lambda v: _check_name(v) if isinstance(v, str) else v)]
 
 
-def _check_segment(value: str) -> str:
-    if not 1 <= len(value) <= MAX_SEGMENT_NAME or "|" in value or "=" in value:
-        raise ValueError(f"a segment is a context key of 1-{MAX_SEGMENT_NAME} characters "
-                         "without '|' or '='")
-    return value
+def _segment_schema(limit: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": r"^[^|=]+$"}
 
 
-_SEGMENT_NAME_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_NAME,
-                        "pattern": r"^[^|=]+$"}
-SegmentName = Annotated[
-    str, BeforeValidator(lambda v: _check_segment(v) if isinstance(v, str) else v),
-    WithJsonSchema(_SEGMENT_NAME_SCHEMA)]
+def _segment_check(limit: int, problem: str) -> Callable[[Any], Any]:
+    """The check of a segment name or value: 1-``limit`` characters without ``|`` or ``=``
+    (telemetry's separators), else ``problem``."""
+    def check(value: Any) -> Any:
+        if isinstance(value, str) and (not 1 <= len(value) <= limit or "|" in value
+                                       or "=" in value):
+            raise ValueError(problem)
+        return value
+    return check
+
+
+_SEGMENT_NAME_SCHEMA = _segment_schema(MAX_SEGMENT_NAME)
+SegmentName = Annotated[str, BeforeValidator(_segment_check(
+    MAX_SEGMENT_NAME, f"a segment is a context key of 1-{MAX_SEGMENT_NAME} characters without "
+    "'|' or '='")), WithJsonSchema(_SEGMENT_NAME_SCHEMA)]
 
 MAX_SEGMENT_VALUE = 64
 """Telemetry keeps this many characters of a segment value."""
 
 
-def _check_segment_value(value: str) -> str:
-    if not 1 <= len(value) <= MAX_SEGMENT_VALUE or "|" in value or "=" in value:
-        raise ValueError(f"a segment value is 1-{MAX_SEGMENT_VALUE} characters without '|' or '=' "
-                         "(telemetry cuts longer values and rewrites those characters, so it "
-                         "would never match)")
-    return value
-
-
-_SEGMENT_VALUE_SCHEMA = {"type": "string", "minLength": 1, "maxLength": MAX_SEGMENT_VALUE,
-                         "pattern": r"^[^|=]+$"}
-SegmentValue = Annotated[
-    str, BeforeValidator(lambda v: _check_segment_value(v) if isinstance(v, str) else v),
+_SEGMENT_VALUE_SCHEMA = _segment_schema(MAX_SEGMENT_VALUE)
+SegmentValue = Annotated[str, BeforeValidator(_segment_check(
+    MAX_SEGMENT_VALUE, f"a segment value is 1-{MAX_SEGMENT_VALUE} characters without '|' or '=' "
+    "(telemetry cuts longer values and rewrites those characters, so it would never match)")),
     WithJsonSchema(_SEGMENT_VALUE_SCHEMA)]
 
 

@@ -19,7 +19,10 @@ from safeshift.plan import Plan
 
 
 def _plan(traffic: str = "50%", *, strict: bool = False, segments: bool = True,
-          alpha: float = 0.05, expected: int | None = None) -> Plan:
+          alpha: float = 0.05, expected: int | None = None, accuracy: bool = False,
+          unit_buckets: int | None = None) -> Plan:
+    """One canary stage with the benchmark's guardrails (and, with ``accuracy``, a feedback
+    guardrail); ``unit_buckets`` for clustered telemetry."""
     stage: dict[str, Any] = {"name": "canary", "traffic": traffic, "min_samples": 500,
                              "max_duration": "1h"}
     if expected:
@@ -34,8 +37,10 @@ def _plan(traffic: str = "50%", *, strict: bool = False, segments: bool = True,
         "guardrails": [
             {"metric": "error_rate", "tolerance": 0.002, "strict": strict},
             {"metric": "latency_ms", "above": 250, "tolerance": 0.01, "segments": segments},
+            *([{"metric": "accuracy", "tolerance": 0.01}] if accuracy else []),
         ],
-        "analysis": {"alpha": alpha, "segment_min_samples": 50},
+        "analysis": {"alpha": alpha, "segment_min_samples": 50,
+                     **({"unit_buckets": unit_buckets} if unit_buckets else {})},
     })
 
 
@@ -248,33 +253,13 @@ def test_cluster_variance_is_cluster_ratio_s() -> None:
             assert fast[row] == pytest.approx(var, rel=1e-12)
 
 
-def _clustered_plan(*, accuracy: bool, strict: bool = False) -> Plan:
-    guardrails: list[dict[str, Any]] = [
-        {"metric": "error_rate", "tolerance": 0.002, "strict": strict},
-        {"metric": "latency_ms", "above": 250, "tolerance": 0.01},
-    ]
-    if accuracy:
-        guardrails.append({"metric": "accuracy", "tolerance": 0.01})
-    return Plan.from_dict({
-        "rollout": "t", "endpoint": "t",
-        "baseline": {"version": "v1", "model": "fake:a"},
-        "candidate": {"version": "v2", "model": "fake:b"},
-        "change": {"summary": "t"},
-        "segments": ["country"],
-        "stages": [{"name": "canary", "traffic": "20%", "min_samples": 500,
-                    "max_duration": "1h"}],
-        "guardrails": guardrails,
-        "analysis": {"alpha": 0.05, "segment_min_samples": 50, "unit_buckets": 16},
-    })
-
-
 @pytest.mark.parametrize("accuracy,strict", [(False, False), (True, True)],
                          ids=["rates", "accuracy-strict"])
 def test_clustered_fast_path_reproduces_analyse(accuracy: bool, strict: bool) -> None:
     """Random clustered telemetry — clusters with and without data, values missing, arms off
     their split, effects in both directions — gives analyse()'s verdicts, with and without
     the cluster ids."""
-    plan = _clustered_plan(accuracy=accuracy, strict=strict)
+    plan = _plan("20%", strict=strict, accuracy=accuracy, unit_buckets=16)
     rng = np.random.default_rng(12 if accuracy else 13)
     countries = [f"C{i}" for i in range(5)]
     spec = bench.EngineSpec.from_plan(plan, 0, len(countries))
