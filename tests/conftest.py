@@ -48,6 +48,24 @@ def plan_dict(**changes: Any) -> dict[str, Any]:
     return data
 
 
+TEST_AUDIT_KEY = "safeshift-tests-audit-key-0123456789abcdef"
+"""The audit key every test signs with (subprocesses inherit it through the environment)."""
+
+
+@pytest.fixture(autouse=True)
+def _audit_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A fixed audit key of the tests' own: no test reads, nor creates, the developer's
+    ~/.config/safeshift/audit.key. Tests of the key's resolution change the variables and
+    call :func:`~safeshift.audit.reset_audit_key`."""
+    from safeshift.audit import KEY_ENV, KEY_FILE_ENV, reset_audit_key
+
+    monkeypatch.setenv(KEY_ENV, TEST_AUDIT_KEY)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    reset_audit_key()
+    yield
+    reset_audit_key()
+
+
 @pytest.fixture
 def plan() -> Plan:
     return Plan.from_dict(plan_dict())

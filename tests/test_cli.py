@@ -104,12 +104,15 @@ def test_control_commands_on_a_store(tmp_path: Path) -> None:
     assert r.returncode == 0 and name in r.stdout
     r = cli("pause", name, "--store", store, "--actor", "dana", "--reason", "checking")
     assert r.returncode == 0 and "paused" in r.stdout
-    r = cli("pause", name, "--store", store)
+    r = cli("pause", name, "--store", store, "--reason", "again")
     assert r.returncode == 2 and "already paused" in r.stderr
     r = cli("rollback", name, "--store", store, "--actor", "dana")
+    assert r.returncode == 2 and "needs --reason" in r.stderr
+    r = cli("rollback", name, "--store", store, "--actor", "dana", "--reason", "tickets")
     assert r.returncode == 0
     r = cli("history", name, "--store", store)
-    assert "dana" in r.stdout and "rollback" in r.stdout
+    # acting on the store directly is local access: the label stands beside it
+    assert "local:dana" in r.stdout and "rollback" in r.stdout
     r = cli("audit", "verify", name, "--store", store)
     assert r.returncode == 0 and "chain intact" in r.stdout
     r = cli("status", "nope", "--store", store)
@@ -247,7 +250,7 @@ def test_a_damaged_store_is_a_clear_error_not_a_traceback(tmp_path: Path, column
     with sqlite3.connect(db) as conn:
         conn.execute(f"UPDATE rollouts SET {column} = ?", (value,))
     for verb in (["status"], ["status", "test-rollout"], ["history", "test-rollout"],
-                 ["pause", "test-rollout"]):
+                 ["pause", "test-rollout", "--reason", "x"]):
         r = cli(*verb, "--store", str(db))
         if column == "plan_json" and verb[0] == "history":
             assert r.returncode == 0  # history needs no plan

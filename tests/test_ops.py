@@ -8,10 +8,12 @@ import pytest
 from tests.conftest import plan_dict
 
 from safeshift import InvalidTransitionError, MemoryStore, Phase, Plan, Rollout, VirtualClock, ops
+from safeshift.auth import AuthError, Principal, Role
 from safeshift.errors import (
     PlanValidationError,
     RejectedInputError,
     RolloutError,
+    SafeshiftError,
     UnknownRolloutError,
 )
 from safeshift.models.python import PythonModel
@@ -45,7 +47,7 @@ def test_list_status_history_and_audit() -> None:
     assert [s.name for s in ops.list_rollouts(store, phase=Phase.PAUSED)] == ["ops-b"]
     st = ops.status(store, "ops-b", clock)
     assert st.phase is Phase.PAUSED and st.stage == "canary" and st.traffic == 1_000
-    assert st.reason == "paused by alice (looking)"
+    assert st.reason == "paused by local:alice (looking)"
     assert [s.rollout for s in ops.statuses(store, clock)] == ["ops-a", "ops-b"]
     assert [d.action for d in ops.history(store, "ops-b")] == [Action.START, Action.PAUSE]
     assert [e.action for e in ops.audit_events(store, "ops-b")] == ["start", "pause"]
@@ -61,11 +63,42 @@ def test_act_refuses_what_does_not_fit() -> None:
     store, clock = MemoryStore(), VirtualClock()
     ops.create(store, _plan(), clock)
     with pytest.raises(InvalidTransitionError, match="not awaiting approval"):
-        ops.act(store, "ops-a", Action.APPROVE, clock, actor="alice")
+        ops.act(store, "ops-a", Action.APPROVE, clock, actor="alice", reason="ok")
+    with pytest.raises(SafeshiftError, match="needs a reason"):
+        ops.act(store, "ops-a", Action.ROLLBACK, clock, actor="bob", reason="  ")
     d = ops.act(store, "ops-a", Action.ROLLBACK, clock, actor="bob", reason="tickets")
-    assert d.phase is Phase.ROLLED_BACK and d.actor == "bob"
+    assert d.phase is Phase.ROLLED_BACK and d.actor == "local:bob"
     with pytest.raises(InvalidTransitionError, match="already rolled_back"):
-        ops.act(store, "ops-a", Action.RESUME, clock, actor="bob")
+        ops.act(store, "ops-a", Action.RESUME, clock, actor="bob", reason="again")
+
+
+def test_roles_decide_who_may_act_and_nothing_changes_when_refused() -> None:
+    store, clock = MemoryStore(), VirtualClock()
+    ops.create(store, _plan(), clock)
+    viewer = Principal("vic", Role.VIEWER, "t1")
+    operator = Principal("olga", Role.OPERATOR, "t2")
+    client = Principal("app", Role.CLIENT, "t3")
+    before = store.get_state("ops-a").version
+    for who, action in ((viewer, Action.PAUSE), (client, Action.PAUSE),
+                        (operator, Action.PROMOTE), (operator, Action.APPROVE)):
+        with pytest.raises(AuthError, match=f"needs the .* role .* holds {who.role}"):
+            ops.act(store, "ops-a", action, clock, reason="x", principal=who)
+    assert store.get_state("ops-a").version == before
+    with pytest.raises(AuthError, match="admin"):
+        ops.create_token(store, clock, name="x", role=Role.ADMIN, expires_in=None,
+                         principal=operator)
+    with pytest.raises(AuthError, match="operator"):
+        ops.create(store, _plan("ops-z"), clock, principal=viewer)
+    d = ops.act(store, "ops-a", Action.PAUSE, clock, reason="x", principal=operator)
+    assert d.actor == "olga"
+    # a name held by a valid token is not issued twice; after revocation it is
+    _, first = ops.create_token(store, clock, name="dana", role=Role.VIEWER, expires_in=None)
+    with pytest.raises(SafeshiftError, match="valid token named 'dana' exists"):
+        ops.create_token(store, clock, name="dana", role=Role.VIEWER, expires_in=None)
+    ops.revoke_token(store, clock, first.id)
+    ops.create_token(store, clock, name="dana", role=Role.VIEWER, expires_in=None)
+    with pytest.raises(SafeshiftError, match="not allowed"):
+        ops.create_token(store, clock, name="bad\nname", role=Role.VIEWER, expires_in=None)
 
 
 def test_a_damaged_stored_plan_is_a_clear_error() -> None:

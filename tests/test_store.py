@@ -116,7 +116,8 @@ def test_values_round_trip_exactly(store: Store) -> None:
                              RolloutState(name="r1", plan_hash="h1", created_at=at, updated_at=at,
                                           stage_started_at=at, extra={"big": 2**53}))
     got = store.get_state("r1")
-    assert (got.created_at, got.stage_started_at, got.extra) == (at, at, {"big": 2**53})
+    extra = {k: v for k, v in got.extra.items() if not k.startswith("audit_")}  # the seal
+    assert (got.created_at, got.stage_started_at, extra) == (at, at, {"big": 2**53})
     assert store.get_plan("r1") == {"k": [1.5, None, "é"]}
     store.commit(s, expected_version=0,
                  decisions=[Decision("r1", 1, at, Action.START, -1, 0, Phase.RUNNING, "go",
@@ -276,7 +277,7 @@ def test_a_locked_sqlite_store_says_why_without_sqlalchemy_links(
     holder.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises(StoreError) as info:
-            ops.act(store, "test-rollout", Action.PAUSE, clock, actor="alice")
+            ops.act(store, "test-rollout", Action.PAUSE, clock, actor="alice", reason="look")
     finally:
         holder.execute("ROLLBACK")
         holder.close()

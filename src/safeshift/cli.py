@@ -49,12 +49,15 @@ app = typer.Typer(
 )
 plan_app = typer.Typer(help="Work with plan files.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that print figures side by side.", no_args_is_help=True)
-audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+audit_app = typer.Typer(help="The keyed, hash-chained audit log.", no_args_is_help=True)
 store_app = typer.Typer(help="The store itself.", no_args_is_help=True)
+token_app = typer.Typer(help="Access tokens: who may serve traffic, read and act (roles client, "
+                             "viewer, operator, approver, admin).", no_args_is_help=True)
 app.add_typer(plan_app, name="plan")
 app.add_typer(bench_app, name="bench")
 app.add_typer(audit_app, name="audit")
 app.add_typer(store_app, name="store")
+app.add_typer(token_app, name="token")
 
 out = Console(highlight=False, soft_wrap=True, emoji=False,
               width=None if sys.stdout.isatty() else 120)
@@ -67,9 +70,17 @@ StoreOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 ActorOpt = Annotated[
-    str | None, typer.Option("--actor", envvar="SAFESHIFT_ACTOR", help="who is acting (audit)")
+    str | None, typer.Option("--actor", envvar="SAFESHIFT_ACTOR",
+                             help="a label beside who acts (with --store: local:<you>)")
 ]
-ReasonOpt = Annotated[str, typer.Option("--reason", help="why (recorded in the audit log)")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why (required; recorded in the audit "
+                                                           "log)")]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--url", envvar="SAFESHIFT_URL",
+                 help="a running safeshift serve to act through (token from $SAFESHIFT_TOKEN) "
+                      "instead of --store"),
+]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -78,7 +89,26 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def _actor(actor: str | None) -> str:
+    """The label of someone acting on the store directly: their login, or what they said."""
     return actor or os.environ.get("USER") or "cli"
+
+
+def _client(url: str) -> Any:
+    from safeshift.client import Client
+
+    if not os.environ.get("SAFESHIFT_TOKEN"):
+        fail("--url needs a token in SAFESHIFT_TOKEN (an admin creates one with safeshift "
+             "token create --role viewer --name you)")
+    return Client(url)
+
+
+def _remote(url: str, call: Any) -> Any:
+    """``call(client)`` against the server at ``url``; its error answers exit 2."""
+    with _client(url) as client:
+        try:
+            return call(client)
+        except SafeshiftError as exc:
+            fail(str(exc))
 
 
 # -- plans -------------------------------------------------------------------------------
@@ -253,13 +283,17 @@ def serve(
     controller: Annotated[bool, typer.Option(
         "--controller/--no-controller", help="run the controller in this process")] = True,
     tick: Annotated[float, typer.Option("--tick", help="seconds between controller ticks")] = 1.0,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="serve without tokens (local demos only: refused beyond loopback)")
+    ] = False,
 ) -> None:
-    """Serve predictions for the plans' endpoints while their rollouts run."""
+    """Serve predictions for the plans' endpoints while their rollouts run. Every route but
+    health probes and /metrics needs a token (safeshift token create)."""
     from safeshift.gateway.server import serve as run_server
 
     try:
         run_server(plans, store=store, host=host, port=port, controller=controller,
-                   tick_interval=tick)
+                   tick_interval=tick, auth=not no_auth)
     except (PlanError, SafeshiftError) as exc:
         fail(str(exc))
 
@@ -285,83 +319,106 @@ def _open(store: str | None, *, migrate: bool = True) -> Any:
 def status(
     rollout: Annotated[str | None, typer.Argument(help="rollout name (default: all)")] = None,
     store: StoreOpt = None,
+    url: UrlOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Show where each rollout is and what its guardrails say."""
-    from safeshift._units import format_duration
     from safeshift.clock import SystemClock
 
-    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
-    try:
-        results = ops.statuses(st, SystemClock(), [rollout] if rollout else None)
-    except SafeshiftError as exc:
-        fail(str(exc))
+    if url:
+        results = _remote(url, lambda c: [c.status(rollout)] if rollout else c.rollouts())
+        where = url
+    else:
+        st = _open(store, migrate=False)  # reads only: never creates nor upgrades
+        try:
+            results = [s.to_json() for s in
+                       ops.statuses(st, SystemClock(), [rollout] if rollout else None)]
+        except SafeshiftError as exc:
+            fail(str(exc))
+        where = st.url
     if json_out:
-        out.print_json(data=[r.to_json() for r in results])
+        out.print_json(data=results)
         return
     if not results:
-        out.print(f"no rollouts in {st.url}", markup=False)
+        out.print(f"no rollouts in {where}", markup=False)
     for s in results:
-        stage = s.stage or "-"
-        out.print(f"{s.rollout} ({s.endpoint}): {s.phase} — stage {stage}, candidate "
-                  f"{s.traffic / 100:g}% (shadow {s.shadow / 100:g}%)", markup=False)
-        if s.reason:
-            out.print(f"  {printable(s.reason)}", markup=False)
-        if s.pending_stage is not None:
-            out.print(f"  awaiting approval of stage {s.pending_stage!r}: safeshift approve "
-                      f"{printable(s.rollout)} --reason …", markup=False)
-        if s.watch is not None:
-            out.print(f"  watch after promotion: {s.watch['holdback'] / 100:g}% of units held "
-                      f"back on the baseline, {format_duration(s.watch['remaining'])} of "
-                      f"{format_duration(s.watch['watch'])} left", markup=False)
-        if s.request_faults:
-            faults = ", ".join(f"{arm} {f['count']:,.0f} ({f['share']:.1%})"
-                               for arm, f in s.request_faults.items())
-            out.print(f"  request faults (inputs the baseline rejects; counted against neither "
-                      f"model): {faults}", markup=False)
-        if s.analysis:
-            table = Table(show_header=True, header_style="bold", box=None)
-            for col in ("guardrail", "segment", "verdict", "evidence"):
-                table.add_column(col)
-            for v in s.analysis.verdicts:
-                if v.segment is None or v.status.value == "harm":
-                    # segment values come from clients: escaped, and never read as markup
-                    table.add_row(*(Text(printable(cell)) for cell in (
-                        v.guardrail, v.segment or "all", v.status.value, v.sentence)))
-            out.print(table)
+        _render_status(s)
 
 
-def _action(action: str, rollout: str, store: str | None, actor: str | None, reason: str,
-            json_out: bool) -> None:
+def _render_status(s: dict[str, Any]) -> None:
+    """One rollout's status (its JSON form, from the store or a server alike)."""
+    from safeshift._units import format_duration
+
+    out.print(f"{printable(s['rollout'])} ({printable(s['endpoint'])}): {s['phase']} — stage "
+              f"{printable(s['stage'] or '-')}, candidate {s['traffic'] * 100:g}% (shadow "
+              f"{s['shadow'] * 100:g}%)", markup=False)
+    if s["reason"]:
+        out.print(f"  {printable(s['reason'])}", markup=False)
+    if s["pending_stage"] is not None:
+        out.print(f"  awaiting approval of stage {printable(s['pending_stage'])!r}: safeshift "
+                  f"approve {printable(s['rollout'])} --reason …", markup=False)
+    watch = s.get("watch")
+    if watch is not None:
+        out.print(f"  watch after promotion: {watch['holdback'] * 100:g}% of units held back on "
+                  f"the baseline, {format_duration(watch['remaining'])} of "
+                  f"{format_duration(watch['watch'])} left", markup=False)
+    if s["request_faults"]:
+        faults = ", ".join(f"{arm} {f['count']:,.0f} ({f['share']:.1%})"
+                           for arm, f in s["request_faults"].items())
+        out.print(f"  request faults (inputs the baseline rejects; counted against neither "
+                  f"model): {faults}", markup=False)
+    if s["analysis"]:
+        table = Table(show_header=True, header_style="bold", box=None)
+        for col in ("guardrail", "segment", "verdict", "evidence"):
+            table.add_column(col)
+        for v in s["analysis"]["verdicts"]:
+            if v["segment"] is None or v["status"] == "harm":
+                # segment values come from clients: escaped, and never read as markup
+                table.add_row(*(Text(printable(cell)) for cell in (
+                    v["guardrail"], v["segment"] or "all", v["status"], v["sentence"])))
+        out.print(table)
+
+
+def _action(action: str, rollout: str, store: str | None, url: str | None,
+            actor: str | None, reason: str, json_out: bool) -> None:
     from safeshift.clock import SystemClock
     from safeshift.state import Action
 
-    st = _open(store)
-    try:
-        decision = ops.act(st, rollout, Action(action), SystemClock(), actor=_actor(actor),
-                           reason=reason)
-    except SafeshiftError as exc:
-        fail(str(exc))
-    if json_out:
-        out.print_json(data=decision.to_json())
+    if not reason.strip():
+        fail(f"{action} needs --reason (it is recorded in the audit log), e.g. --reason "
+             "'error budget spent'")
+    if url:
+        if actor:
+            fail("--actor labels local access only; through --url you act as your token's "
+                 "holder")
+        decision = _remote(url, lambda c: c.act(rollout, action, reason=reason))
     else:
-        out.print(f"{printable(rollout)}: {decision.action} → {decision.phase}; "
-                  f"{printable(decision.reason)}", markup=False)
+        st = _open(store)
+        try:
+            decision = ops.act(st, rollout, Action(action), SystemClock(), reason=reason,
+                               actor=_actor(actor)).to_json()
+        except SafeshiftError as exc:
+            fail(str(exc))
+    if json_out:
+        out.print_json(data=decision)
+    else:
+        out.print(f"{printable(rollout)}: {decision['action']} → {decision['phase']}; "
+                  f"{printable(decision['reason'])}", markup=False)
 
 
 _ACTIONS = {
-    "approve": "Approve the stage a rollout is waiting for.",
-    "pause": "Stop automatic decisions; traffic stays where it is.",
-    "resume": "Resume a paused rollout.",
-    "rollback": "Send all traffic back to the baseline now.",
-    "promote": "Promote the candidate now, skipping the remaining stages.",
+    "approve": "Approve the stage a rollout is waiting for (role approver).",
+    "pause": "Stop automatic decisions; traffic stays where it is (role operator).",
+    "resume": "Resume a paused rollout (role operator).",
+    "rollback": "Send all traffic back to the baseline now (role operator).",
+    "promote": "Promote the candidate now, skipping the remaining stages (role approver).",
 }
 
 
 def _register_action(name: str, doc: str) -> None:
-    def command(rollout: str, store: StoreOpt = None, actor: ActorOpt = None,
-                reason: ReasonOpt = "", json_out: JsonOpt = False) -> None:
-        _action(name, rollout, store, actor, reason, json_out)
+    def command(rollout: str, reason: ReasonOpt = "", store: StoreOpt = None,
+                url: UrlOpt = None, actor: ActorOpt = None, json_out: JsonOpt = False) -> None:
+        _action(name, rollout, store, url, actor, reason, json_out)
 
     command.__doc__ = doc
     app.command(name)(command)
@@ -372,35 +429,121 @@ for _name, _doc in _ACTIONS.items():
 
 
 @app.command()
-def history(rollout: str, store: StoreOpt = None, json_out: JsonOpt = False) -> None:
+def create(
+    plan: Annotated[Path, typer.Argument(help="plan file (YAML or JSON)")],
+    store: StoreOpt = None,
+    url: UrlOpt = None,
+    start: Annotated[bool, typer.Option("--start/--no-start",
+                                        help="begin the first stage now")] = True,
+    json_out: JsonOpt = False,
+) -> None:
+    """Register a rollout from a plan (role operator); safeshift serve then serves it."""
+    from safeshift.clock import SystemClock
+    from safeshift.plan import Plan, read_plan_file
+
+    try:
+        if url:
+            data = read_plan_file(plan)
+            Plan.from_dict(data, base_dir=plan.resolve().parent, source=str(plan))
+        else:
+            p = Plan.load(plan)
+    except PlanError as exc:
+        fail(str(exc))
+    if url:
+        result = _remote(url, lambda c: c.create(data, start=start))
+    else:
+        st = _open(store)
+        try:
+            ops.create(st, p, SystemClock(), start=start)
+            result = ops.status(st, p, SystemClock()).to_json()
+        except SafeshiftError as exc:
+            fail(str(exc))
+    if json_out:
+        out.print_json(data=result)
+    else:
+        _render_status(result)
+
+
+@app.command()
+def history(rollout: str, store: StoreOpt = None, url: UrlOpt = None,
+            json_out: JsonOpt = False) -> None:
     """Every decision of a rollout, with its reason."""
     from datetime import UTC, datetime
 
-    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
-    try:
-        decisions = ops.history(st, rollout)
-    except SafeshiftError as exc:
-        fail(str(exc))
+    if url:
+        decisions = _remote(url, lambda c: c.history(rollout))
+    else:
+        st = _open(store, migrate=False)  # reads only: never creates nor upgrades
+        try:
+            decisions = [d.to_json() for d in ops.history(st, rollout)]
+        except SafeshiftError as exc:
+            fail(str(exc))
     if json_out:
-        out.print_json(data=[d.to_json() for d in decisions])
+        out.print_json(data=decisions)
         return
     for d in decisions:
-        when = datetime.fromtimestamp(d.at, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        out.print(f"{d.seq:3} {when} {printable(d.actor):12} {d.action!s:15} → {d.phase!s:18} "
-                  f"{printable(d.reason)}",
-                  markup=False)
+        when = datetime.fromtimestamp(d["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"{d['seq']:3} {when} {printable(d['actor']):12} {d['action']:15} → "
+                  f"{d['phase']:18} {printable(d['reason'])}", markup=False)
+
+
+AllowUnkeyedOpt = Annotated[bool, typer.Option(
+    "--allow-unkeyed", help="accept events an older release hashed without the key (they "
+    "prove nothing against someone who could write the store)")]
 
 
 @audit_app.command("verify")
-def audit_verify(rollout: str, store: StoreOpt = None) -> None:
-    """Check that a rollout's audit log is complete and unaltered (exit 1 if not)."""
+def audit_verify(
+    rollout: str,
+    store: StoreOpt = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="a file `safeshift audit export` wrote: the chain must still hold "
+        "its head (catches the store put back to an older copy)")] = None,
+    allow_unkeyed: AllowUnkeyedOpt = False,
+) -> None:
+    """Check that a rollout's audit log is complete, unaltered and signed with the audit key
+    ($SAFESHIFT_AUDIT_KEY_FILE, $SAFESHIFT_AUDIT_KEY or ~/.config/safeshift/audit.key): exit 0
+    if so, 1 if it was tampered with (the first bad event is named), 2 if it cannot be checked
+    (no key, or another key)."""
+    from safeshift.audit import read_checkpoint
+
     st = _open(store, migrate=False)  # reads only: never creates nor upgrades
     try:
-        ok, message = ops.verify_audit(st, rollout)
+        cp = read_checkpoint(checkpoint) if checkpoint is not None else None
+        report = ops.verify_audit(st, rollout, checkpoint=cp, allow_unkeyed=allow_unkeyed)
     except SafeshiftError as exc:
         fail(str(exc))
-    (out if ok else err).print(f"{printable(rollout)}: {printable(message)}", markup=False)
-    raise typer.Exit(0 if ok else 1)
+    (out if report.ok else err).print(f"{printable(rollout)}: {printable(report.message)}",
+                                      markup=False)
+    raise typer.Exit(report.code)
+
+
+@audit_app.command("export")
+def audit_export(
+    rollout: str,
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write")],
+    store: StoreOpt = None,
+    allow_unkeyed: AllowUnkeyedOpt = False,
+) -> None:
+    """Write a rollout's audit events (JSON lines) and a signed checkpoint of the chain's
+    head, after verifying it. Keep the file outside the store: `safeshift audit verify
+    --checkpoint FILE` later proves the store was not put back to an older copy."""
+    from safeshift.clock import SystemClock
+
+    st = _open(store, migrate=False)  # reads only: never creates nor upgrades
+    try:
+        report, cp = ops.export_audit(st, rollout, SystemClock(), output,
+                                      allow_unkeyed=allow_unkeyed)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    if cp is None:
+        err.print(f"{printable(rollout)}: not exported: {printable(report.message)}",
+                  markup=False)
+        raise typer.Exit(report.code)
+    out.print(f"{printable(rollout)}: wrote {cp.seq} events and a checkpoint (event {cp.seq}, "
+              f"head {cp.head[:16]}, key id {cp.key_id}) to {output}", markup=False)
 
 
 @store_app.command("migrate")
@@ -411,6 +554,123 @@ def store_migrate(store: StoreOpt = None) -> None:
     st = _open(store)  # opening with migrate=True upgrades it
     out.print(f"{st.url}: schema version {SCHEMA_VERSION}", markup=False)
     st.close()
+
+
+# -- tokens ------------------------------------------------------------------------------
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option("--role", help="client, viewer, operator, approver or "
+                                                     "admin")],
+    name: Annotated[str, typer.Option("--name", help="who holds it (shown in the audit log)")],
+    expires: Annotated[str | None, typer.Option("--expires", help="e.g. 30d, 12h (default: "
+                                                                  "never)")] = None,
+    store: StoreOpt = None,
+    url: UrlOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create a token and print it once: it is stored only as a digest."""
+    from safeshift._units import parse_duration
+    from safeshift.auth import parse_role
+    from safeshift.clock import SystemClock
+
+    try:
+        parsed = parse_role(role)
+        expires_in = None if expires is None else parse_duration(expires)
+    except (SafeshiftError, ValueError) as exc:
+        fail(str(exc))
+    if url:
+        result = _remote(url, lambda c: c.create_token(name, str(parsed), expires=expires))
+    else:
+        st = _open(store)
+        try:
+            token, record = ops.create_token(st, SystemClock(), name=name, role=parsed,
+                                             expires_in=expires_in)
+        except SafeshiftError as exc:
+            fail(str(exc))
+        result = {"token": token, **record.to_json()}
+    if json_out:
+        out.print_json(data=result)
+        return
+    out.print(result["token"], markup=False)
+    err.print(f"token {result['id']} for {printable(result['name'])} ({result['role']}); shown "
+              "once: keep it in a secret store, pass it as SAFESHIFT_TOKEN", markup=False)
+
+
+@token_app.command("list")
+def token_list(store: StoreOpt = None, url: UrlOpt = None, json_out: JsonOpt = False) -> None:
+    """Every token (never its secret): id, holder, role, expiry, revocation."""
+    from datetime import UTC, datetime
+
+    if url:
+        records = _remote(url, lambda c: c.tokens())
+    else:
+        st = _open(store, migrate=False)
+        try:
+            records = [t.to_json() for t in ops.list_tokens(st)]
+        except SafeshiftError as exc:
+            fail(str(exc))
+    if json_out:
+        out.print_json(data=records)
+        return
+
+    def when(at: float | None) -> str:
+        return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M")
+
+    table = Table(show_header=True, header_style="bold", box=None)
+    for col in ("id", "name", "role", "created", "expires", "revoked"):
+        table.add_column(col)
+    for t in records:
+        table.add_row(t["id"], Text(printable(t["name"])), t["role"], when(t["created_at"]),
+                      when(t["expires_at"]), when(t["revoked_at"]))
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: str, store: StoreOpt = None, url: UrlOpt = None) -> None:
+    """Revoke a token: every gateway refuses it within a few seconds."""
+    from safeshift.auth import TOKEN_CACHE_SECONDS
+    from safeshift.clock import SystemClock
+
+    if url:
+        record = _remote(url, lambda c: c.revoke_token(token_id))
+    else:
+        st = _open(store)
+        try:
+            record = ops.revoke_token(st, SystemClock(), token_id).to_json()
+        except SafeshiftError as exc:
+            fail(str(exc))
+    out.print(f"revoked token {record['id']} ({printable(record['name'])}); gateways refuse it "
+              f"within {TOKEN_CACHE_SECONDS:g} s", markup=False)
+
+
+@token_app.command("denials")
+def token_denials(
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    store: StoreOpt = None,
+    url: UrlOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The latest requests refused for want of a valid token (401) or of the role (403)."""
+    from datetime import UTC, datetime
+
+    if url:
+        rows = _remote(url, lambda c: c.denials(limit))
+    else:
+        st = _open(store, migrate=False)
+        try:
+            rows = [d.to_json() for d in ops.denials(st, limit=limit)]
+        except SafeshiftError as exc:
+            fail(str(exc))
+    if json_out:
+        out.print_json(data=rows)
+        return
+    for d in rows:
+        when = datetime.fromtimestamp(d["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        out.print(f"{when} {d['status']} {printable(d['method'])} {printable(d['path'])} "
+                  f"{printable(d['principal'])} from {printable(d['peer'])}: "
+                  f"{printable(d['reason'])}", markup=False)
 
 
 # -- benchmarks --------------------------------------------------------------------------

@@ -391,7 +391,7 @@ class Controller:
             new.pending_stage = None
         decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
                             new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
-        event = decision_event(decision, plan_hash=state.plan_hash)
+        event = decision_event(decision, plan_hash=state.plan_hash, from_phase=state.phase)
         self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event])
         return decision
 

@@ -14,8 +14,13 @@
     │   ├── UnknownRolloutError    no rollout with that name
     │   ├── InvalidTransitionError e.g. approving a rollout that is not waiting
     │   └── RejectedInputError     the model rejected a request's inputs (library predict)
-    └── FeedbackError              feedback cannot be joined
-        └── UnknownRequestError    no live request record with that id
+    ├── FeedbackError              feedback cannot be joined
+    │   └── UnknownRequestError    no live request record with that id
+    ├── AuditError                 an audit log cannot be checked or exported
+    │   └── AuditKeyError          the audit key is missing, too short or unreadable
+    ├── UnknownTokenError          no access token with that id
+    └── AuthError (safeshift.auth) no valid token (status 401), or the role does not allow
+                                   it (403)
 
 Each message says what was wrong and what to do about it.
 """
@@ -99,3 +104,16 @@ class FeedbackError(SafeshiftError):
 
 class UnknownRequestError(FeedbackError):
     """No request record with that id (never served, or past the label window)."""
+
+
+class AuditError(SafeshiftError):
+    """An audit log cannot be checked or exported (e.g. an unreadable checkpoint file)."""
+
+
+class AuditKeyError(AuditError):
+    """The audit key is missing, too short or unreadable: the audit log can be neither
+    signed nor checked without it."""
+
+
+class UnknownTokenError(SafeshiftError):
+    """No token has that id."""

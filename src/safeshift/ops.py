@@ -9,16 +9,28 @@ ends only parse arguments and render. A rollout's plan is rebuilt from the store
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from safeshift._units import BASIS_POINTS
 from safeshift.analysis import StageAnalysis, analyse
-from safeshift.audit import AuditEvent, verify_rollout
+from safeshift.audit import (
+    GENESIS,
+    AuditEvent,
+    AuditKey,
+    AuditReport,
+    Checkpoint,
+    audit_key,
+    export_lines,
+    verify_rollout,
+)
+from safeshift.auth import LOCAL, AuthError, Denial, Principal, Role, TokenRecord, allows, new_token
 from safeshift.clock import Clock
 from safeshift.controller import Controller, split_for
-from safeshift.errors import RolloutError
+from safeshift.errors import RolloutError, SafeshiftError, UnknownTokenError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
 from safeshift.serving import REQUEST_FAULT
@@ -26,8 +38,26 @@ from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary, TelemetryRow
 
-__all__ = ["Status", "act", "audit_events", "create", "history", "list_rollouts", "register",
-           "stage_analysis", "status", "statuses", "stored_plan", "verify_audit"]
+__all__ = ["ACTION_ROLES", "LOCAL", "Status", "act", "audit_events", "create", "create_token",
+           "denials", "export_audit", "history", "list_rollouts", "list_tokens", "register",
+           "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
+           "verify_audit"]
+
+ACTION_ROLES: dict[Action, Role] = {
+    Action.PAUSE: Role.OPERATOR, Action.RESUME: Role.OPERATOR, Action.ROLLBACK: Role.OPERATOR,
+    Action.APPROVE: Role.APPROVER, Action.PROMOTE: Role.APPROVER,
+}
+"""The least role each operator action needs (see :mod:`safeshift.auth`)."""
+CREATE_ROLE = Role.OPERATOR
+READ_ROLE = Role.VIEWER
+ADMIN_ROLE = Role.ADMIN
+
+
+def require(principal: Principal, need: Role, what: str) -> None:
+    """:class:`~safeshift.auth.AuthError` (403) unless ``principal`` may do ``what``."""
+    if not allows(principal.role, need):
+        raise AuthError(403, f"{what} needs the {need} role (or higher); {principal.name} holds "
+                             f"{principal.role}: ask an admin for a token with that role")
 
 
 @dataclass(slots=True)
@@ -78,12 +108,16 @@ def stored_plan(store: Store, name: str) -> Plan:
     return Plan.from_dict(store.get_plan(name), source=f"stored plan of {name}")
 
 
-def register(store: Store, plan: Plan, clock: Clock) -> RolloutState:
+def register(store: Store, plan: Plan, clock: Clock, *,
+             principal: Principal = LOCAL) -> RolloutState:
     """Register ``plan`` in the store, or find it there: a rollout name already used by a
-    different plan is an error."""
+    different plan is an error. The state records who created it (approvals may exclude the
+    creator)."""
+    require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")
     now = clock.now()
     state = store.create_rollout(
-        plan.canonical(), RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now))
+        plan.canonical(), RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now,
+                                       extra={"created_by": principal.actor}))
     if state.plan_hash != plan.hash:
         raise RolloutError(
             f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "
@@ -91,10 +125,11 @@ def register(store: Store, plan: Plan, clock: Clock) -> RolloutState:
     return state
 
 
-def create(store: Store, plan: Plan, clock: Clock, *, start: bool = True) -> RolloutState:
+def create(store: Store, plan: Plan, clock: Clock, *, start: bool = True,
+           principal: Principal = LOCAL) -> RolloutState:
     """Register ``plan`` and, with ``start``, begin its first stage (or wait for its
     approval). Creating the same plan again changes nothing."""
-    state = register(store, plan, clock)
+    state = register(store, plan, clock, principal=principal)
     if start and state.phase is Phase.PENDING:
         Controller(plan, store, clock).tick()
         state = store.get_state(plan.rollout)
@@ -185,18 +220,107 @@ def audit_events(store: Store, name: str) -> list[AuditEvent]:
     return store.audit_events(name)
 
 
-def verify_audit(store: Store, name: str) -> tuple[bool, str]:
-    """Whether rollout ``name``'s audit log is complete and unaltered, and what was found."""
+def verify_audit(store: Store, name: str, *, checkpoint: Checkpoint | None = None,
+                 allow_unkeyed: bool = False, key: AuditKey | None = None) -> AuditReport:
+    """Whether rollout ``name``'s audit log is complete, unaltered and signed with the audit
+    key (by default the process's, :func:`~safeshift.audit.audit_key`), and what was found:
+    the report's ``code`` is 0 (intact), 1 (tampered with: the first bad event is named) or 2
+    (cannot be verified: no key, or another key). Given an exported ``checkpoint``, the chain
+    must still hold its head at its sequence number (the store was not put back to an older
+    copy). Events of an older release, hashed without a key, fail unless ``allow_unkeyed``."""
     state = store.get_state(name)
-    return verify_rollout(state, store.audit_events(name), store.decisions(name))
+    return verify_rollout(state, store.audit_events(name), store.decisions(name), key=key,
+                          allow_unkeyed=allow_unkeyed, checkpoint=checkpoint)
+
+
+def export_audit(store: Store, name: str, clock: Clock, path: Path, *,
+                 allow_unkeyed: bool = False,
+                 key: AuditKey | None = None) -> tuple[AuditReport, Checkpoint | None]:
+    """Write rollout ``name``'s audit events to ``path`` (JSON lines) followed by a signed
+    :class:`~safeshift.audit.Checkpoint` of the chain's length and head, to keep outside the
+    store for :func:`verify_audit`. The log is verified first and nothing is written unless it
+    is intact (a checkpoint vouches for what it covers): the report says what was found, the
+    checkpoint is None when nothing was written. The file is replaced atomically."""
+    state = store.get_state(name)
+    events = store.audit_events(name)
+    report = verify_rollout(state, events, store.decisions(name), key=key,
+                            allow_unkeyed=allow_unkeyed)
+    if not report.ok:
+        return report, None
+    key = key or audit_key(create=False)
+    head = events[-1].hash if events else GENESIS
+    checkpoint = Checkpoint.sign(name, len(events), head, clock.now(), key)
+    text = "".join(line + "\n" for line in export_lines(events, checkpoint))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return report, checkpoint
 
 
 # -- acting -------------------------------------------------------------------------------------
 
 
-def act(store: Store, name: str, action: Action, clock: Clock, *, actor: str,
-        reason: str = "") -> Decision:
-    """An operator's action (approve, pause, resume, rollback, promote) on rollout ``name``,
-    or :class:`~safeshift.errors.InvalidTransitionError` saying why it does not fit."""
-    return Controller(stored_plan(store, name), store, clock).act(action, actor=actor,
-                                                                  reason=reason)
+def act(store: Store, name: str, action: Action, clock: Clock, *, reason: str,
+        principal: Principal = LOCAL, actor: str | None = None) -> Decision:
+    """An operator's action (approve, pause, resume, rollback, promote) on rollout ``name`` by
+    ``principal`` (its role must allow it: :data:`ACTION_ROLES`), with the reason recorded in
+    the audit log; :class:`~safeshift.errors.InvalidTransitionError` says why it does not fit.
+
+    The decision's actor is the principal's name; ``actor`` is only a label shown beside it
+    (``local:alice`` for someone acting on the store directly)."""
+    need = ACTION_ROLES.get(action)
+    if need is None:
+        raise SafeshiftError(f"{action} is not an operator action; actions are "
+                             f"{', '.join(str(a) for a in ACTION_ROLES)}")
+    require(principal, need, f"{action} of rollout {name!r}")
+    if not reason.strip():
+        raise SafeshiftError(f"{action} needs a reason (it is recorded in the audit log), e.g. "
+                             "--reason 'error budget spent'")
+    who = principal.actor if not actor else f"{principal.actor}:{actor}"
+    return Controller(stored_plan(store, name), store, clock).act(action, actor=who,
+                                                                  reason=reason.strip())
+
+
+# -- tokens and access ------------------------------------------------------------------------
+
+
+def create_token(store: Store, clock: Clock, *, name: str, role: Role, expires_in: float | None,
+                 principal: Principal = LOCAL, rights: dict[str, Any] | None = None,
+                 ) -> tuple[str, TokenRecord]:
+    """A new token for ``name`` holding ``role``: the token (shown once, never stored) and
+    its record. A name already held by a valid token is refused, so that each name in the
+    audit log means one credential."""
+    require(principal, ADMIN_ROLE, "creating a token")
+    now = clock.now()
+    for other in store.list_tokens():
+        if other.name == name and other.problem(now) is None:
+            raise SafeshiftError(f"a valid token named {name!r} exists (id {other.id}); revoke "
+                                 "it first (safeshift token revoke) or choose another name")
+    token, record = new_token(name, role, created_by=principal.actor, now=now,
+                              expires_in=expires_in, rights=rights)
+    store.put_token(record)
+    return token, record
+
+
+def list_tokens(store: Store, *, principal: Principal = LOCAL) -> list[TokenRecord]:
+    """Every token record (never a secret), oldest first."""
+    require(principal, ADMIN_ROLE, "listing tokens")
+    return store.list_tokens()
+
+
+def revoke_token(store: Store, clock: Clock, token_id: str, *,
+                 principal: Principal = LOCAL) -> TokenRecord:
+    """Revoke a token by id: every gateway refuses it within
+    :data:`~safeshift.auth.TOKEN_CACHE_SECONDS`."""
+    require(principal, ADMIN_ROLE, "revoking a token")
+    record = store.revoke_token(token_id, clock.now())
+    if record is None:
+        raise UnknownTokenError(f"no token with id {token_id!r}; safeshift token list shows "
+                                "them")
+    return record
+
+
+def denials(store: Store, *, limit: int = 100, principal: Principal = LOCAL) -> list[Denial]:
+    """The latest requests refused for want of a token or a role, newest first."""
+    require(principal, ADMIN_ROLE, "reading the access-denial log")
+    return store.denials(limit)

@@ -627,14 +627,26 @@ class Plan(_Strict):
     def load(cls, path: Path | str) -> Plan:
         """Read a YAML or JSON plan file; duplicate keys are listed with every other problem."""
         data, duplicates = _read_document(path)
+        return cls._checked(data, duplicates, Path(path).resolve().parent, str(path))
+
+    @classmethod
+    def from_json_text(cls, text: str, *, source: str, base_dir: Path | str | None = None
+                       ) -> Plan:
+        """A plan sent as JSON text (the control API): duplicate keys are problems too."""
+        data, duplicates = _parse_json(text, Path(source))
+        return cls._checked(data, duplicates, base_dir, source)
+
+    @classmethod
+    def _checked(cls, data: Any, duplicates: list[Problem], base_dir: Path | str | None,
+                 source: str) -> Plan:
         try:
-            plan = cls.from_dict(data, base_dir=Path(path).resolve().parent, source=str(path))
+            plan = cls.from_dict(data, base_dir=base_dir, source=source)
         except PlanValidationError as exc:
             if not duplicates:
                 raise
-            raise PlanValidationError([*duplicates, *exc.problems], str(path)) from None
+            raise PlanValidationError([*duplicates, *exc.problems], source) from None
         if duplicates:
-            raise PlanValidationError(duplicates, str(path))
+            raise PlanValidationError(duplicates, source)
         return plan
 
 

@@ -11,11 +11,14 @@ import httpx
 from gateway_helpers import running
 from tests.conftest import ROOT
 
-from safeshift import Plan
+from safeshift import Plan, ops
+from safeshift.auth import Role
+from safeshift.clock import SystemClock
 from safeshift.gateway import create_app
+from safeshift.store import MemoryStore
 
-CURL = re.compile(r"^curl -s localhost:8000(?P<path>\S+)(?: -H '[^']*')* -d '(?P<body>.*?)'$",
-                  re.MULTILINE | re.DOTALL)
+CURL = re.compile(r"^curl -s localhost:8000(?P<path>\S+)(?: -H (?:'[^']*'|\"[^\"]*\"))* "
+                  r"-d '(?P<body>.*?)'$", re.MULTILINE | re.DOTALL)
 
 
 def _examples() -> list[tuple[str, object]]:
@@ -32,8 +35,12 @@ def test_the_feedback_and_report_examples_answer_200() -> None:
     paths = [p for p, _ in examples]
     assert "/v1/feedback" in paths and "/v1/reports" in paths  # the regex still finds them
     plan = Plan.load(ROOT / "examples" / "churn" / "plan.yaml")
-    app = create_app([plan], store="memory://", tick_interval=3600, access_log=False)
-    with running(app) as url, httpx.Client(base_url=url) as c:
+    store = MemoryStore()
+    token, _ = ops.create_token(store, SystemClock(), name="churn-app", role=Role.CLIENT,
+                                expires_in=None)
+    app = create_app([plan], store=store, tick_interval=3600, access_log=False)
+    with running(app) as url, httpx.Client(
+            base_url=url, headers={"authorization": f"Bearer {token}"}) as c:
         seen = set()
         for path, body in examples:
             if path.endswith("/predict") and isinstance(body, dict):

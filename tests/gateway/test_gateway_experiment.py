@@ -17,7 +17,7 @@ def test_challengers_are_served_and_protected_separately() -> None:
         stages=[{"name": "bakeoff", "traffic": "99%", "min_duration": "1h",
                  "experiment": {"objective": "accuracy"}}],
         guardrails=[{"metric": "error_rate", "tolerance": 0.01}])
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
     ep = app.gateway.endpoints["churn"]
     assert set(ep.candidates) == {"candidate", "bold"}
     with running(app) as url, httpx.Client(base_url=url) as c:

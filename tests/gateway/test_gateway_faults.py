@@ -23,7 +23,7 @@ def test_candidate_faults_never_reach_users_and_the_rollout_rolls_back(sqlite_ur
         stages=[{"name": "canary", "traffic": "50%", "min_duration": "1h"}],
         guardrails=[{"metric": "error_rate", "tolerance": 0.01}],
         serving={"candidate_timeout": "100ms"})
-    app = create_app([plan], store=sqlite_url, tick_interval=0.2)
+    app = create_app([plan], auth=False, store=sqlite_url, tick_interval=0.2)
     rollout = app.gateway.endpoints["churn"].rollout
 
     async def load(url: str) -> list[httpx.Response]:
@@ -73,7 +73,7 @@ def test_calls_refused_by_the_open_breaker_count_as_errors_without_a_latency(tmp
         candidate={"version": "v2", "model": "fake:cand?error_rate=1"},
         stages=[{"name": "canary", "traffic": "100%", "min_duration": "1h"}],
         serving={"breaker_failures": 3, "breaker_window": "1m", "breaker_cooldown": "1h"})
-    app = create_app([plan], store=str(tmp_path / "s.db"), tick_interval=3600)
+    app = create_app([plan], auth=False, store=str(tmp_path / "s.db"), tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url, httpx.Client(base_url=url) as c:
         reasons = Counter(c.post("/v1/endpoints/churn/predict",

@@ -28,7 +28,7 @@ def test_delayed_labels_turn_accuracy_from_no_data_to_harm(sqlite_url: str) -> N
         guardrails=[{"metric": "accuracy", "tolerance": 0.05},
                     {"metric": "report_rate", "tolerance": 0.5}],
         serving={"label_window": "2h"})
-    app = create_app([plan], store=sqlite_url, clock=clock, tick_interval=3600)
+    app = create_app([plan], auth=False, store=sqlite_url, clock=clock, tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     cand_unit = units_for(app, "churn", CANDIDATE, 1)[0]
     served: dict[str, str] = {}
@@ -93,7 +93,7 @@ def test_delayed_labels_turn_accuracy_from_no_data_to_harm(sqlite_url: str) -> N
 
 def test_outcomes_join_to_the_serving_arm_and_batches_span_endpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
     plans = [make_plan(), make_plan(rollout="fraud-v3", endpoint="fraud")]
-    app = create_app(plans, store=str(tmp_path / "s.db"), tick_interval=3600)
+    app = create_app(plans, auth=False, store=str(tmp_path / "s.db"), tick_interval=3600)
     churn_unit = units_for(app, "churn", CANDIDATE, 1)[0]
     with running(app) as url, httpx.Client(base_url=url) as c:
         a = c.post("/v1/endpoints/churn/predict", json={"unit": churn_unit, "inputs": {"x": 1}}
@@ -113,8 +113,8 @@ def test_outcomes_join_to_the_serving_arm_and_batches_span_endpoints(tmp_path) -
 
 def test_feedback_joins_requests_served_by_another_replica(shared_store: str) -> None:
     store = shared_store
-    churn = create_app([make_plan()], store=store, tick_interval=3600)
-    fraud = create_app([make_plan(rollout="fraud-v3", endpoint="fraud")], store=store,
+    churn = create_app([make_plan()], auth=False, store=store, tick_interval=3600)
+    fraud = create_app([make_plan(rollout="fraud-v3", endpoint="fraud")], auth=False, store=store,
                        tick_interval=3600)
     unit = units_for(churn, "churn", CANDIDATE, 1)[0]
     with running(churn) as a, running(fraud) as b:
@@ -128,7 +128,7 @@ def test_feedback_joins_requests_served_by_another_replica(shared_store: str) ->
 
 
 def test_labels_must_match_the_rows_of_the_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    app = create_app([make_plan()], store=str(tmp_path / "s.db"), tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store=str(tmp_path / "s.db"), tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url, httpx.Client(base_url=url) as c:
         two = c.post("/v1/endpoints/churn/predict",

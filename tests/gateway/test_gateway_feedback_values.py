@@ -35,7 +35,7 @@ def _serve(c: httpx.Client, n: int) -> list[str]:
 ])
 def test_out_of_range_outcomes_are_a_422_naming_the_field(item: dict[str, Any], field: str,
                                                           words: str) -> None:
-    app = create_app([make_plan(guardrails=[REVENUE])], store="memory://", tick_interval=3600)
+    app = create_app([make_plan(guardrails=[REVENUE])], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         rid = _serve(c, 1)[0]
         r = c.post(F, json={"id": rid, **item})
@@ -49,7 +49,7 @@ def test_out_of_range_outcomes_are_a_422_naming_the_field(item: dict[str, Any], 
 
 
 def test_in_range_values_are_accepted() -> None:
-    app = create_app([make_plan(guardrails=[REVENUE])], store="memory://", tick_interval=3600)
+    app = create_app([make_plan(guardrails=[REVENUE])], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         rid = _serve(c, 1)[0]
         r = c.post(F, json={"id": rid, "outcome": {"revenue": OUTCOME_LIMIT, "accuracy": 1,
@@ -62,7 +62,7 @@ def test_a_huge_outcome_cannot_freeze_the_guardrail() -> None:
     clock = VirtualClock()
     plan = make_plan(guardrails=[REVENUE], stages=[{"name": "canary", "traffic": "50%",
                                                     "min_duration": "1h"}])
-    app = create_app([plan], store="memory://", clock=clock, tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", clock=clock, tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url, httpx.Client(base_url=url) as c:
         ids = _serve(c, 200)
@@ -79,7 +79,7 @@ def test_a_huge_outcome_cannot_freeze_the_guardrail() -> None:
 
 def test_labels_are_bounded_where_abs_error_scores_them() -> None:
     plan = make_plan(guardrails=[{"metric": "abs_error", "tolerance": 0.5}])
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         rid, two = _serve(c, 1)[0], c.post(P, json={"inputs": [{"x": 1}, {"x": 2}]}).json()["id"]
         r = c.post(F, json={"id": rid, "label": 1e12})
@@ -89,14 +89,14 @@ def test_labels_are_bounded_where_abs_error_scores_them() -> None:
         assert r.status_code == 422 and r.json()["field"] == "[1].label[1]"
         assert c.post(F, json={"id": rid, "label": 3}).json()["accepted"] == ["accuracy",
                                                                               "abs_error"]
-    plain = create_app([make_plan()], store="memory://", tick_interval=3600)
+    plain = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(plain) as url, httpx.Client(base_url=url) as c:
         rid = _serve(c, 1)[0]  # without abs_error a large label is a class like any other
         assert c.post(F, json={"id": rid, "label": 10**15}).status_code == 200
 
 
 def test_huge_integers_are_refused_however_they_are_written() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         rid = _serve(c, 1)[0]
         for body in (b'{"id": "%s", "outcome": {"revenue": 1%s}}', b'{"id": "%s", "label": 1%s}'):
@@ -150,7 +150,7 @@ def test_a_declared_range_bounds_an_outcome_over_http_and_in_python() -> None:
     """``range: [0, 500]`` on a guardrail: 501 is refused naming the field and the range, in a
     batch nothing is stored; values inside the range are counted."""
     ranged = {**REVENUE, "range": [0, 500]}
-    app = create_app([make_plan(guardrails=[ranged])], store="memory://", tick_interval=3600)
+    app = create_app([make_plan(guardrails=[ranged])], auth=False, store="memory://", tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url, httpx.Client(base_url=url) as c:
         ids = _serve(c, 2)

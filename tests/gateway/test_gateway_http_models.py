@@ -176,7 +176,7 @@ def test_http_loaders_register_lazily_in_a_fresh_interpreter() -> None:
 
 def test_gateway_with_an_oip_candidate_upstream(upstream: str) -> None:
     plan = make_plan(candidate={"version": "v2", "model": f"oip:{upstream}#summer"})
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
     unit = units_for(app, "churn", CANDIDATE, 1)[0]
     with running(app) as url:
         r = httpx.post(f"{url}/v1/endpoints/churn/predict",

@@ -9,8 +9,12 @@ import httpx
 import pytest
 from gateway_helpers import make_plan, running, units_for
 
+from safeshift import ops
 from safeshift.assign import CANDIDATE
+from safeshift.auth import Role
+from safeshift.clock import SystemClock
 from safeshift.gateway import create_app
+from safeshift.store import MemoryStore
 
 P = "/v1/endpoints/churn/predict"
 INF = "/v2/models/churn/infer"
@@ -72,7 +76,7 @@ CASES: list[tuple[str, Any, int, str | None]] = [
 
 @pytest.fixture(scope="module")
 def served() -> Any:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600, rate_limit=None)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600, rate_limit=None)
     with running(app) as url:
         yield app, url
 
@@ -113,7 +117,7 @@ def test_a_batch_with_one_unknown_id_writes_nothing(served: Any) -> None:
 
 
 def test_oversized_bodies_get_413() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600, max_body_bytes=1000)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600, max_body_bytes=1000)
     with running(app) as url, httpx.Client(base_url=url) as c:
         big = {"inputs": [{"x": 1}] * 200}
         r = c.post(P, json=big)
@@ -129,17 +133,26 @@ def test_oversized_bodies_get_413() -> None:
 
 
 def test_rate_limit_per_client_with_retry_after() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600, rate_limit=1.0,
+    """Buckets key on the authenticated client's token, never on a header the client picks."""
+    store = MemoryStore()
+    clock = SystemClock()
+    a, _ = ops.create_token(store, clock, name="app-a", role=Role.CLIENT, expires_in=None)
+    b, _ = ops.create_token(store, clock, name="app-b", role=Role.CLIENT, expires_in=None)
+    app = create_app([make_plan()], store=store, tick_interval=3600, rate_limit=1.0,
                      rate_burst=3)
     with running(app) as url, httpx.Client(base_url=url) as c:
-        codes = [c.post(P, json={"inputs": {"x": 1}}, headers={"x-client-id": "a"}).status_code
-                 for _ in range(5)]
+        as_a = {"authorization": f"Bearer {a}"}
+        # a fresh client-chosen header on every request no longer buys a fresh bucket
+        codes = [c.post(P, json={"inputs": {"x": 1}},
+                        headers={**as_a, "x-client-id": f"id-{i}"}).status_code
+                 for i in range(5)]
         assert codes == [200, 200, 200, 429, 429]
-        r = c.post(P, json={"inputs": {"x": 1}}, headers={"x-client-id": "a"})
+        r = c.post(P, json={"inputs": {"x": 1}}, headers=as_a)
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert "rate limit" in r.json()["error"]
         # another client has its own bucket; health and metrics are never limited
-        assert c.post(P, json={"inputs": {"x": 1}}, headers={"x-client-id": "b"}).status_code == 200
+        assert c.post(P, json={"inputs": {"x": 1}},
+                      headers={"authorization": f"Bearer {b}"}).status_code == 200
         assert all(c.get("/healthz").status_code == 200 for _ in range(10))
         metrics = c.get("/metrics").text
     assert "safeshift_http_errors_total" in metrics

@@ -37,7 +37,7 @@ def test_tritonclient_infers_through_the_gateway(sklearn_models: tuple[Path, np.
     path, x = sklearn_models
     plan = make_plan(path.parent, baseline={"version": "v1", "model": f"joblib:{path}"},
                      candidate={"version": "v2", "model": "fake:cand?output=7"})
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
     base_unit = units_for(app, "churn", BASELINE, 1)[0]
     cand_unit = units_for(app, "churn", CANDIDATE, 1)[0]
     expected = app.gateway.endpoints["churn"].baseline.predict(x[:4].tolist()).outputs
@@ -94,7 +94,7 @@ def test_named_columns_become_rows_of_features() -> None:
         seen.append(list(rows))
         return [1] * len(rows)
 
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": PythonModel(spy)}})
     with running(app) as url:
         # a Python model does not declare its output type: BYTES until an answer shows it

@@ -18,7 +18,7 @@ from safeshift.models.python import PythonModel
 
 
 def test_predict_serves_both_arms_with_headers_and_ids() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     cand = units_for(app, "churn", CANDIDATE, 3)
     base = units_for(app, "churn", BASELINE, 3)
     with running(app) as url, httpx.Client(base_url=url) as c:
@@ -46,7 +46,7 @@ def test_predict_serves_both_arms_with_headers_and_ids() -> None:
 
 
 def test_unit_can_come_from_the_context_under_the_plans_unit_key() -> None:
-    app = create_app([make_plan(unit="user_id")], store="memory://", tick_interval=3600)
+    app = create_app([make_plan(unit="user_id")], auth=False, store="memory://", tick_interval=3600)
     unit = units_for(app, "churn", CANDIDATE, 1)[0]
     with running(app) as url:
         r = httpx.post(f"{url}/v1/endpoints/churn/predict",
@@ -83,7 +83,7 @@ class _Broken:
     (_Broken(raises=True), "error"),  # a backend that breaks the protocol by raising
 ])
 def test_a_failing_candidate_falls_back_to_the_baseline(candidate: Any, reason: str) -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"candidate": candidate}})
     unit = units_for(app, "churn", CANDIDATE, 1)[0]
     with running(app) as url:
@@ -103,7 +103,7 @@ def test_a_failing_candidate_falls_back_to_the_baseline(candidate: Any, reason: 
 
 
 def test_a_failing_baseline_is_an_error_for_the_client() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": FakeModel("b", error_rate=1.0)}})
     unit = units_for(app, "churn", BASELINE, 1)[0]
     with running(app) as url:
@@ -121,7 +121,7 @@ def test_a_hanging_sync_candidate_does_not_block_the_event_loop() -> None:
 
     plan = make_plan(serving={"candidate_timeout": "200ms"}, stages=[
         {"name": "canary", "traffic": "50%", "min_duration": "1h"}])
-    app = create_app([plan], store="memory://", tick_interval=3600,
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"candidate": PythonModel(hang)}})
     assert app.gateway.endpoints["churn"].candidate.threaded
     cand = units_for(app, "churn", CANDIDATE, 4)
@@ -156,7 +156,7 @@ def test_a_hanging_sync_candidate_does_not_block_the_event_loop() -> None:
 def test_fast_path_and_fastapi_route_answer_alike() -> None:
     bodies = []
     for fast in (True, False):
-        app = create_app([make_plan()], store="memory://", tick_interval=3600, fast_path=fast)
+        app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600, fast_path=fast)
         unit = units_for(app, "churn", CANDIDATE, 1)[0]
         with running(app) as url, httpx.Client(base_url=url) as c:
             ok = c.post("/v1/endpoints/churn/predict", json={"unit": unit, "inputs": {"x": 1},
@@ -172,7 +172,7 @@ def test_fast_path_and_fastapi_route_answer_alike() -> None:
 
 
 def test_inputs_the_baseline_rejects_are_a_422_and_not_counted(tmp_path: Any) -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": PythonModel(_needs_age),
                                        "candidate": PythonModel(_needs_age)}})
     units = units_for(app, "churn", CANDIDATE, 2) + units_for(app, "churn", BASELINE, 2)

@@ -60,7 +60,7 @@ def test_an_aa_rollout_with_malformed_rows_on_4_percent_of_requests_is_promoted(
         guardrails=[{"metric": "error_rate", "tolerance": 0.05}],
         analysis={"expected_samples": 400},
         serving={"breaker_failures": 5, "breaker_window": "1m", "breaker_cooldown": "1m"})
-    app = create_app([plan], store=sqlite_url, tick_interval=0.2, flush_interval=0.2,
+    app = create_app([plan], auth=False, store=sqlite_url, tick_interval=0.2, flush_interval=0.2,
                      access_log=False,
                      models={"churn": {"baseline": model, "candidate": PythonModel(_needs_x)}})
     rollout = app.gateway.endpoints["churn"].rollout
@@ -105,7 +105,7 @@ def test_an_aa_rollout_with_malformed_rows_on_4_percent_of_requests_is_promoted(
 def test_status_shows_request_faults_per_arm(sqlite_url: str) -> None:
     plan = make_plan(baseline={"version": "v1", "model": "fake:base"},
                      candidate={"version": "v2", "model": "fake:cand"})
-    app = create_app([plan], store=sqlite_url, tick_interval=3600, access_log=False,
+    app = create_app([plan], auth=False, store=sqlite_url, tick_interval=3600, access_log=False,
                      models={"churn": {"baseline": PythonModel(_needs_x),
                                        "candidate": PythonModel(_needs_x)}})
     units = units_for(app, "churn", CANDIDATE, 3) + units_for(app, "churn", BASELINE, 1)
@@ -129,7 +129,7 @@ def test_bad_inputs_never_open_the_breaker_but_the_candidates_own_failures_do() 
     plan = make_plan(serving={"breaker_failures": 3, "breaker_window": "1m",
                               "breaker_cooldown": "1h"})
     for candidate, opens in ((_needs_x, False), (needs_age, True)):
-        app = create_app([plan], store="memory://", tick_interval=3600, access_log=False,
+        app = create_app([plan], auth=False, store="memory://", tick_interval=3600, access_log=False,
                          models={"churn": {"baseline": PythonModel(_needs_x),
                                            "candidate": PythonModel(candidate)}})
         ep = app.gateway.endpoints["churn"]
@@ -160,7 +160,7 @@ def test_a_candidate_hanging_on_2_percent_of_calls_is_counted_as_failing_2_perce
     model = HangsEvery(50, 2.0)
     plan = make_plan(stages=[{"name": "canary", "traffic": "99%", "min_duration": "1h"}],
                      serving={"candidate_timeout": "50ms", "breaker_failures": 10_000})
-    app = create_app([plan], store="memory://", tick_interval=3600, access_log=False,
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600, access_log=False,
                      models={"churn": {"candidate": PythonModel(model)}})
     ep = app.gateway.endpoints["churn"]
     assert ep.candidate.threaded
@@ -210,7 +210,7 @@ def test_inputs_an_upstream_model_server_rejects_are_request_faults_too() -> Non
         plan = make_plan(baseline={"version": "v1", "model": f"oip:{up}#base"},
                          candidate={"version": "v2", "model": f"oip:{up}#cand"},
                          serving={"breaker_failures": 2, "breaker_window": "1m"})
-        app = create_app([plan], store="memory://", tick_interval=3600, access_log=False)
+        app = create_app([plan], auth=False, store="memory://", tick_interval=3600, access_log=False)
         ep = app.gateway.endpoints["churn"]
         cand = units_for(app, "churn", CANDIDATE, 4)
         with running(app) as url, httpx.Client(base_url=url) as c:

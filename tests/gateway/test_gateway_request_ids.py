@@ -40,7 +40,7 @@ def _requests(app: Any) -> float:
 
 
 def test_a_repeated_id_is_a_409_and_the_first_request_keeps_its_label() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     base = units_for(app, "churn", BASELINE, 1)[0]
     cand = units_for(app, "churn", CANDIDATE, 1)[0]
     with running(app) as url, httpx.Client(base_url=url) as c:
@@ -64,7 +64,7 @@ def test_a_repeated_id_is_a_409_and_the_first_request_keeps_its_label() -> None:
 
 
 def test_the_x_request_id_header_names_the_record_and_must_be_fresh_too() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         first = c.post(P, json={"inputs": {"x": 1}}, headers={"X-Request-ID": "trace-7"})
         assert first.status_code == 200 and first.json()["id"] == "trace-7"
@@ -82,7 +82,7 @@ def test_the_x_request_id_header_names_the_record_and_must_be_fresh_too() -> Non
 def test_concurrent_requests_with_one_id_get_one_answer() -> None:
     # anonymous requests: all answered by the slow baseline
     plan = make_plan(baseline={"version": "v1", "model": "fake:base?output=1&latency_ms=300"})
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
 
     async def scenario(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -101,7 +101,7 @@ def test_an_id_whose_inputs_were_refused_is_free_and_a_502_keeps_it() -> None:
             raise RuntimeError("the model crashed")
         return [rows[0]["age"] for _ in rows]  # KeyError without an age: the inputs' fault
 
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": PythonModel(model),
                                        "candidate": PythonModel(model)}})
     unit = units_for(app, "churn", BASELINE, 1)[0]
@@ -117,8 +117,8 @@ def test_an_id_whose_inputs_were_refused_is_free_and_a_502_keeps_it() -> None:
 
 def test_replicas_sharing_a_store_refuse_an_id_another_one_served(shared_store: str) -> None:
     plan = make_plan()
-    a = create_app([plan], store=shared_store, tick_interval=3600)
-    b = create_app([plan], store=shared_store, tick_interval=3600, controller=False)
+    a = create_app([plan], auth=False, store=shared_store, tick_interval=3600)
+    b = create_app([plan], auth=False, store=shared_store, tick_interval=3600, controller=False)
     with running(a) as url_a, running(b) as url_b:
         r = httpx.post(f"{url_a}{P}", json={"id": "shared-1", "inputs": {"x": 1}})
         assert r.status_code == 200
@@ -130,7 +130,7 @@ def test_replicas_sharing_a_store_refuse_an_id_another_one_served(shared_store: 
         assert httpx.post(f"{url_b}{P}", json={"id": "shared-2", "inputs": {"x": 1}}
                           ).status_code == 200
     # and after a restart, from the store alone
-    c = create_app([plan], store=shared_store, tick_interval=3600)
+    c = create_app([plan], auth=False, store=shared_store, tick_interval=3600)
     with running(c) as url_c:
         for rid in ("shared-1", "shared-2"):
             _taken(httpx.post(f"{url_c}{P}", json={"id": rid, "inputs": {"x": 1}}), rid, "id")
@@ -156,7 +156,7 @@ class _CountingStore(MemoryStore):
 
 def test_store_lookups_are_batched() -> None:
     store = _CountingStore(delay=0.02)
-    app = create_app([make_plan()], store=store, tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store=store, tick_interval=3600)
 
     async def scenario(url: str) -> list[int]:
         async with httpx.AsyncClient(base_url=url) as c:
@@ -173,7 +173,7 @@ def test_store_lookups_are_batched() -> None:
 
 def test_a_slow_store_does_not_stall_serving() -> None:
     store = _CountingStore(delay=1.0)
-    app = create_app([make_plan()], store=store, tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store=store, tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         start = time.perf_counter()
         assert c.post(P, json={"id": "slow-1", "inputs": {"x": 1}}).status_code == 200
@@ -184,7 +184,7 @@ def test_a_slow_store_does_not_stall_serving() -> None:
 
 def test_an_unreachable_store_does_not_stop_serving() -> None:
     store = _CountingStore()
-    app = create_app([make_plan()], store=store, tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store=store, tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         store.down = True
         assert c.post(P, json={"id": "down-1", "inputs": {"x": 1}}).status_code == 200
@@ -196,7 +196,7 @@ def test_an_unreachable_store_does_not_stop_serving() -> None:
 def test_an_id_is_free_again_once_its_record_is_purged(sqlite_url: str) -> None:
     clock = VirtualClock()
     plan = make_plan(serving={"label_window": "1h"})
-    app = create_app([plan], store=sqlite_url, clock=clock, tick_interval=3600)
+    app = create_app([plan], auth=False, store=sqlite_url, clock=clock, tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url, httpx.Client(base_url=url) as c:
         assert c.post(P, json={"id": "old", "inputs": {"x": 1}}).status_code == 200

@@ -38,7 +38,7 @@ class FlakyStore(MemoryStore):
 
 def test_serving_survives_a_store_outage() -> None:
     store = FlakyStore()
-    app = create_app([make_plan(serving={"refresh": "100ms"})], store=store, tick_interval=0.1,
+    app = create_app([make_plan(serving={"refresh": "100ms"})], auth=False, store=store, tick_interval=0.1,
                      flush_interval=0.1)
     cand = units_for(app, "churn", CANDIDATE, 3)
     with running(app) as url, httpx.Client(base_url=url) as c:
@@ -76,7 +76,7 @@ def test_postgresql_outage_loses_nothing(postgres_cluster: Any) -> None:
     """A real PostgreSQL stopped mid-run and started again: requests keep being served on their
     arms, readiness reports the outage, and once the server is back every request served
     meanwhile reaches the store: its telemetry, and its record that late feedback joins."""
-    app = create_app([make_plan(serving={"refresh": "100ms"})], store=postgres_cluster.url,
+    app = create_app([make_plan(serving={"refresh": "100ms"})], auth=False, store=postgres_cluster.url,
                      tick_interval=0.1, flush_interval=0.1)
     rollout = app.gateway.endpoints["churn"].rollout
     cand = units_for(app, "churn", CANDIDATE, 4)
@@ -116,7 +116,7 @@ def test_a_long_outage_keeps_a_bounded_buffer_and_counts_what_it_drops(
 
     monkeypatch.setattr(rollout_module, "MAX_BUFFERED_RECORDS", 5)
     store = FlakyStore()
-    app = create_app([make_plan()], store=store, tick_interval=3600, flush_interval=3600)
+    app = create_app([make_plan()], auth=False, store=store, tick_interval=3600, flush_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         store.down = True
         ids = [c.post("/v1/endpoints/churn/predict",

@@ -27,7 +27,7 @@ def test_rollback_by_another_process_reaches_the_gateway_within_a_second(
     operator = Rollout.from_plan(plan, store=shared_store)  # starts the rollout
     # a replica without a controller, or a gateway whose own controller ticks only hourly:
     # either way the decision taken elsewhere must arrive through the store
-    app = create_app([plan], store=shared_store, controller=controller, tick_interval=3600)
+    app = create_app([plan], auth=False, store=shared_store, controller=controller, tick_interval=3600)
     cand = units_for(app, "churn", CANDIDATE, 5)
     with running(app) as url, httpx.Client(base_url=url) as c:
         assert _arms(c, cand) == {CANDIDATE}
@@ -50,7 +50,7 @@ def test_rollback_by_another_process_reaches_the_gateway_within_a_second(
 
 
 def test_rollback_in_this_process_reaches_the_next_request(sqlite_url: str) -> None:
-    app = create_app([make_plan()], store=sqlite_url, tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store=sqlite_url, tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     cand = units_for(app, "churn", CANDIDATE, 5)
     with running(app) as url, httpx.Client(base_url=url) as c:

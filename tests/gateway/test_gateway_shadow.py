@@ -17,7 +17,7 @@ SHADOW = [{"name": "shadow", "shadow": "100%", "min_duration": "1h"}]
 def test_shadow_copies_feed_the_pairwise_comparison() -> None:
     plan = make_plan(stages=SHADOW, guardrails=[{"metric": "disagreement", "max": 0.05}],
                      candidate={"version": "v2", "model": "fake:cand?output=2&latency_ms=50"})
-    app = create_app([plan], store="memory://", tick_interval=3600)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600)
     ids = []
     with running(app) as url, httpx.Client(base_url=url) as c:
         for i in range(40):
@@ -55,7 +55,7 @@ def test_shadow_copies_feed_the_pairwise_comparison() -> None:
 def test_a_full_shadow_queue_drops_copies_and_counts_them() -> None:
     plan = make_plan(stages=SHADOW, serving={"shadow_queue": 1, "candidate_timeout": "2s"},
                      candidate={"version": "v2", "model": "fake:cand?output=2&latency_ms=300"})
-    app = create_app([plan], store="memory://", tick_interval=3600, shadow_workers=1)
+    app = create_app([plan], auth=False, store="memory://", tick_interval=3600, shadow_workers=1)
     with running(app) as url, httpx.Client(base_url=url) as c:
         start = time.perf_counter()
         for i in range(10):

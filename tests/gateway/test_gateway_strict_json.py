@@ -33,7 +33,7 @@ def nested(depth: int, kind: str = "list") -> bytes:
 
 @pytest.fixture(scope="module", params=[True, False], ids=["fast-path", "fastapi"])
 def served(request: pytest.FixtureRequest) -> Any:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      fast_path=request.param)
     with running(app) as url, httpx.Client(base_url=url) as client:
         yield app, client

@@ -81,12 +81,12 @@ def test_settings_from_environment() -> None:
     with pytest.raises(ValueError, match="SAFESHIFT_SHADOW_WORKERS"):
         GatewaySettings.from_env({"SAFESHIFT_SHADOW_WORKERS": "many"})
     with pytest.raises(TypeError, match="unknown gateway setting"):
-        create_app([make_plan()], store="memory://", max_body=5)
+        create_app([make_plan()], auth=False, store="memory://", max_body=5)
 
 
 def test_metrics_parse_and_each_app_has_its_own_registry() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
-    other = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
+    other = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         for i in range(6):
             c.post("/v1/endpoints/churn/predict", json={"unit": f"u{i}", "inputs": {"x": 1}})
@@ -111,7 +111,7 @@ def test_metrics_parse_and_each_app_has_its_own_registry() -> None:
 
 
 def test_openapi_documents_every_route_and_schema() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url:
         doc = httpx.get(f"{url}/openapi.json").json()
     paths = doc["paths"]

@@ -31,7 +31,7 @@ def _client(url: str) -> httpclient.InferenceServerClient:
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_tritonclient_pins_the_baseline_and_cannot_pin_an_unpromoted_candidate(
         fast_path: bool) -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600, fast_path=fast_path)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600, fast_path=fast_path)
     cand = units_for(app, "churn", CANDIDATE, 5)
     with running(app) as url:
         client = _client(url)
@@ -69,7 +69,7 @@ def test_tritonclient_pins_the_baseline_and_cannot_pin_an_unpromoted_candidate(
 
 
 def test_errors_use_the_protocols_shape() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     tensor = {"name": "x", "shape": [1], "datatype": "FP64", "data": [1.0]}
     with running(app) as url, httpx.Client(base_url=url) as c:
         for path, status, field in [("/v2/models/churn/versions/v9/infer", 404, "version"),
@@ -91,7 +91,7 @@ def test_errors_use_the_protocols_shape() -> None:
 
 
 def test_pinned_requests_are_counted_outside_the_comparison_and_take_feedback() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     cand = units_for(app, "churn", CANDIDATE, 3)
     base = units_for(app, "churn", BASELINE, 3)
@@ -116,7 +116,7 @@ def test_pinned_requests_with_bad_inputs_are_request_faults_like_any_other() -> 
     def needs_x(rows: list[Any]) -> list[Any]:
         return [row["x"] for row in rows]
 
-    app = create_app([make_plan()], store="memory://", tick_interval=3600,
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
                      models={"churn": {"baseline": PythonModel(needs_x)}})
     rollout = app.gateway.endpoints["churn"].rollout
     wrong = {"name": "y", "shape": [1], "datatype": "FP64", "data": [1.0]}
@@ -133,7 +133,7 @@ def test_pinned_requests_with_bad_inputs_are_request_faults_like_any_other() -> 
 
 
 def test_a_promoted_candidate_can_be_pinned() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     rollout = app.gateway.endpoints["churn"].rollout
     with running(app) as url:
         rollout.promote(actor="test", reason="the candidate is better")
@@ -155,7 +155,7 @@ def _rolled_back(app: Any) -> None:
 
 
 def test_a_rolled_back_candidate_cannot_be_pinned() -> None:
-    app = create_app([make_plan()], store="memory://", tick_interval=3600)
+    app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:
         _rolled_back(app)
         tensor = {"name": "x", "shape": [1], "datatype": "FP64", "data": [1.0]}

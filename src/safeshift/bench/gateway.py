@@ -245,6 +245,7 @@ local done_count = 0
 local limit = %(limit)d
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "%(authorization)s"
 request = function()
   i = i %% #bodies + 1
   return wrk.format(nil, "%(path)s", nil, bodies[i])
@@ -278,9 +279,11 @@ def _cpu_children() -> float:
 
 
 def run_wrk(url: str, path: str, bodies_file: Path, *, seconds: float, limit: int,
-            concurrency: int, cpus: set[int] | None, workdir: Path) -> dict[str, float]:
+            concurrency: int, cpus: set[int] | None, workdir: Path,
+            authorization: str) -> dict[str, float]:
     script = workdir / "post.lua"
-    script.write_text(_LUA % {"bodies": bodies_file, "limit": limit, "path": path})
+    script.write_text(_LUA % {"bodies": bodies_file, "limit": limit, "path": path,
+                              "authorization": authorization})
     cpu0 = _cpu_children()
     start = time.perf_counter()
     out = subprocess.run(
@@ -297,12 +300,14 @@ def run_wrk(url: str, path: str, bodies_file: Path, *, seconds: float, limit: in
 
 
 def run_python_load(url: str, path: str, bodies_file: Path, *, seconds: float, limit: int,
-                    concurrency: int, cpus: set[int] | None, workdir: Path) -> dict[str, float]:
+                    concurrency: int, cpus: set[int] | None, workdir: Path,
+                    authorization: str) -> dict[str, float]:
     cpu0 = _cpu_children()
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-m", "safeshift.bench.gateway", "load", url + path, str(bodies_file),
-         str(seconds), str(limit), str(concurrency)], capture_output=True, text=True,
+         str(seconds), str(limit), str(concurrency), authorization], capture_output=True,
+        text=True,
         timeout=seconds + 60, preexec_fn=_pin(cpus), check=True)
     wall = time.perf_counter() - start
     doc = json.loads(out.stdout.strip().splitlines()[-1])
@@ -311,7 +316,7 @@ def run_python_load(url: str, path: str, bodies_file: Path, *, seconds: float, l
 
 
 async def _python_load(url: str, bodies_file: Path, seconds: float, limit: int,
-                       concurrency: int) -> dict[str, float]:
+                       concurrency: int, authorization: str) -> dict[str, float]:
     """Keep-alive HTTP/1.1 on raw sockets: ``concurrency`` connections, each one request at a
     time, until ``seconds`` pass or ``limit`` responses arrive."""
     from urllib.parse import urlsplit
@@ -320,6 +325,7 @@ async def _python_load(url: str, bodies_file: Path, seconds: float, limit: int,
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     payloads = [
         (f"POST {parts.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+         f"Authorization: {authorization}\r\n"
          f"Content-Length: {len(b)}\r\n\r\n").encode() + b.encode()
         for b in bodies_file.read_text().splitlines()]
     latencies: list[float] = []
@@ -364,6 +370,22 @@ async def _python_load(url: str, bodies_file: Path, seconds: float, limit: int,
 # -- the benchmark ---------------------------------------------------------------------------
 
 
+def _client_token(store_path: Path) -> str:
+    """A data-plane token in the gateway's store, for the load generator."""
+    from safeshift import ops
+    from safeshift.auth import Role
+    from safeshift.clock import SystemClock
+    from safeshift.store import open_store
+
+    store = open_store(store_path)
+    try:
+        token, _ = ops.create_token(store, SystemClock(), name="bench-load", role=Role.CLIENT,
+                                    expires_in=3600.0)
+    finally:
+        store.close()
+    return token
+
+
 def main(*, quick: bool, requests: int | None, concurrency: int, json_path: Path | None,
          console: Console) -> dict[str, Any]:
     seconds = 4.0 if quick else 10.0
@@ -383,6 +405,9 @@ def main(*, quick: bool, requests: int | None, concurrency: int, json_path: Path
         ports = {name: _free_port() for name in ("direct", "gateway", "minimal")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         env = {**os.environ, "SAFESHIFT_FLUSH_INTERVAL": "1"}
+        # the gateway as shipped checks a client token on every request; every target gets
+        # the same header, so each parses the same bytes
+        authorization = f"Bearer {_client_token(work / 'store.db')}"
         runs: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": [], "minimal": []}
         paths = {"direct": "/predict", "gateway": "/v1/endpoints/churn/predict",
                  "minimal": "/predict"}
@@ -399,13 +424,14 @@ def main(*, quick: bool, requests: int | None, concurrency: int, json_path: Path
                 "/readyz", work / "gateway.log", server_cpus, env=env))
             for name in runs:  # warm up
                 load(urls[name], paths[name], bodies_file, seconds=1.0, limit=limit,
-                     concurrency=concurrency, cpus=client_cpus, workdir=work)
+                     concurrency=concurrency, cpus=client_cpus, workdir=work,
+                     authorization=authorization)
             for r in range(rounds):
                 for name in runs:
                     cpu0 = process_cpu(procs[name].pid)
                     res = load(urls[name], paths[name], bodies_file, seconds=seconds,
                                limit=limit, concurrency=concurrency, cpus=client_cpus,
-                               workdir=work)
+                               workdir=work, authorization=authorization)
                     res["rps"] = res["requests"] / res["seconds"]
                     res["server_cpu_us"] = (process_cpu(procs[name].pid) - cpu0) \
                         / max(1.0, res["requests"]) * 1e6
@@ -420,7 +446,8 @@ def main(*, quick: bool, requests: int | None, concurrency: int, json_path: Path
                 for name in runs:
                     single[name].append(load(
                         urls[name], paths[name], bodies_file, seconds=seconds / 2,
-                        limit=limit, concurrency=1, cpus=client_cpus, workdir=work))
+                        limit=limit, concurrency=1, cpus=client_cpus, workdir=work,
+                        authorization=authorization))
             stats = _gateway_stats(urls["gateway"])
     result = _summarise(runs, use_wrk=use_wrk, concurrency=concurrency, seconds=seconds,
                         limit=limit, pinned=server_cpus is not None)
@@ -526,12 +553,13 @@ def _cli(argv: list[str]) -> None:
     lg.add_argument("seconds", type=float)
     lg.add_argument("limit", type=int)
     lg.add_argument("concurrency", type=int)
+    lg.add_argument("authorization")
     args = parser.parse_args(argv)
     if args.cmd in ("direct", "minimal"):
         _run_app(args.cmd, args.model, args.port)
     else:
         res = asyncio.run(_python_load(args.url, args.bodies, args.seconds, args.limit,
-                                       args.concurrency))
+                                       args.concurrency, args.authorization))
         sys.stdout.write(json.dumps(res) + "\n")
 
 

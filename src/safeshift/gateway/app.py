@@ -1,7 +1,8 @@
 """The gateway's ASGI application: :func:`create_app`.
 
-Layers, outermost first: request id + JSON access log → body limit → rate limit (when set) →
-a dispatcher that sends ``POST /v1/endpoints/{name}/predict``, ``POST /v2/models/{name}/infer``
+Layers, outermost first: request id + JSON access log → body limit → authentication (a bearer
+token and the route's role, :mod:`safeshift.gateway.auth`) → rate limit per principal (when
+set) → a dispatcher that sends ``POST /v1/endpoints/{name}/predict``, ``POST /v2/models/{name}/infer``
 and ``POST /v2/models/{name}/versions/{version}/infer`` straight to their handlers (no router
 or dependency resolution on the hot path) and everything else to the FastAPI app of
 :mod:`safeshift.gateway.routes`, which declares the same routes with the same handlers, so
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from safeshift.assign import BASELINE
+from safeshift.auth import Authenticator
 from safeshift.clock import Clock, SystemClock
 from safeshift.errors import ModelLoadError, PlanError, RolloutError
 from safeshift.gateway import handlers
@@ -32,6 +34,7 @@ from safeshift.gateway._http import (
     send_bytes,
     send_json,
 )
+from safeshift.gateway.auth import AuthMiddleware
 from safeshift.gateway.body_limit import BodyLimitMiddleware
 from safeshift.gateway.logs import gateway_logger
 from safeshift.gateway.metrics import GatewayMetrics
@@ -65,8 +68,9 @@ class GatewayApp:
         app: Any = self._dispatch
         if settings.rate_limit is not None:
             app = RateLimitMiddleware(app, rate=settings.rate_limit, burst=settings.rate_burst,
-                                      header=settings.client_header,
                                       max_clients=settings.rate_limit_clients)
+        self.authenticator = Authenticator(gateway.store) if settings.auth else None
+        app = AuthMiddleware(app, authenticator=self.authenticator, denials=gateway.denials)
         app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
         self._app = RequestIdMiddleware(app, access_log=settings.access_log)
 

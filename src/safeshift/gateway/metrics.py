@@ -32,6 +32,8 @@ safeshift_reports_total                  counter      endpoint, arm
 safeshift_decisions_total                counter      endpoint, action
 safeshift_http_errors_total              counter      route, status
 safeshift_store_errors_total             counter      operation
+safeshift_auth_denied_total              counter      status (401 | 403)
+safeshift_denials_dropped_total          counter      (refusals not written to the store)
 =======================================  ===========  =====================================
 """
 
@@ -108,6 +110,14 @@ class GatewayMetrics:
                                  "process", ["endpoint", "action"], registry=r)
         self.http_errors = Counter("safeshift_http_errors", "Requests answered with an error "
                                    "status", ["route", "status"], registry=r)
+        self.auth_denied = Counter("safeshift_auth_denied", "Requests refused for want of a "
+                                   "valid token (401) or of the role (403)", ["status"],
+                                   registry=r)
+        for status in ("401", "403"):
+            self.auth_denied.labels(status)
+        self.denials_dropped = Counter("safeshift_denials_dropped", "Refused requests not written "
+                                       "to the store's denial log (more than it keeps a flush)",
+                                       registry=r)
         self.store_errors = Counter("safeshift_store_errors", "Failed store operations of the "
                                     "background tasks", ["operation"], registry=r)
 

@@ -1,6 +1,7 @@
-"""Per-client rate limiting, as a pure-ASGI middleware: a token bucket per client, keyed by a
-client-id header (``X-Client-ID`` by default) or the peer address. Over the limit: 429 with a
-JSON error and ``Retry-After``. Health, readiness and metrics paths are never limited."""
+"""Per-client rate limiting, as a pure-ASGI middleware: a token bucket per client, keyed by the
+authenticated principal (the token's holder) or, without one, the peer address — never by
+anything the client chooses, which it could change on every request. Over the limit: 429 with
+a JSON error and ``Retry-After``. Health, readiness and metrics paths are never limited."""
 
 from __future__ import annotations
 
@@ -38,23 +39,22 @@ class TokenBucket:
 class RateLimitMiddleware:
     """Token buckets per client, the least recently seen forgotten beyond ``max_clients``."""
 
-    def __init__(self, app: ASGIApp, *, rate: float, burst: int, header: str = "x-client-id",
-                 max_clients: int = 10_000,
+    def __init__(self, app: ASGIApp, *, rate: float, burst: int, max_clients: int = 10_000,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if rate <= 0 or burst < 1:
             raise ValueError("rate_limit must be > 0 and rate_burst >= 1")
         self.app = app
         self.rate = rate
         self.burst = float(burst)
-        self.header = header.lower().encode("latin-1")
         self.max_clients = max_clients
         self.clock = clock
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
 
     def client_key(self, scope: Scope) -> str:
-        for key, value in scope["headers"]:
-            if key == self.header and value:
-                return "id:" + bytes(value).decode("latin-1")[:128]
+        principal = scope.get("safeshift.principal")
+        token = getattr(principal, "token_id", "")
+        if token:
+            return "token:" + str(token)
         client = scope.get("client")
         return "ip:" + (client[0] if client else "unknown")
 

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from safeshift.gateway import handlers, schemas
 from safeshift.gateway._http import BodyTooLarge, HTTPError, Scope, request_id
 from safeshift.gateway.bodies import MAX_DEPTH
+from safeshift.gateway.control import build_control
 from safeshift.gateway.logs import gateway_logger
 from safeshift.gateway.metrics import CONTENT_TYPE
 from safeshift.gateway.runtime import Gateway
@@ -187,6 +188,7 @@ def build_api(gw: Gateway) -> FastAPI:
             api.openapi_schema = doc
         return api.openapi_schema
 
+    build_control(gw, api)
     api.openapi = openapi  # type: ignore[method-assign]
     return api
 
@@ -207,7 +209,12 @@ def _exception_handlers(api: FastAPI, gw: Gateway) -> None:
         gw.metrics.error("other", exc.status_code)
         message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
                    else str(exc.detail))
-        return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route of the path
+            allowed = _methods_of(api, request.scope)
+            headers["Allow"] = ", ".join(allowed)
+            message = f"{request.method} is not allowed here; use {' or '.join(allowed)}"
+        return JSONResponse({"error": message}, exc.status_code, headers=headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -231,3 +238,17 @@ def _exception_handlers(api: FastAPI, gw: Gateway) -> None:
     api.add_exception_handler(BodyTooLarge, too_large)
     api.add_exception_handler(Exception, internal)
 
+
+
+def _methods_of(api: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route of ``api`` serves at the request's path."""
+    from starlette.routing import Match, Route
+
+    methods: set[str] = set()
+    for route in api.routes:
+        if isinstance(route, Route):
+            match, _ = route.matches({**scope, "method": "GET"}) if route.methods else (
+                Match.NONE, {})
+            if match is not Match.NONE:
+                methods.update(route.methods or ())
+    return sorted(methods)

@@ -22,9 +22,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from safeshift import ops
+from safeshift.clock import Clock
 from safeshift.controller import Lease
 from safeshift.errors import SafeshiftError
 from safeshift.gateway._http import HTTPError
+from safeshift.gateway.auth import DenialLog
 from safeshift.gateway.logs import flush_logs, gateway_logger
 from safeshift.gateway.metrics import GatewayMetrics
 from safeshift.gateway.serving import Endpoint, cached_split
@@ -50,6 +52,7 @@ class Gateway:
         self.owns_store = owns_store
         self.endpoints: dict[str, Endpoint] = {}
         self.rollouts: dict[str, Rollout] = {}
+        self.denials = DenialLog(metrics)
         for rollout in rollouts:
             ep = Endpoint(rollout, metrics.endpoint(rollout.plan.endpoint,
                                                     tuple(rollout.plan.variants)),
@@ -165,7 +168,30 @@ class Gateway:
                 self._background_error("refresh", exc)
                 self.last_refresh_error = str(exc)
 
+    @property
+    def clock(self) -> Clock:
+        return next(iter(self.rollouts.values())).clock
+
+    def refresh(self, rollout: str) -> None:
+        """Re-read a served rollout's split now (after an action taken through this app)."""
+        served = self.rollouts.get(rollout)
+        if served is not None:
+            served.refresh()
+
+    def flush_denials(self) -> None:
+        """Write the refused requests noted since the last flush to the store's denial log."""
+        denied = self.denials.drain()
+        if not denied:
+            return
+        try:
+            self.store.add_denials(denied)
+        except Exception as exc:
+            self.metrics.denials_dropped.inc(len(denied))
+            self._background_error("denials", exc)
+
     def flush_all(self) -> int:
+        """Write buffered telemetry, request records and refused requests to the store."""
+        self.flush_denials()
         return sum(r.flush() for r in self.rollouts.values())
 
     async def _flush_loop(self) -> None:
@@ -211,9 +237,8 @@ class Gateway:
         (a request served by another replica that runs other plans)."""
         rollout = self.rollouts.get(name) or self._foreign.get(name)
         if rollout is None:
-            clock = next(iter(self.rollouts.values())).clock
             plan = ops.stored_plan(self.store, name)
-            rollout = self._foreign[name] = Rollout(plan, self.store, clock=clock)
+            rollout = self._foreign[name] = Rollout(plan, self.store, clock=self.clock)
         return rollout
 
     def _lookup(self, ids: Sequence[str]) -> dict[str, RequestRecord]:

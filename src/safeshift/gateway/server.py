@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import ipaddress
 import socket
 import sys
 from pathlib import Path
@@ -43,14 +44,37 @@ def check_listen(host: str, port: int) -> None:
                                  ) from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is on this machine only."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
 def serve(plans: list[Path], *, store: str | None, host: str, port: int, controller: bool,
-          tick_interval: float) -> None:
-    """Serve ``plans`` on ``host:port`` until interrupted."""
+          tick_interval: float, auth: bool = True) -> None:
+    """Serve ``plans`` on ``host:port`` until interrupted; without ``auth`` (and
+    ``SAFESHIFT_AUTH=0`` alike) only on a loopback address."""
     configure_logging()
     settings = GatewaySettings.from_env()
+    if not auth:
+        settings = settings.with_overrides({"auth": False})
+    if not settings.auth and not is_loopback(host):
+        raise SafeshiftError(f"refusing to serve {host} without authentication: anyone who can "
+                             "reach it could steer rollouts; serve on 127.0.0.1, or create "
+                             "tokens (safeshift token create) and drop --no-auth")
     check_listen(host, port)  # before the rollouts are registered in the store
     app = create_app(plans, store=store, controller=controller, tick_interval=tick_interval,
                      settings=settings)
+    if settings.auth and not app.gateway.store.list_tokens():
+        gateway_logger.warning(
+            "no tokens in the store: every request but health probes and /metrics gets 401; "
+            "create one with safeshift token create --role admin --name you --store ...")
+    elif not settings.auth:
+        gateway_logger.warning("authentication is off (--no-auth): every request acts as "
+                               "admin; for local demos only")
     # Everything loaded so far (frameworks, models) lives as long as the process: move it out
     # of the collector's sight, so that full collections stop traversing it (they paused the
     # event loop for ~90 ms every few seconds under load).

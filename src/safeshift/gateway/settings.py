@@ -28,8 +28,9 @@ class GatewaySettings:
     """Requests per second allowed per client (token bucket); ``None`` disables the limit."""
     rate_burst: int = 50
     """Bucket size: requests a client may send at once before the rate applies."""
-    client_header: str = "x-client-id"
-    """Header that names the client for rate limiting; the peer address otherwise."""
+    auth: bool = True
+    """Require a bearer token on every route but health probes and ``/metrics``; off only
+    for local demos (``serve --no-auth``, refused beyond loopback)."""
     rate_limit_clients: int = 10_000
     """Buckets kept (least recently used are forgotten)."""
     access_log: bool = True

@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from safeshift.audit import AuditEvent
+from safeshift.auth import Denial, TokenRecord
 from safeshift.state import Decision, FeedbackItem, RequestRecord, RolloutState
 from safeshift.telemetry import TelemetryRow
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class Store(Protocol):
@@ -62,6 +63,27 @@ class Store(Protocol):
 
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
         """Take or renew the named lease (e.g. the controller's) if free, expired or ours."""
+        ...
+
+    # -- access ---------------------------------------------------------------------
+
+    def put_token(self, record: TokenRecord) -> None:
+        """Insert a token record (its id is new)."""
+        ...
+
+    def get_token(self, token_id: str) -> TokenRecord | None: ...
+
+    def list_tokens(self) -> list[TokenRecord]: ...
+
+    def revoke_token(self, token_id: str, at: float) -> TokenRecord | None:
+        """Mark the token revoked (once: a revoked token keeps its first revocation time);
+        None if there is no such token."""
+        ...
+
+    def add_denials(self, denials: Sequence[Denial]) -> None: ...
+
+    def denials(self, limit: int = 100) -> list[Denial]:
+        """The latest ``limit`` refused requests, newest first."""
         ...
 
     def close(self) -> None: ...

@@ -7,7 +7,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from safeshift.audit import GENESIS, AuditEvent
+from safeshift.audit import GENESIS, AuditEvent, seal_commit, seal_state
+from safeshift.auth import Denial, TokenRecord
 from safeshift.errors import ConcurrencyError, UnknownRolloutError
 from safeshift.state import (
     Decision,
@@ -36,6 +37,8 @@ class MemoryStore:
         self._requests: dict[str, RequestRecord] = {}
         self._feedback: set[tuple[str, str]] = set()
         self._leases: dict[str, tuple[str, float]] = {}
+        self._tokens: dict[str, TokenRecord] = {}
+        self._denials: list[Denial] = []
 
     def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
         with self._lock:
@@ -43,8 +46,10 @@ class MemoryStore:
             if existing is not None:
                 return existing.copy()
             self._plans[state.name] = copy.deepcopy(plan)
-            self._states[state.name] = state.copy()
-            return state.copy()
+            sealed = state.copy()
+            seal_state(sealed, audit_seq=0, audit_head=GENESIS)  # sealed from the start
+            self._states[state.name] = sealed
+            return sealed.copy()
 
     def get_plan(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -73,13 +78,12 @@ class MemoryStore:
                 )
             new = state.copy()
             new.version = expected_version + 1
+            chain = self._audit.setdefault(state.name, [])
+            seal_commit(new, audit, last_seq=len(chain),
+                        last_hash=chain[-1].hash if chain else GENESIS)
             self._states[state.name] = new
             self._decisions.setdefault(state.name, []).extend(decisions)
-            chain = self._audit.setdefault(state.name, [])
-            for event in audit:
-                prev = chain[-1].hash if chain else GENESIS
-                event.seq = len(chain) + 1
-                chain.append(event.seal(prev))
+            chain.extend(audit)
             return new.copy()
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
@@ -148,6 +152,39 @@ class MemoryStore:
                 self._leases[name] = (holder, now + ttl)
                 return True
             return False
+
+    def put_token(self, record: TokenRecord) -> None:
+        with self._lock:
+            if record.id in self._tokens:
+                raise ValueError(f"token id {record.id} exists")
+            self._tokens[record.id] = copy.deepcopy(record)
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        with self._lock:
+            record = self._tokens.get(token_id)
+            return None if record is None else copy.deepcopy(record)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        with self._lock:
+            return [copy.deepcopy(t) for t in sorted(self._tokens.values(),
+                                                     key=lambda t: (t.created_at, t.id))]
+
+    def revoke_token(self, token_id: str, at: float) -> TokenRecord | None:
+        with self._lock:
+            record = self._tokens.get(token_id)
+            if record is None:
+                return None
+            if record.revoked_at is None:
+                record.revoked_at = at
+            return copy.deepcopy(record)
+
+    def add_denials(self, denials: Sequence[Denial]) -> None:
+        with self._lock:
+            self._denials.extend(denials)
+
+    def denials(self, limit: int = 100) -> list[Denial]:
+        with self._lock:
+            return sorted(self._denials, key=lambda d: -d.at)[:limit]
 
     def close(self) -> None:
         return None

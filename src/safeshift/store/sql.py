@@ -19,7 +19,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from safeshift.audit import GENESIS, AuditEvent
+from safeshift.audit import GENESIS, AuditEvent, seal_commit, seal_state
+from safeshift.auth import Denial, Role, TokenRecord
 from safeshift.errors import (
     ConcurrencyError,
     DamagedStoreError,
@@ -175,6 +176,32 @@ leases = sa.Table(
 )
 
 
+tokens_t = sa.Table(
+    "tokens", metadata,
+    sa.Column("id", _str(12), primary_key=True),
+    sa.Column("name", _str(64), nullable=False),
+    sa.Column("role", _str(16), nullable=False),
+    sa.Column("secret_sha256", _str(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("created_by", _str(128), nullable=False),
+    sa.Column("expires_at", sa.Float),
+    sa.Column("revoked_at", sa.Float),
+    sa.Column("rights", _str(), nullable=False, server_default="{}"),
+)
+
+denials_t = sa.Table(
+    "denials", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False, index=True),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("method", _str(16), nullable=False),
+    sa.Column("path", _str(512), nullable=False),
+    sa.Column("principal", _str(128), nullable=False),
+    sa.Column("peer", _str(128), nullable=False),
+    sa.Column("reason", _str(512), nullable=False),
+)
+
+
 def _migrate_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
@@ -195,7 +222,14 @@ def _migrate_v2(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE requests ADD COLUMN cluster INTEGER NOT NULL DEFAULT -1"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2}
+def _migrate_v3(conn: Connection) -> None:
+    """Access control: the token records and the log of refused requests (new tables only)."""
+    for table in (tokens_t, denials_t):
+        table.create(conn, checkfirst=True)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2,
+                                                       3: _migrate_v3}
 """Schema version → the step that brings the previous version to it."""
 
 
@@ -310,6 +344,8 @@ class SQLStore:
     def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
         # insert-if-absent in one statement: replicas starting together with the same plan must
         # not fail on the primary key (a SELECT then INSERT races on PostgreSQL)
+        state = state.copy()
+        seal_state(state, audit_seq=0, audit_head=GENESIS)  # sealed from the start
         with self.engine.begin() as conn:
             result = conn.execute(
                 self._insert(rollouts)
@@ -350,9 +386,19 @@ class SQLStore:
                decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
         new = state.copy()
         new.version = expected_version + 1
-        values = _state_values(new)
-        values.pop("name")
         with self.engine.begin() as conn:
+            # the chain's end, read before the compare-and-set: every commit that appends
+            # events also moves the version, so if the update below succeeds this is still
+            # the end; the state is sealed over it even when no event is added
+            last = conn.execute(
+                sa.select(audit_t.c.seq, audit_t.c.hash)
+                .where(audit_t.c.rollout == state.name)
+                .order_by(audit_t.c.seq.desc()).limit(1)
+            ).first()
+            seal_commit(new, audit, last_seq=int(last[0]) if last else 0,
+                        last_hash=str(last[1]) if last else GENESIS)
+            values = _state_values(new)
+            values.pop("name")
             result = conn.execute(
                 rollouts.update()
                 .where(rollouts.c.name == state.name, rollouts.c.version == expected_version)
@@ -368,22 +414,11 @@ class SQLStore:
                     rollout=d.rollout, seq=d.seq, at=d.at, action=str(d.action),
                     from_stage=d.from_stage, to_stage=d.to_stage, phase=str(d.phase),
                     reason=d.reason, actor=d.actor, evidence=json.dumps(d.evidence, default=str)))
-            if audit:
-                last = conn.execute(
-                    sa.select(audit_t.c.seq, audit_t.c.hash)
-                    .where(audit_t.c.rollout == state.name)
-                    .order_by(audit_t.c.seq.desc()).limit(1)
-                ).first()
-                seq, prev = (int(last[0]), str(last[1])) if last else (0, GENESIS)
-                for event in audit:
-                    seq += 1
-                    event.seq = seq
-                    event.seal(prev)
-                    prev = event.hash
-                    conn.execute(audit_t.insert().values(
-                        rollout=event.rollout, seq=event.seq, at=event.at, actor=event.actor,
-                        action=event.action, detail=json.dumps(event.detail, default=str),
-                        prev_hash=event.prev_hash, hash=event.hash))
+            for event in audit:
+                conn.execute(audit_t.insert().values(
+                    rollout=event.rollout, seq=event.seq, at=event.at, actor=event.actor,
+                    action=event.action, detail=json.dumps(event.detail, default=str),
+                    prev_hash=event.prev_hash, hash=event.hash))
         return new
 
     # -- telemetry ------------------------------------------------------------------
@@ -561,6 +596,52 @@ class SQLStore:
             current = conn.execute(sa.select(leases.c.holder).where(leases.c.name == name)).scalar()
         return bool(current == holder)
 
+    # -- access ---------------------------------------------------------------------
+
+    def put_token(self, record: TokenRecord) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(tokens_t.insert().values(
+                id=record.id, name=record.name, role=str(record.role),
+                secret_sha256=record.secret_sha256, created_at=record.created_at,
+                created_by=record.created_by, expires_at=record.expires_at,
+                revoked_at=record.revoked_at, rights=json.dumps(record.rights, sort_keys=True)))
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(tokens_t).where(tokens_t.c.id == token_id)).first()
+        return None if row is None else _token(row)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(tokens_t).order_by(tokens_t.c.created_at,
+                                                             tokens_t.c.id)).fetchall()
+        return [_token(r) for r in rows]
+
+    def revoke_token(self, token_id: str, at: float) -> TokenRecord | None:
+        with self.engine.begin() as conn:
+            conn.execute(tokens_t.update().where(tokens_t.c.id == token_id,
+                                                 tokens_t.c.revoked_at.is_(None))
+                         .values(revoked_at=at))
+            row = conn.execute(sa.select(tokens_t).where(tokens_t.c.id == token_id)).first()
+        return None if row is None else _token(row)
+
+    def add_denials(self, denials: Sequence[Denial]) -> None:
+        if not denials:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(denials_t.insert(), [
+                {"at": d.at, "status": d.status, "method": d.method[:16], "path": d.path[:512],
+                 "principal": d.principal[:128], "peer": d.peer[:128], "reason": d.reason[:512]}
+                for d in denials])
+
+    def denials(self, limit: int = 100) -> list[Denial]:
+        t = denials_t
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.at.desc(), t.c.id.desc())
+                                .limit(limit)).fetchall()
+        return [Denial(r.at, r.status, r.method, r.path, r.principal, r.peer, r.reason)
+                for r in rows]
+
     def close(self) -> None:
         self.engine.dispose()
 
@@ -655,6 +736,15 @@ def _damaged(what: str, rollout: str) -> Iterator[None]:
             f"the {what} of rollout {rollout!r} in the store cannot be read ({exc}): the store "
             "was changed by something other than safeshift, or by a newer release; restore it "
             "from a backup") from None
+
+
+def _token(row: Any) -> TokenRecord:
+    try:
+        return TokenRecord(row.id, row.name, Role(row.role), row.secret_sha256, row.created_at,
+                           row.created_by, row.expires_at, row.revoked_at, json.loads(row.rights))
+    except (ValueError, TypeError) as exc:
+        raise DamagedStoreError(f"token {row.id} in the store cannot be read ({exc}); revoke it "
+                                "and create a new one") from None
 
 
 def _state(row: Any) -> RolloutState:
