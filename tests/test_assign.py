@@ -8,7 +8,15 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT, plan_dict
 
 from safeshift import Plan
-from safeshift.assign import ASSIGNMENT_VERSION, Assigner, Reason, Split, bucket
+from safeshift.assign import (
+    ASSIGNMENT_VERSION,
+    BASELINE,
+    CANDIDATE,
+    Assigner,
+    Reason,
+    Split,
+    bucket,
+)
 
 GOLDEN = json.loads((ROOT / "tests" / "data" / "assignment-v1.json").read_text(encoding="utf-8"))
 
@@ -118,3 +126,28 @@ def test_inactive_split_serves_baseline_and_promoted_serves_candidate() -> None:
     assert not assigner.assign("u", {}, off).is_candidate
     promoted = Split("s", 0, 10_000, 0, "v2", "v1", active=False, serve_candidate_to_all=True)
     assert assigner.assign("u", {}, promoted).is_candidate
+
+
+def test_unit_ids_chosen_from_the_public_salt_do_not_land_on_one_arm() -> None:
+    """The abuse: pick unit ids that the plan's public salt sends to the baseline, send only
+    those, and the split looks broken (a sample-ratio mismatch pauses the rollout). The secret
+    seed drawn at registration makes the choice blind: they land at the stage's share."""
+    from safeshift import MemoryStore, Rollout, VirtualClock
+
+    data = plan_dict()
+    data["stages"][0]["traffic"] = "50%"
+    plan = Plan.from_dict(data)
+    public = Assigner(plan)  # what an outsider can compute from the plan
+    rollout = Rollout.from_plan(plan, store=MemoryStore(), clock=VirtualClock())
+    split = rollout.split()
+    chosen = [u for u in (f"attacker-{i}" for i in range(20_000))
+              if public.assign(u, None, split).arm == BASELINE][:4000]
+    assert len(chosen) == 4000
+    seed = rollout.store.get_state(plan.rollout).extra["salt_seed"]
+    assert len(seed) == 32
+    share = sum(rollout.assign(u, None).arm == CANDIDATE for u in chosen) / len(chosen)
+    assert 0.46 < share < 0.54, share  # 50 % ± 5 standard errors
+    # a second registration of another rollout draws another seed
+    other = Rollout.from_plan(Plan.from_dict({**data, "rollout": "other"}), store=rollout.store,
+                              clock=VirtualClock())
+    assert other.store.get_state("other").extra["salt_seed"] != seed

@@ -231,7 +231,8 @@ def test_status_says_which_stage_awaits_approval(tmp_path: Path) -> None:
                       models={"baseline": FakeModel(), "candidate": FakeModel()}).close()
     r = cli("status", "--store", url)
     assert r.returncode == 0, r.stderr
-    assert "awaiting approval of stage 'canary': safeshift approve test-rollout" in r.stdout
+    assert ("awaiting approval of stage 'canary' by an approver with role approver or higher: "
+            "safeshift approve test-rollout") in r.stdout
 
 
 @pytest.mark.parametrize(("column", "value", "words"), [

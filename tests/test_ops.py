@@ -128,3 +128,21 @@ def test_status_is_the_library_status_and_counts_request_faults() -> None:
     assert sum(f["count"] for f in st.request_faults.values()) == 3
     assert st.analysis is not None and st.analysis.n_baseline + st.analysis.n_candidate == 50
     rollout.close()
+
+
+def test_release_notes_tell_the_change_and_every_decision_escaped() -> None:
+    store, clock = MemoryStore(), VirtualClock()
+    data = plan_dict(rollout="notes")
+    data["change"] = {"summary": "New tenure feature", "why": "AUC 0.81 -> 0.84",
+                      "owner": "ml-platform", "validation": "September holdout"}
+    ops.create(store, Plan.from_dict(data), clock)
+    ops.act(store, "notes", Action.PAUSE, clock, actor="eve", reason="line one\n| x | <script>")
+    text = ops.release_notes(store, "notes")
+    assert text.startswith("# notes:") and "**New tenure feature**" in text
+    assert "- Owner: ml-platform" in text and "- Validated offline: September holdout" in text
+    assert "## Stages" in text and "## Decisions" in text
+    decisions = [line for line in text.splitlines() if line[:2] in ("1.", "2.")]
+    assert len(decisions) == 2 and "**pause**" in decisions[1]
+    assert "local:eve" in decisions[1]
+    # a hostile reason stays on its line and cannot open a table row or a tag
+    assert "\\n" in decisions[1] and "\\| x \\|" in decisions[1] and "\\<script\\>" in decisions[1]

@@ -1,6 +1,9 @@
 """Sticky, monotone assignment of units to arms.
 
-A unit's bucket is murmur3 (32-bit, unsigned) of ``"{salt}/{unit}"`` modulo 10,000. A unit
+A unit's bucket is murmur3 (32-bit, unsigned) of ``"{salt}/{unit}"`` modulo 10,000, where
+the salt is the plan's (:attr:`~safeshift.plan.Plan.salt`) behind a secret seed drawn when the
+rollout is registered (``"{seed}:{plan salt}"``; the seed is kept in the store, never shown or
+sent), so that nobody outside can choose unit ids that land on one arm. A unit
 gets the candidate when its bucket is below the stage's share in basis points, so a unit that
 is in at 1% stays in at 5% and at 50%. Targeting rules come before hashing. The mapping is
 locked by golden vectors (``tests/data/assignment-v1.json``): changing it would move users
@@ -94,8 +97,9 @@ class Assigner:
 
     __slots__ = ("_always", "_anon_random", "_never", "_prefix", "_unit_key")
 
-    def __init__(self, plan: Plan) -> None:
-        self._prefix = f"{plan.salt}/"
+    def __init__(self, plan: Plan, *, seed: str = "") -> None:
+        # rollouts registered before seeds existed have none: their units stay where they are
+        self._prefix = f"{seed}:{plan.salt}/" if seed else f"{plan.salt}/"
         self._unit_key = plan.unit
         self._always = {k: frozenset(map(str, v)) for k, v in plan.targeting.always_candidate.items()}
         self._never = {k: frozenset(map(str, v)) for k, v in plan.targeting.never_candidate.items()}

@@ -102,6 +102,11 @@ class Principal:
     name: str
     role: Role
     token_id: str = ""  # empty when not authenticated by a token (local access, --no-auth)
+    # the context attributes whose values this principal may assert for targeting (e.g. an
+    # internal app saying plan=internal); None: every attribute (admins, local access)
+    attributes: frozenset[str] | None = None
+    # whether its labels and outcomes count (a labelling pipeline's token; not an app's)
+    labels: bool = True
 
     @property
     def actor(self) -> str:
@@ -139,7 +144,10 @@ class TokenRecord:
         return None
 
     def principal(self) -> Principal:
-        return Principal(self.name, self.role, self.id)
+        attributes = None if self.role is Role.ADMIN else frozenset(
+            str(a) for a in self.rights.get("attributes", []))
+        labels = self.role is Role.ADMIN or bool(self.rights.get("labels", False))
+        return Principal(self.name, self.role, self.id, attributes, labels)
 
     def to_json(self) -> dict[str, Any]:
         """Public fields (never the digest)."""

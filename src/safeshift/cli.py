@@ -58,6 +58,8 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(audit_app, name="audit")
 app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
+notify_app = typer.Typer(help="Webhook notifications: the store's outbox.", no_args_is_help=True)
+app.add_typer(notify_app, name="notify")
 
 out = Console(highlight=False, soft_wrap=True, emoji=False,
               width=None if sys.stdout.isatty() else 120)
@@ -100,6 +102,18 @@ def _client(url: str) -> Any:
         fail("--url needs a token in SAFESHIFT_TOKEN (an admin creates one with safeshift "
              "token create --role viewer --name you)")
     return Client(url)
+
+
+def _read(url: str | None, remote: Any, store: str | None, local: Any) -> Any:
+    """What a reading command shows: ``remote(client)`` from the server at ``url``, else
+    ``local(store)`` from the store, opened read-only (never created nor upgraded)."""
+    if url:
+        return _remote(url, remote)
+    st = _open(store, migrate=False)
+    try:
+        return local(st)
+    except SafeshiftError as exc:
+        fail(str(exc))
 
 
 def _remote(url: str, call: Any) -> Any:
@@ -325,22 +339,20 @@ def status(
     """Show where each rollout is and what its guardrails say."""
     from safeshift.clock import SystemClock
 
-    if url:
-        results = _remote(url, lambda c: [c.status(rollout)] if rollout else c.rollouts())
-        where = url
-    else:
-        st = _open(store, migrate=False)  # reads only: never creates nor upgrades
-        try:
-            results = [s.to_json() for s in
-                       ops.statuses(st, SystemClock(), [rollout] if rollout else None)]
-        except SafeshiftError as exc:
-            fail(str(exc))
-        where = st.url
+    where: list[str] = [url or ""]
+
+    def local(st: Any) -> Any:
+        where[0] = st.url
+        return [s.to_json() for s in ops.statuses(st, SystemClock(),
+                                                   [rollout] if rollout else None)]
+
+    results = _read(url, lambda c: [c.status(rollout)] if rollout else c.rollouts(), store,
+                    local)
     if json_out:
         out.print_json(data=results)
         return
     if not results:
-        out.print(f"no rollouts in {where}", markup=False)
+        out.print(f"no rollouts in {where[0]}", markup=False)
     for s in results:
         _render_status(s)
 
@@ -354,7 +366,19 @@ def _render_status(s: dict[str, Any]) -> None:
               f"{s['shadow'] * 100:g}%)", markup=False)
     if s["reason"]:
         out.print(f"  {printable(s['reason'])}", markup=False)
-    if s["pending_stage"] is not None:
+    approval = s.get("approval")
+    if approval is not None:
+        who = (f"{approval['needed']} more approver(s) with role {approval['role']} or higher"
+               if approval["approvers"] > 1 else f"an approver with role {approval['role']} or "
+               "higher")
+        done = (f"; approved by {', '.join(printable(a) for a in approval['approved_by'])}"
+                if approval["approved_by"] else "")
+        creator = (f"; not its creator {printable(approval['excluded_creator'])}"
+                   if approval["excluded_creator"] else "")
+        out.print(f"  awaiting approval of stage {printable(approval['stage'])!r} by {who}"
+                  f"{done}{creator}: safeshift approve {printable(s['rollout'])} --reason …",
+                  markup=False)
+    elif s["pending_stage"] is not None:
         out.print(f"  awaiting approval of stage {printable(s['pending_stage'])!r}: safeshift "
                   f"approve {printable(s['rollout'])} --reason …", markup=False)
     watch = s.get("watch")
@@ -367,6 +391,11 @@ def _render_status(s: dict[str, Any]) -> None:
                            for arm, f in s["request_faults"].items())
         out.print(f"  request faults (inputs the baseline rejects; counted against neither "
                   f"model): {faults}", markup=False)
+    if s.get("label_conflicts"):
+        conflicts = ", ".join(f"{printable(sig)} {n:,.0f}"
+                              for sig, n in s["label_conflicts"].items())
+        out.print(f"  conflicting labels (two clients disagree; the first counts): {conflicts}",
+                  markup=False)
     if s["analysis"]:
         table = Table(show_header=True, header_style="bold", box=None)
         for col in ("guardrail", "segment", "verdict", "evidence"):
@@ -466,18 +495,19 @@ def create(
 
 @app.command()
 def history(rollout: str, store: StoreOpt = None, url: UrlOpt = None,
-            json_out: JsonOpt = False) -> None:
+            json_out: JsonOpt = False,
+            markdown: Annotated[bool, typer.Option(
+                "--markdown", help="release notes: the change, its stages, every decision with "
+                "its evidence and who acted, as Markdown")] = False) -> None:
     """Every decision of a rollout, with its reason."""
     from datetime import UTC, datetime
 
-    if url:
-        decisions = _remote(url, lambda c: c.history(rollout))
-    else:
-        st = _open(store, migrate=False)  # reads only: never creates nor upgrades
-        try:
-            decisions = [d.to_json() for d in ops.history(st, rollout)]
-        except SafeshiftError as exc:
-            fail(str(exc))
+    if markdown:
+        sys.stdout.write(_read(url, lambda c: c.release_notes(rollout), store,
+                               lambda st: ops.release_notes(st, rollout)))
+        return
+    decisions = _read(url, lambda c: c.history(rollout), store,
+                      lambda st: [d.to_json() for d in ops.history(st, rollout)])
     if json_out:
         out.print_json(data=decisions)
         return
@@ -566,6 +596,12 @@ def token_create(
     name: Annotated[str, typer.Option("--name", help="who holds it (shown in the audit log)")],
     expires: Annotated[str | None, typer.Option("--expires", help="e.g. 30d, 12h (default: "
                                                                   "never)")] = None,
+    attribute: Annotated[list[str] | None, typer.Option(
+        "--attribute", help="a targeting attribute this client may assert, e.g. plan "
+        "(repeatable; client tokens)")] = None,
+    labels: Annotated[bool, typer.Option(
+        "--labels", help="its labels and outcomes may count (a labelling pipeline's client "
+        "token; an app's needs none)")] = False,
     store: StoreOpt = None,
     url: UrlOpt = None,
     json_out: JsonOpt = False,
@@ -581,12 +617,15 @@ def token_create(
     except (SafeshiftError, ValueError) as exc:
         fail(str(exc))
     if url:
-        result = _remote(url, lambda c: c.create_token(name, str(parsed), expires=expires))
+        result = _remote(url, lambda c: c.create_token(name, str(parsed), expires=expires,
+                                                       attributes=attribute or [],
+                                                       labels=labels))
     else:
         st = _open(store)
         try:
-            token, record = ops.create_token(st, SystemClock(), name=name, role=parsed,
-                                             expires_in=expires_in)
+            token, record = ops.create_token(
+                st, SystemClock(), name=name, role=parsed, expires_in=expires_in,
+                rights=_rights(attribute, labels))
         except SafeshiftError as exc:
             fail(str(exc))
         result = {"token": token, **record.to_json()}
@@ -598,19 +637,22 @@ def token_create(
               "once: keep it in a secret store, pass it as SAFESHIFT_TOKEN", markup=False)
 
 
+def _rights(attributes: list[str] | None, labels: bool) -> dict[str, Any]:
+    rights: dict[str, Any] = {}
+    if attributes:
+        rights["attributes"] = sorted(set(attributes))
+    if labels:
+        rights["labels"] = True
+    return rights
+
+
 @token_app.command("list")
 def token_list(store: StoreOpt = None, url: UrlOpt = None, json_out: JsonOpt = False) -> None:
     """Every token (never its secret): id, holder, role, expiry, revocation."""
     from datetime import UTC, datetime
 
-    if url:
-        records = _remote(url, lambda c: c.tokens())
-    else:
-        st = _open(store, migrate=False)
-        try:
-            records = [t.to_json() for t in ops.list_tokens(st)]
-        except SafeshiftError as exc:
-            fail(str(exc))
+    records = _read(url, lambda c: c.tokens(), store,
+                    lambda st: [t.to_json() for t in ops.list_tokens(st)])
     if json_out:
         out.print_json(data=records)
         return
@@ -655,14 +697,8 @@ def token_denials(
     """The latest requests refused for want of a valid token (401) or of the role (403)."""
     from datetime import UTC, datetime
 
-    if url:
-        rows = _remote(url, lambda c: c.denials(limit))
-    else:
-        st = _open(store, migrate=False)
-        try:
-            rows = [d.to_json() for d in ops.denials(st, limit=limit)]
-        except SafeshiftError as exc:
-            fail(str(exc))
+    rows = _read(url, lambda c: c.denials(limit), store,
+                 lambda st: [d.to_json() for d in ops.denials(st, limit=limit)])
     if json_out:
         out.print_json(data=rows)
         return
@@ -671,6 +707,73 @@ def token_denials(
         out.print(f"{when} {d['status']} {printable(d['method'])} {printable(d['path'])} "
                   f"{printable(d['principal'])} from {printable(d['peer'])}: "
                   f"{printable(d['reason'])}", markup=False)
+
+
+# -- notifications -----------------------------------------------------------------------
+
+
+@notify_app.command("list")
+def notify_list(
+    rollout: Annotated[str | None, typer.Option("--rollout", help="only this rollout")] = None,
+    status_: Annotated[str | None, typer.Option(
+        "--status", help="pending, delivered or dead (default: all)")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10_000)] = 50,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The outbox, newest first: each notification's event, webhook, attempts and last error."""
+    from datetime import UTC, datetime
+
+    from safeshift.notify import display_url
+
+    if status_ not in (None, "pending", "delivered", "dead"):
+        fail(f"--status {status_!r}: use pending, delivered or dead")
+    st = _open(store, migrate=False)
+    try:
+        entries = st.outbox(rollout=rollout, status=status_, limit=limit)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    finally:
+        st.close()
+    if json_out:
+        out.print_json(data=[{
+            "id": e.id, "rollout": e.rollout, "seq": e.seq, "event": e.event,
+            "target": display_url(e.target), "status": e.status, "attempts": e.attempts,
+            "created_at": e.created_at, "next_attempt_at": e.next_attempt_at,
+            "delivered_at": e.delivered_at, "last_error": e.last_error} for e in entries])
+        return
+
+    def when(at: float | None) -> str:
+        return "-" if at is None else datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+    table = Table(show_header=True, header_style="bold", box=None)
+    for col in ("id", "rollout", "seq", "event", "webhook", "status", "attempts", "created",
+                "last error"):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(str(e.id), Text(printable(e.rollout)), str(e.seq), e.event,
+                      Text(printable(display_url(e.target))), e.status, str(e.attempts),
+                      when(e.created_at), Text(printable(e.last_error or "-")))
+    out.print(table)
+
+
+@notify_app.command("retry-dead")
+def notify_retry_dead(
+    rollout: Annotated[str | None, typer.Option("--rollout", help="only this rollout")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Requeue dead-lettered notifications: a running gateway sends them again, in order."""
+    from safeshift.clock import SystemClock
+
+    st = _open(store)
+    try:
+        n = st.requeue_dead(SystemClock().now(), rollout=rollout)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    finally:
+        st.close()
+    out.print(f"requeued {n} dead notification(s); a running gateway sends them within a second",
+              markup=False)
 
 
 # -- benchmarks --------------------------------------------------------------------------

@@ -90,6 +90,11 @@ class Client:
         result: list[dict[str, Any]] = self._call("GET", f"/v1/rollouts/{_seg(rollout)}/history")
         return result
 
+    def release_notes(self, rollout: str) -> str:
+        """The rollout's release notes, Markdown."""
+        result: dict[str, Any] = self._call("GET", f"/v1/rollouts/{_seg(rollout)}/notes")
+        return str(result["markdown"])
+
     def audit(self, rollout: str) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", f"/v1/rollouts/{_seg(rollout)}/audit")
         return result
@@ -108,10 +113,12 @@ class Client:
         result: list[dict[str, Any]] = self._call("GET", "/v1/tokens")
         return result
 
-    def create_token(self, name: str, role: str, *, expires: str | None = None
+    def create_token(self, name: str, role: str, *, expires: str | None = None,
+                     attributes: list[str] | None = None, labels: bool = False
                      ) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/v1/tokens", json={
-            "name": name, "role": role, "expires": expires})
+            "name": name, "role": role, "expires": expires, "attributes": attributes or [],
+            "labels": labels})
         return result
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:

@@ -13,6 +13,7 @@ is the safe direction); a sample-ratio mismatch blocks every advance and pauses 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,7 +23,7 @@ from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded
 from safeshift.assign import Split
 from safeshift.audit import decision_event
 from safeshift.clock import Clock
-from safeshift.errors import InvalidTransitionError
+from safeshift.errors import ConcurrencyError, InvalidTransitionError
 from safeshift.experiment import (
     allocation,
     best_arm,
@@ -31,7 +32,8 @@ from safeshift.experiment import (
     new_allocation,
     variant_split,
 )
-from safeshift.plan import Experiment, Plan, Stage
+from safeshift.notify import ask_confirm, confirm_body, display_url, outbox_entries
+from safeshift.plan import Approval, Confirm, Experiment, Plan, Stage
 from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
@@ -95,11 +97,19 @@ def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
     if nxt >= len(plan.stages):
         return current, Action.PROMOTE
     stage = plan.stages[nxt]
-    if stage.approval == "required":
+    if stage.approval_rule is not None:
         return nxt, Action.AWAIT_APPROVAL
     if stage.is_full:
         return nxt, Action.PROMOTE
     return nxt, Action.ADVANCE
+
+
+def approvals_of(state: RolloutState, stage: int) -> list[str]:
+    """Who has approved stage ``stage`` so far (a stage needing several approvers)."""
+    recorded = state.extra.get("approvals")
+    if not isinstance(recorded, dict) or recorded.get("stage") != stage:
+        return []
+    return [str(a) for a in recorded.get("by", [])]
 
 
 def promoted_phase(plan: Plan, to_stage: int) -> Phase:
@@ -131,7 +141,7 @@ def step_start(ctx: TickContext) -> None:
     if ctx.state.phase is not Phase.PENDING:
         return
     first = ctx.plan.stages[0]
-    if first.approval == "required":
+    if first.approval_rule is not None:
         ctx.want(Intent(Action.AWAIT_APPROVAL, f"stage {first.name!r} needs approval to start",
                         0, Phase.AWAITING_APPROVAL))
     else:
@@ -309,6 +319,19 @@ def split_for(plan: Plan, state: RolloutState) -> Split:
 
 
 
+_GATED = (Action.START, Action.ADVANCE, Action.AWAIT_APPROVAL, Action.PROMOTE)
+"""The controller's decisions that can start a stage, so that its confirm hook is asked first
+(operator actions are not asked: a person deciding is the confirmation)."""
+
+
+def confirm_gate(plan: Plan, state: RolloutState, intent: Intent) -> Confirm | None:
+    """The confirm hook ``intent`` must pass: that of the stage it starts, when it starts one
+    (for a stage that also needs approval, before approval is asked for)."""
+    if intent.action not in _GATED or intent.to_stage < 0 or intent.to_stage == state.stage_index:
+        return None
+    return plan.stages[intent.to_stage].confirm
+
+
 PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,
                               step_progress, step_watch, step_deadline)
 
@@ -361,7 +384,31 @@ class Controller:
         if not ctx.intents:
             return None
         intent = min(ctx.intents, key=lambda i: _PRIORITY[i.action])
+        gate = confirm_gate(self.plan, ctx.state, intent)
+        if gate is not None:
+            go, said = ask_confirm(gate, confirm_body(
+                self.plan, action=intent.action, from_stage=ctx.state.stage_index,
+                to_stage=intent.to_stage, phase=intent.phase, reason=intent.reason, at=ctx.now,
+                evidence=intent.evidence))
+            hook = display_url(gate.url)
+            if not go:  # the stage before keeps running; the next tick asks again
+                stage = self.plan.stages[intent.to_stage].name
+                self._hold(ctx.state, f"waiting for confirm hook {hook} to answer go before "
+                           f"stage {stage!r} starts: {said}", ctx.now)
+                return None
+            intent = replace(intent, reason=f"{intent.reason}; confirmed by hook {hook}")
         return self._commit(ctx.state, intent, "controller", ctx.now)
+
+    def _hold(self, state: RolloutState, reason: str, now: float) -> None:
+        """Say why the rollout holds in its state's reason (no decision: nothing happened);
+        a hold already said writes nothing, so a tick that keeps holding costs no write."""
+        if state.reason == reason:
+            return
+        new = state.copy()
+        new.reason = reason
+        new.updated_at = now
+        with contextlib.suppress(ConcurrencyError):  # someone acted meanwhile: theirs stands
+            self.store.commit(new, expected_version=state.version)
 
     def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision | None:
         new = state.copy()
@@ -392,7 +439,9 @@ class Controller:
         decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
                             new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
         event = decision_event(decision, plan_hash=state.plan_hash, from_phase=state.phase)
-        self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event])
+        # the notifications are written with the decision: both or neither (safeshift.notify)
+        self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event],
+                          outbox=outbox_entries(self.plan, decision, from_phase=state.phase))
         return decision
 
     # -- operator actions -------------------------------------------------------------
@@ -412,13 +461,30 @@ class Controller:
                     f"rollout {self.plan.rollout!r} is {phase}, not awaiting approval")
             to = state.pending_stage
             stage = self.plan.stages[to]
-            if stage.is_full:
-                intent = Intent(Action.PROMOTE, _with_watch(
-                    self.plan, to, f"{actor} approved stage {stage.name!r}{why}"), to,
-                    promoted_phase(self.plan, to))
+            rule = stage.approval_rule or Approval()
+            votes = approvals_of(state, to)
+            if actor in votes:
+                raise InvalidTransitionError(
+                    f"{actor} has already approved stage {stage.name!r}; it needs "
+                    f"{rule.approvers} distinct approvers, so another person must approve")
+            if not rule.creator_may_approve and actor == state.extra.get("created_by"):
+                raise InvalidTransitionError(
+                    f"{actor} created rollout {self.plan.rollout!r} and stage {stage.name!r} "
+                    "may not be approved by its creator; ask another approver")
+            votes = [*votes, actor]
+            tally = f" ({len(votes)} of {rule.approvers} approvals)" if rule.approvers > 1 else ""
+            said = f"{actor} approved stage {stage.name!r}{tally}{why}"
+            if len(votes) < rule.approvers:
+                missing = rule.approvers - len(votes)
+                intent = Intent(Action.APPROVE, f"{said}; {missing} more needed (role "
+                                f"{rule.role})", to, Phase.AWAITING_APPROVAL,
+                                extra={"approvals": {"stage": to, "by": votes}})
+            elif stage.is_full:
+                intent = Intent(Action.PROMOTE, _with_watch(self.plan, to, said), to,
+                                promoted_phase(self.plan, to), extra={"approvals": None})
             else:
-                intent = Intent(Action.APPROVE, f"{actor} approved stage {stage.name!r}{why}", to,
-                                Phase.RUNNING)
+                intent = Intent(Action.APPROVE, said, to, Phase.RUNNING,
+                                extra={"approvals": None})
         elif action is Action.PAUSE:
             if phase is Phase.PAUSED:
                 raise InvalidTransitionError(f"rollout {self.plan.rollout!r} is already paused")

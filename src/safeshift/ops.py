@@ -9,6 +9,8 @@ ends only parse arguments and render. A rollout's plan is rebuilt from the store
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ from safeshift.audit import (
 )
 from safeshift.auth import LOCAL, AuthError, Denial, Principal, Role, TokenRecord, allows, new_token
 from safeshift.clock import Clock
-from safeshift.controller import Controller, split_for
+from safeshift.controller import Controller, approvals_of, split_for
 from safeshift.errors import RolloutError, SafeshiftError, UnknownTokenError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
@@ -40,7 +42,7 @@ from safeshift.telemetry import Summary, TelemetryRow
 
 __all__ = ["ACTION_ROLES", "LOCAL", "Status", "act", "audit_events", "create", "create_token",
            "denials", "export_audit", "history", "list_rollouts", "list_tokens", "register",
-           "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
+           "release_notes", "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
            "verify_audit"]
 
 ACTION_ROLES: dict[Action, Role] = {
@@ -82,6 +84,11 @@ class Status:
     # the watch after promotion, while it runs: holdback (basis points on the baseline),
     # watch and remaining (seconds)
     watch: dict[str, float] | None = None
+    # while a stage awaits approval: its role, how many approvers it needs, who approved, and
+    # the creator when the creator may not approve
+    approval: dict[str, Any] | None = None
+    # signal -> requests whose labels from two clients disagree (the first label counts)
+    label_conflicts: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +102,7 @@ class Status:
                 "holdback": self.watch["holdback"] / BASIS_POINTS, "watch": self.watch["watch"],
                 "remaining": self.watch["remaining"]},
             "analysis": self.analysis.to_json() if self.analysis else None,
+            "approval": self.approval, "label_conflicts": self.label_conflicts,
         }
 
 
@@ -108,16 +116,26 @@ def stored_plan(store: Store, name: str) -> Plan:
     return Plan.from_dict(store.get_plan(name), source=f"stored plan of {name}")
 
 
-def register(store: Store, plan: Plan, clock: Clock, *,
-             principal: Principal = LOCAL) -> RolloutState:
+def assignment_seed(plan: Plan) -> str:
+    """The secret that salts a new rollout's assignment hash, so that unit ids cannot be
+    chosen to land on one arm: derived from the deployment's audit key (held outside the
+    store, the same on every replica), so replicas registering the plan together agree."""
+    message = f"safeshift assignment seed/{plan.rollout}/{plan.hash}".encode()
+    return hmac.new(audit_key().secret, message, hashlib.sha256).hexdigest()[:32]
+
+
+def register(store: Store, plan: Plan, clock: Clock, *, principal: Principal = LOCAL,
+             salt_seed: str | None = None) -> RolloutState:
     """Register ``plan`` in the store, or find it there: a rollout name already used by a
     different plan is an error. The state records who created it (approvals may exclude the
-    creator)."""
+    creator) and the assignment seed (:func:`assignment_seed`, or ``salt_seed``: simulations
+    pass their own, to be reproducible anywhere)."""
     require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")
     now = clock.now()
     state = store.create_rollout(
         plan.canonical(), RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now,
-                                       extra={"created_by": principal.actor}))
+                                       extra={"created_by": principal.actor,
+                                              "salt_seed": salt_seed or assignment_seed(plan)}))
     if state.plan_hash != plan.hash:
         raise RolloutError(
             f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "
@@ -173,6 +191,15 @@ def _request_faults(rows: Sequence[TelemetryRow]) -> dict[str, dict[str, float]]
             for arm, n in sorted(faults.items())}
 
 
+def _label_conflicts(rows: Sequence[TelemetryRow]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for row in rows:
+        if row.signal.startswith("conflicts:"):
+            signal = row.signal.removeprefix("conflicts:")
+            out[signal] = out.get(signal, 0.0) + row.n
+    return dict(sorted(out.items()))
+
+
 def _watch(plan: Plan, state: RolloutState, now: float) -> dict[str, float] | None:
     watching = state.phase is Phase.WATCHING or (
         state.phase is Phase.PAUSED and state.extra.get("paused_from") == Phase.WATCHING)
@@ -182,6 +209,20 @@ def _watch(plan: Plan, state: RolloutState, now: float) -> dict[str, float] | No
     watch = stage.watch or 0.0
     return {"holdback": float(stage.holdback or 0), "watch": watch,
             "remaining": max(watch - (now - state.stage_started_at), 0.0)}
+
+
+def _approval(plan: Plan, state: RolloutState) -> dict[str, Any] | None:
+    if state.pending_stage is None or state.phase is not Phase.AWAITING_APPROVAL:
+        return None
+    rule = plan.stages[state.pending_stage].approval_rule
+    if rule is None:
+        return None
+    votes = approvals_of(state, state.pending_stage)
+    return {"stage": plan.stages[state.pending_stage].name, "role": rule.role,
+            "approvers": rule.approvers, "approved_by": votes,
+            "needed": max(rule.approvers - len(votes), 0),
+            "excluded_creator": (None if rule.creator_may_approve
+                                 else state.extra.get("created_by"))}
 
 
 def status(store: Store, rollout: Plan | str, clock: Clock) -> Status:
@@ -199,7 +240,8 @@ def status(store: Store, rollout: Plan | str, clock: Clock) -> Status:
                   split.stage if state.stage_index >= 0 else None, state.stage_index,
                   split.traffic, split.shadow, max(until - state.stage_started_at, 0.0),
                   state.reason, pending, analysis, allocation(plan, state),
-                  _request_faults(rows), _watch(plan, state, now))
+                  _request_faults(rows), _watch(plan, state, now), _approval(plan, state),
+                  _label_conflicts(rows))
 
 
 def statuses(store: Store, clock: Clock, names: Sequence[str] | None = None) -> list[Status]:
@@ -272,13 +314,18 @@ def act(store: Store, name: str, action: Action, clock: Clock, *, reason: str,
     if need is None:
         raise SafeshiftError(f"{action} is not an operator action; actions are "
                              f"{', '.join(str(a) for a in ACTION_ROLES)}")
+    plan = stored_plan(store, name)
+    if action is Action.APPROVE:  # the stage names the role its approvers hold
+        pending = store.get_state(name).pending_stage
+        rule = plan.stages[pending].approval_rule if pending is not None else None
+        if rule is not None:
+            need = Role(rule.role)
     require(principal, need, f"{action} of rollout {name!r}")
     if not reason.strip():
         raise SafeshiftError(f"{action} needs a reason (it is recorded in the audit log), e.g. "
                              "--reason 'error budget spent'")
     who = principal.actor if not actor else f"{principal.actor}:{actor}"
-    return Controller(stored_plan(store, name), store, clock).act(action, actor=who,
-                                                                  reason=reason.strip())
+    return Controller(plan, store, clock).act(action, actor=who, reason=reason.strip())
 
 
 # -- tokens and access ------------------------------------------------------------------------
@@ -324,3 +371,65 @@ def denials(store: Store, *, limit: int = 100, principal: Principal = LOCAL) -> 
     """The latest requests refused for want of a token or a role, newest first."""
     require(principal, ADMIN_ROLE, "reading the access-denial log")
     return store.denials(limit)
+
+
+# -- release notes ------------------------------------------------------------------------------
+
+_MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|#"})
+
+
+def _md(text: Any) -> str:
+    """Client- or operator-written text, safe inside Markdown: control characters escaped,
+    markup characters neutralised, on one line."""
+    from safeshift._units import printable
+
+    return printable(str(text)).translate(_MD_SPECIAL)
+
+
+def release_notes(store: Store, name: str) -> str:
+    """Rollout ``name`` as Markdown a team can paste for its users: what changed, why, who
+    owns it, how it was validated, the stages it went through, every decision with its
+    evidence and who took it, and how it ended."""
+    from datetime import UTC, datetime
+
+    plan = stored_plan(store, name)
+    state = store.get_state(name)
+    decisions = store.decisions(name)
+
+    def when(at: float) -> str:
+        return datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    change = plan.change
+    lines = [f"# {_md(plan.rollout)}: {_md(plan.endpoint)} {_md(plan.baseline.version)} → "
+             f"{_md(plan.candidate.version)}", "", f"**{_md(change.summary)}**", ""]
+    for label, value in (("Why", change.why), ("Owner", change.owner),
+                         ("Validated offline", change.validation), ("Link", change.link)):
+        if value:
+            lines.append(f"- {label}: {_md(value)}")
+    lines += [f"- Outcome: **{state.phase}** ({_md(state.reason)})",
+              f"- Plan: `{plan.hash[:12]}`", "", "## Stages", "",
+              "| stage | traffic | shadow | min duration | approval |", "|---|---|---|---|---|"]
+    from safeshift._units import format_duration, format_share
+
+    for stage in plan.stages:
+        rule = stage.approval_rule
+        approval = "-" if rule is None else (
+            f"{rule.approvers} × {rule.role}" + ("" if rule.creator_may_approve
+                                                 else ", not the creator"))
+        lines.append(f"| {_md(stage.name)} | {format_share(stage.traffic)} | "
+                     f"{format_share(stage.shadow)} | {format_duration(stage.min_duration)} | "
+                     f"{approval} |")
+    lines += ["", "## Decisions", ""]
+    for d in decisions:
+        lines.append(f"{d.seq}. {when(d.at)} — **{d.action}** → {d.phase} by {_md(d.actor)}: "
+                     f"{_md(d.reason)}")
+        ev = d.evidence
+        if isinstance(ev.get("verdicts"), list):
+            lines.append(f"   - traffic judged: {ev.get('n_baseline', 0):,.0f} baseline, "
+                         f"{ev.get('n_candidate', 0):,.0f} candidate requests")
+            for v in ev["verdicts"]:
+                if isinstance(v, dict) and (v.get("segment") is None or v.get("status") == "harm"):
+                    where = f" [{_md(v['segment'])}]" if v.get("segment") else ""
+                    lines.append(f"   - {_md(v.get('guardrail'))}{where}: {v.get('status')} — "
+                                 f"{_md(v.get('sentence', ''))}")
+    return "\n".join(lines) + "\n"

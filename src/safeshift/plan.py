@@ -23,9 +23,11 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     PlainSerializer,
     PrivateAttr,
+    Tag,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -265,6 +267,84 @@ class Targeting(_Strict):
     )
 
 
+MAX_URL = 2048
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def _http_url(value: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        host = urlsplit(value).hostname
+    except ValueError:
+        host = None
+    if not value.startswith(("http://", "https://")) or not host or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an http(s) URL; write it like "
+                         "https://hooks.example.com/safeshift")
+    if len(value) > MAX_URL:
+        raise ValueError(f"a URL of at most {MAX_URL} characters, please")
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not _ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name: use letters, digits and "
+                         "'_', not starting with a digit, e.g. SAFESHIFT_WEBHOOK_SECRET (the secret "
+                         "itself goes in that variable, never in the plan)")
+    return value
+
+
+MAX_CONFIRM_TIMEOUT = 30.0
+"""A confirm hook is called from the controller's tick, which waits for it."""
+
+
+def _confirm_timeout(seconds: float) -> float:
+    if seconds > MAX_CONFIRM_TIMEOUT:
+        raise ValueError(f"at most {MAX_CONFIRM_TIMEOUT:g}s: the controller's tick waits for the "
+                         "hook, and a tick that waits too long delays rollbacks; 2s is typical")
+    return seconds
+
+
+WebhookUrl = Annotated[str, AfterValidator(_http_url), WithJsonSchema({
+    "type": "string", "maxLength": MAX_URL, "pattern": r"^https?://[^\s/?#]+[^\s]*$",
+    "description": "an http:// or https:// URL"})]
+SecretEnv = Annotated[str, AfterValidator(_env_name), WithJsonSchema({
+    "type": "string", "pattern": _ENV_NAME.pattern,
+    "description": "the name of the environment variable holding the HMAC-SHA256 secret"})]
+
+NotifyEvent = Literal["stage_change", "awaiting_approval", "rollback", "pause", "promotion"]
+NOTIFY_EVENTS: tuple[NotifyEvent, ...] = ("stage_change", "awaiting_approval", "rollback", "pause",
+                                          "promotion")
+"""What a webhook can be told of (see :mod:`safeshift.notify` for which decision is which)."""
+
+
+class Webhook(_Strict):
+    """A receiver told of the rollout's decisions (at least once each, in order, signed with
+    HMAC-SHA256 when ``secret_env`` names the variable holding the secret)."""
+
+    url: WebhookUrl
+    events: list[NotifyEvent] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS), min_length=1,
+        description="which decisions to send: stage_change, awaiting_approval, rollback, pause "
+        "(and resume), promotion (default all)")
+    format: Literal["json", "slack"] = Field(
+        default="json", description="json: safeshift's payload; slack: an incoming-webhook message")
+    secret_env: SecretEnv | None = Field(
+        default=None, description="environment variable holding the signing secret")
+
+
+class Confirm(_Strict):
+    """A hook asked before a stage starts: the controller POSTs the proposed transition and
+    holds (the previous stage keeps running) until the hook answers 200 with ``{"go": true}``."""
+
+    url: WebhookUrl
+    secret_env: SecretEnv | None = Field(
+        default=None, description="environment variable holding the signing secret")
+    timeout: Annotated[PositiveDuration, AfterValidator(_confirm_timeout)] = Field(
+        default=2.0, description="how long one call may take (at most 30s); a hook that does "
+        "not answer in time holds the rollout")
+
+
 _NOT_NULL = {"not": {"type": "null"}}
 _STAGE_SCHEMA_EXTRA: dict[str, Any] = {"allOf": [
     # holdback needs watch and traffic: 100%; watch needs holdback
@@ -274,6 +354,17 @@ _STAGE_SCHEMA_EXTRA: dict[str, Any] = {"allOf": [
     {"if": {"required": ["watch"], "properties": {"watch": _NOT_NULL}},
      "then": {"required": ["holdback"], "properties": {"holdback": _NOT_NULL}}},
 ]}
+
+
+class Approval(_Strict):
+    """Who must approve a stage: ``approvers`` distinct principals holding ``role`` or higher
+    (the two-person rule is ``approvers: 2``), and whether the rollout's creator is one."""
+
+    role: Literal["operator", "approver", "admin"] = Field(
+        default="approver", description="the least role an approver holds")
+    approvers: int = Field(default=1, ge=1, le=5, description="distinct approvers needed")
+    creator_may_approve: bool = Field(
+        default=True, description="whether whoever created the rollout may be one of them")
 
 
 class Stage(_Strict):
@@ -298,9 +389,16 @@ class Stage(_Strict):
         "test (defaults to max(min_samples, analysis.expected_samples))",
     )
     approval: Annotated[
-        Literal["required", "none"],
-        WithJsonSchema({"anyOf": [{"enum": ["required", "none"]}, {"type": "boolean"}],
-                        "description": "whether a person must approve before this stage starts"}),
+        Annotated[Literal["required", "none"], Tag("word")] | Annotated[Approval, Tag("rule")],
+        Discriminator(lambda v: "rule" if isinstance(v, dict | Approval) else "word"),
+        WithJsonSchema({"anyOf": [
+            {"enum": ["required", "none"]}, {"type": "boolean"},
+            {"type": "object", "additionalProperties": False, "properties": {
+                "role": {"enum": ["operator", "approver", "admin"], "default": "approver"},
+                "approvers": {"type": "integer", "minimum": 1, "maximum": 5, "default": 1},
+                "creator_may_approve": {"type": "boolean", "default": True}}}],
+            "description": "whether people must approve before this stage starts: required "
+                           "(one approver), or who and how many"}),
     ] = "none"
     experiment: Experiment | None = Field(
         default=None, description="split the candidate traffic among the candidate and the "
@@ -308,6 +406,9 @@ class Stage(_Strict):
     holdback: HoldbackShare | None = Field(
         default=None, description="last stage at 100% only: share of units kept on the baseline "
         "after promotion, judged by the guardrails for `watch`; a proven regression rolls back")
+    confirm: Confirm | None = Field(
+        default=None, description="a hook that must answer go before this stage starts "
+        "(advancing into it, or promotion into it)")
     watch: PositiveDuration | None = Field(
         default=None, description="how long the holdback after promotion runs (required with "
         "holdback)")
@@ -318,6 +419,13 @@ class Stage(_Strict):
         if isinstance(value, bool):
             return "required" if value else "none"
         return value
+
+    @property
+    def approval_rule(self) -> Approval | None:
+        """Who must approve before the stage starts, or None when nobody need."""
+        if isinstance(self.approval, Approval):
+            return self.approval
+        return Approval() if self.approval == "required" else None
 
     @property
     def is_shadow(self) -> bool:
@@ -535,6 +643,8 @@ class Plan(_Strict):
     guardrails: list[Guardrail] = Field(default_factory=list)
     analysis: Analysis = Field(default_factory=Analysis)
     serving: Serving = Field(default_factory=Serving)
+    notifications: list[Webhook] = Field(
+        default_factory=list, description="webhooks told of the rollout's decisions")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -583,6 +693,8 @@ class Plan(_Strict):
         covers. Fields added after plans were first stored are left out at their defaults, so
         a plan that does not use them keeps the hash it was registered with."""
         data = self.model_dump(mode="json", exclude_none=True)
+        if not data.get("notifications"):  # added later too: absent unless a plan uses it
+            data.pop("notifications", None)
         for section, defaults in _LATER_DEFAULTS.items():
             for name, default in defaults.items():
                 if data[section].get(name) == default:
@@ -803,13 +915,20 @@ def non_finite_problems(data: Any, path: str = "") -> list[Problem]:
     return []
 
 
+_UNION_TAGS = frozenset({"rule", "word"})
+
+
 def _problems(exc: ValidationError) -> list[Problem]:
     out = []
     for err in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in err["loc"])
+        # union tags (which branch of a tagged union failed) are not fields of the plan
+        path = ".".join(str(part) for part in err["loc"] if part not in _UNION_TAGS)
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
+        if err["type"] == "literal_error" and path.endswith(".approval"):
+            msg = ("write required, none, true, false, or {role, approvers, "
+                   "creator_may_approve}")
         if err["type"] == "extra_forbidden":
             msg = "unknown field; check its spelling against `safeshift schema`"
         elif err["type"] == "missing":

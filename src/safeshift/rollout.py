@@ -7,6 +7,8 @@ build on. It keeps the current traffic split cached, refreshed from the store wi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 import queue
@@ -65,11 +67,24 @@ class Prediction:
     fallback: bool = False  # the candidate failed and the baseline answered
 
 
+REPORT_UNIT_PREFIX = "unit:"
+"""Feedback keys of the form ``unit:<hash>`` record that a unit reported in a stage."""
+
+
 @dataclass(slots=True)
 class FeedbackResult:
     id: str
     accepted: list[str] = field(default_factory=list)
     duplicate: list[str] = field(default_factory=list)
+    # signals another client labelled first with a different value: recorded and counted
+    # (``conflicts:<signal>`` in the stage's telemetry), the first label still stands
+    conflict: list[str] = field(default_factory=list)
+
+
+def _fingerprint(value: Any) -> float:
+    """A label as one exactly representable float, to tell two labels apart."""
+    text = json.dumps(value, sort_keys=True, default=str)
+    return float(int(hashlib.sha256(text.encode()).hexdigest()[:13], 16))
 
 
 def _number(value: Any) -> bool:
@@ -245,13 +260,14 @@ class Rollout:
         self.clock: Clock = clock or SystemClock()
         self.controller = Controller(plan, store, self.clock)
         self.aggregator = Aggregator(plan)
-        self._assigner = Assigner(plan)
+        state = store.get_state(plan.rollout)
+        self._assigner = Assigner(plan, seed=str(state.extra.get("salt_seed", "")))
         self._models: dict[str, ModelBackend] = dict(models or {})
         self._records: list[RequestRecord] = []
         self.records_dropped = 0  # request records lost to a long store outage
         self._records_lock = threading.Lock()
         self._split_lock = threading.Lock()
-        self._split: Split = split_for(plan, store.get_state(plan.rollout))
+        self._split: Split = split_for(plan, state)
         self._split_at = time.monotonic()
         self._refresh = plan.serving.refresh
         self._purged_at = 0.0
@@ -268,7 +284,7 @@ class Rollout:
     @classmethod
     def from_plan(cls, plan: Plan | str | Path, *, store: Store | str | Path | None = None,
                   clock: Clock | None = None, models: Mapping[str, ModelBackend] | None = None,
-                  start: bool = True) -> Rollout:
+                  start: bool = True, salt_seed: str | None = None) -> Rollout:
         """Register the plan in the store (or find it there) and, with ``start``, begin the
         first stage. A rollout name already used by a different, unfinished plan is an error."""
         if not isinstance(plan, Plan):
@@ -276,7 +292,7 @@ class Rollout:
         if store is None or isinstance(store, str | Path):
             store = open_store(store)
         clock = clock or SystemClock()
-        state = ops.register(store, plan, clock)
+        state = ops.register(store, plan, clock, salt_seed=salt_seed)
         rollout = cls(plan, store, clock=clock, models=models)
         if start and state.phase is Phase.PENDING:
             rollout.tick()
@@ -456,7 +472,7 @@ class Rollout:
         now = self.clock.now()
         rec = RequestRecord(request_id, self.plan.rollout, a.stage_index, a.telemetry_arm, key.cohort,
                             key.segment, now, now + self.plan.serving.label_window, outputs,
-                            key.cluster)
+                            key.cluster, a.unit_hash)
         with self._records_lock:
             self._records.append(rec)
 
@@ -525,8 +541,12 @@ class Rollout:
                     if self._abs_error and _number(out) and _number(lab):
                         signals.setdefault("abs_error", {}).setdefault(arm, []).append(
                             abs(float(out) - float(lab)))
+        sent: dict[str, float] = {}  # what the client said, per signal (conflicts compare it)
+        if label is not None:
+            sent["accuracy"] = sent["abs_error"] = _fingerprint(label)
         for metric, value in (outcome or {}).items():
             signals.setdefault(metric, {}).setdefault(rec.arm, []).append(float(value))
+            sent[metric] = float(value)
         items = []
         for signal, per_arm in signals.items():
             cells: dict[CellKey, Cell] = {}
@@ -543,8 +563,7 @@ class Rollout:
                 key = CellKey(rec.stage, others[0], rec.cohort, rec.segment, window, rec.cluster)
                 for c, b in zip(per_arm[others[0]], base, strict=True):
                     cells[key].moments(f"{signal}:paired").add(c - b)
-            value = sum(sum(v) for v in per_arm.values())
-            items.append(FeedbackItem(rec.id, signal, value, now,
+            items.append(FeedbackItem(rec.id, signal, sent[signal], now,
                                       list(rows_from_cells(self.plan.rollout, cells))))
         return items
 
@@ -554,9 +573,15 @@ class Rollout:
         request that ``request_id`` names. Repeats are ignored per (request, metric)."""
         return self.feedback_many([{"id": request_id, "label": label, "outcome": outcome}])[0]
 
-    def feedback_many(self, items: Sequence[Mapping[str, Any]]) -> list[FeedbackResult]:
+    def feedback_many(self, items: Sequence[Mapping[str, Any]], *,
+                      source: str = "") -> list[FeedbackResult]:
         """Several feedbacks (``{"id", "label"?, "outcome"?}``) in one transaction. Every item is
-        checked first: one unknown id or empty item rejects the whole batch, nothing stored."""
+        checked first: one unknown id or empty item rejects the whole batch, nothing stored.
+
+        ``source`` names the client that sends them (the gateway passes the token's id). The
+        first label of a request counts; a client's repeat is a duplicate; another client's
+        later label is recorded too — never dropped as "a duplicate" of someone else's — and,
+        when it differs, counted as a conflict (``conflicts:<signal>``, shown by status)."""
         for i, item in enumerate(items):
             if item.get("label") is None and not item.get("outcome"):
                 raise ValueError(f"item {i}: give a label or an outcome")
@@ -574,18 +599,43 @@ class Rollout:
             plan.append((rid, self._feedback_items(records[rid], item.get("label"),
                                                    item.get("outcome"))))
         flat = [fi for _, fis in plan for fi in fis]
-        fresh = iter(self.store.add_feedback(flat))
+        # the client's own copy (first writer within the client) beside the request's first
+        own = [FeedbackItem(fi.request_id, f"{fi.signal}#{source}", fi.value, fi.at, [])
+               for fi in flat] if source else []
+        written = self.store.add_feedback([*flat, *own])
+        first, mine = written[:len(flat)], written[len(flat):] or [True] * len(flat)
+        later = [(fi.request_id, fi.signal) for fi, f, m in zip(flat, first, mine, strict=True)
+                 if m and not f]
+        earlier = self.store.feedback_values(later) if later else {}
+        conflicts: dict[CellKey, Cell] = {}
         results = []
+        step = iter(zip(first, mine, strict=True))
         for rid, fis in plan:
             result = FeedbackResult(rid)
             for fi in fis:
-                (result.accepted if next(fresh) else result.duplicate).append(fi.signal)
+                is_first, is_mine = next(step)
+                if is_first:
+                    result.accepted.append(fi.signal)
+                elif is_mine and earlier.get((rid, fi.signal), fi.value) != fi.value:
+                    result.conflict.append(fi.signal)
+                    rec = records[rid]
+                    window = int(rec.created_at // self.aggregator.window
+                                 * self.aggregator.window)
+                    cell = conflicts.setdefault(CellKey(rec.stage, rec.arm, rec.cohort,
+                                                        rec.segment, window, rec.cluster), Cell())
+                    cell.moments(f"conflicts:{fi.signal}").add(1.0)
+                else:
+                    result.duplicate.append(fi.signal)
             results.append(result)
+        if conflicts:
+            self.store.add_telemetry(list(rows_from_cells(self.plan.rollout, conflicts)))
         return results
 
     def report(self, request_id: str, kind: str, text: str = "") -> bool:
-        """Count a user's issue report against the arm that served ``request_id`` (once per
-        request). Returns False for a repeat."""
+        """Count a user's issue report against the arm that served ``request_id``: once per
+        unit and stage (once per request for anonymous requests), so that one user — or one
+        client sending reports on its own requests — counts once however often it reports.
+        Returns False for a repeat."""
         rec = self._find([request_id])[request_id]
         window = int(rec.created_at // self.aggregator.window * self.aggregator.window)
         cell = Cell()
@@ -594,8 +644,16 @@ class Rollout:
         rows = rows_from_cells(self.plan.rollout,
                                {CellKey(rec.stage, rec.arm, rec.cohort, rec.segment, window,
                                         rec.cluster): cell})
-        item = FeedbackItem(request_id, "report_rate", 1.0, self.clock.now(), list(rows))
-        return self.store.add_feedback([item])[0]
+        now = self.clock.now()
+        if rec.unit_hash < 0:
+            return self.store.add_feedback([FeedbackItem(request_id, "report_rate", 1.0, now,
+                                                         list(rows))])[0]
+        # the request's own key (its repeat is a duplicate) and the unit's, which counts
+        unit_key = FeedbackItem(f"{REPORT_UNIT_PREFIX}{rec.unit_hash}",
+                                f"report@{self.plan.rollout}/{rec.stage}", 1.0, now, list(rows))
+        own, unit = self.store.add_feedback([
+            FeedbackItem(request_id, "report_rate", 1.0, now, []), unit_key])
+        return own and unit
 
     # -- persistence and control ----------------------------------------------------------
 

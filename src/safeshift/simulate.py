@@ -387,8 +387,10 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
     else:
         raise RolloutError(f"{plan.rollout!r} already ran in {store.url}; use another --seed "
                            "or another store")
+    # the assignment seed follows the simulation's, so a run is the same on every machine
     rollout = Rollout.from_plan(plan, store=store, clock=clock,
-                                models={v: FakeModel() for v in (BASELINE, *plan.variants)})
+                                models={v: FakeModel() for v in (BASELINE, *plan.variants)},
+                                salt_seed=f"simulate-{seed}")
     pop = Population(scenario.mix, population, rng, scenario.users, scenario.baseline.accuracy)
     start = clock.now()
     wall = time.perf_counter()

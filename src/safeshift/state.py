@@ -92,6 +92,7 @@ class RequestRecord:
     expires_at: float
     outputs: dict[str, Any]  # arm -> first output (both arms in shadow)
     cluster: int = -1  # the unit's cluster (see safeshift.telemetry), that labels count in
+    unit_hash: int = -1  # the unit's 32-bit hash (reports count once per unit), -1: none
 
 
 @dataclass(slots=True)
@@ -103,3 +104,34 @@ class FeedbackItem:
     value: float
     at: float
     rows: list[Any]  # TelemetryRow: added only when the feedback is new
+
+
+@dataclass(slots=True)
+class OutboxEntry:
+    """A notification waiting to be sent to one webhook, written in the transaction of the
+    decision that caused it, so that neither exists without the other (delivery is
+    at-least-once: a receiver deduplicates on ``id``).
+
+    ``target`` is the webhook's URL: entries of one (rollout, target) are sent in ``id`` order,
+    an undelivered earlier one holding back the later ones. ``payload`` holds the format, the
+    name of the secret's environment variable and the body data (:mod:`safeshift.notify`)."""
+
+    rollout: str
+    seq: int  # the decision's
+    event: str  # stage_change, awaiting_approval, rollback, pause, promotion
+    target: str
+    payload: dict[str, Any]
+    created_at: float
+    id: int = 0  # given by the store
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    delivered_at: float | None = None
+    dead: bool = False
+    last_error: str = ""
+
+    @property
+    def status(self) -> str:
+        """``delivered``, ``dead`` (given up: ``safeshift notify retry-dead``) or ``pending``."""
+        if self.delivered_at is not None:
+            return "delivered"
+        return "dead" if self.dead else "pending"

@@ -48,7 +48,8 @@ def server(tmp_path: Any) -> Iterator[tuple[str, Store, dict[Role, dict[str, str
     clock = SystemClock()
     headers = {}
     for role in ROLES:
-        token, _ = ops.create_token(store, clock, name=f"{role}-1", role=role, expires_in=None)
+        token, _ = ops.create_token(store, clock, name=f"{role}-1", role=role, expires_in=None,
+                                    rights={"labels": True} if role is Role.CLIENT else None)
         headers[role] = {"authorization": f"Bearer {token}"}
     app = create_app([make_plan(**GATED)], store=store, tick_interval=3600, access_log=False)
     with running(app) as url:
@@ -160,7 +161,7 @@ def test_missing_malformed_unknown_revoked_and_expired_tokens_get_401(server: An
         metrics = c.get("/metrics").text
         logged = c.get("/v1/denials", params={"limit": 1000}, headers=h[Role.ADMIN]).json()
     assert 'safeshift_auth_denied_total{status="401"} 35.0' in metrics
-    assert sum(d["status"] == 401 for d in logged) == 35
+    assert sum(d["status"] == 401 for d in logged) == 35, logged
     assert sum("was revoked" in d["reason"] for d in logged) == 5
     assert sum("expired" in d["reason"] for d in logged) == 5
 
@@ -260,3 +261,134 @@ def test_cli_verbs_against_a_server_match_the_store_and_need_the_role(server: An
     assert r.returncode == 0 and r.stdout.startswith("ss_")
     r = _cli("status", "--url", url, token=r.stdout.strip())
     assert r.returncode == 0 and "churn-v2" in r.stdout
+
+
+def test_two_person_approval_refuses_a_second_vote_and_the_creator(server: Any) -> None:
+    url, store, h = server
+    clock = SystemClock()
+    second, _ = ops.create_token(store, clock, name="approver-2", role=Role.APPROVER,
+                                 expires_in=None)
+    plan = plan_dict(rollout="churn-v4", endpoint="churn-c", stages=[{
+        "name": "canary", "traffic": "10%", "min_duration": "1h",
+        "approval": {"approvers": 2, "creator_may_approve": False}}])
+    why = {"reason": "checked the offline evaluation"}
+    path = "/v1/rollouts/churn-v4/approve"
+    with httpx.Client(base_url=url) as c:
+        r = c.post("/v1/rollouts", json=plan, headers=h[Role.ADMIN])
+        assert r.status_code == 201 and r.json()["phase"] == "awaiting_approval"
+        need = r.json()["approval"]
+        assert need == {"stage": "canary", "role": "approver", "approvers": 2,
+                        "approved_by": [], "needed": 2, "excluded_creator": "admin-1"}
+        r = c.post(path, json=why, headers=h[Role.APPROVER])
+        assert r.status_code == 200 and r.json()["phase"] == "awaiting_approval"
+        assert "1 of 2 approvals" in r.json()["reason"] and "1 more needed" in r.json()["reason"]
+        status = c.get("/v1/rollouts/churn-v4", headers=h[Role.VIEWER]).json()
+        assert status["approval"]["approved_by"] == ["approver-1"]
+        assert status["approval"]["needed"] == 1
+        before = snapshot(store)
+        r = c.post(path, json=why, headers=h[Role.APPROVER])  # the same person again
+        assert r.status_code == 409 and "already approved" in r.json()["error"]
+        r = c.post(path, json=why, headers=h[Role.ADMIN])  # the creator
+        assert r.status_code == 409 and "creator" in r.json()["error"]
+        r = c.post(path, json=why, headers=h[Role.OPERATOR])  # a lesser role
+        assert r.status_code == 403
+        assert snapshot(store) == before
+        r = c.post(path, json=why, headers={"authorization": f"Bearer {second}"})
+        assert r.status_code == 200 and r.json()["phase"] == "running"
+        assert "2 of 2 approvals" in r.json()["reason"]
+    approvals = [d.actor for d in store.decisions("churn-v4") if str(d.action) == "approve"]
+    assert approvals == ["approver-1", "approver-2"]
+    assert ops.verify_audit(store, "churn-v4").ok
+
+
+def test_targeting_attributes_count_only_from_clients_with_the_right(tmp_path: Any) -> None:
+    """The abuse: ``{"plan": "internal"}`` in the context opted anyone into the candidate.
+    Now a targeting rule reads an attribute only from a client whose token may assert it."""
+    store = open_store(str(tmp_path / "t.db"))
+    clock = SystemClock()
+    anyone, _ = ops.create_token(store, clock, name="public-app", role=Role.CLIENT,
+                                 expires_in=None)
+    internal, _ = ops.create_token(store, clock, name="internal-app", role=Role.CLIENT,
+                                   expires_in=None, rights={"attributes": ["plan"]})
+    plan = make_plan(segments=["plan"], targeting={"always_candidate": {"plan": ["internal"]}},
+                     stages=[{"name": "canary", "traffic": "1%", "min_duration": "1h"}])
+    app = create_app([plan], store=store, tick_interval=3600, access_log=False)
+    shares = {}
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        for who, token in (("public", anyone), ("internal", internal)):
+            arms = [c.post("/v1/endpoints/churn/predict",
+                           headers={"authorization": f"Bearer {token}"},
+                           json={"unit": f"{who}-{i}", "context": {"plan": "internal"},
+                                 "inputs": {"x": i}}).json()["arm"] for i in range(300)]
+            shares[who] = arms.count("candidate") / len(arms)
+    store.close()
+    assert shares["public"] < 0.05, shares  # the 1 % hash share, not the opt-in
+    assert shares["internal"] == 1.0, shares
+
+
+def test_labels_need_the_right_and_each_client_writes_its_own_first_label(tmp_path: Any) -> None:
+    """The abuse: anyone labelled their own requests first and a genuine later label was a
+    "duplicate". Now an app's client token cannot label at all; among labelling clients each
+    writes its own first label, and a disagreement is counted and shown, not swallowed."""
+    store = open_store(str(tmp_path / "l.db"))
+    clock = SystemClock()
+    app_token, _ = ops.create_token(store, clock, name="app", role=Role.CLIENT,
+                                    expires_in=None)
+    first, _ = ops.create_token(store, clock, name="labeller-a", role=Role.CLIENT,
+                                expires_in=None, rights={"labels": True})
+    second, _ = ops.create_token(store, clock, name="labeller-b", role=Role.CLIENT,
+                                 expires_in=None, rights={"labels": True})
+    plan = make_plan(guardrails=[{"metric": "accuracy", "tolerance": 0.05}])
+    app = create_app([plan], store=store, tick_interval=3600, access_log=False)
+
+    def auth(token: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {token}"}
+
+    with running(app) as url, httpx.Client(base_url=url) as c:
+        rid = c.post("/v1/endpoints/churn/predict", headers=auth(app_token),
+                     json={"unit": "u1", "inputs": {"x": 1}}).json()["id"]
+        before = sum(r.n for r in store.telemetry("churn-v2") if r.signal == "accuracy")
+        r = c.post("/v1/feedback", headers=auth(app_token), json={"id": rid, "label": 0})
+        assert r.status_code == 403 and "labels right" in r.json()["error"]
+        r = c.post("/v1/feedback", headers=auth(first), json={"id": rid, "label": 1})
+        assert r.json()["accepted"] == ["accuracy"]
+        r = c.post("/v1/feedback", headers=auth(first), json={"id": rid, "label": 0})
+        assert r.json()["duplicate"] == ["accuracy"] and r.json()["conflict"] == []
+        r = c.post("/v1/feedback", headers=auth(second), json={"id": rid, "label": 0})
+        assert r.json()["conflict"] == ["accuracy"] and r.json()["accepted"] == []
+        r = c.post("/v1/feedback", headers=auth(second), json={"id": rid, "label": 0})
+        assert r.json()["duplicate"] == ["accuracy"] and r.json()["conflict"] == []
+        admin, _ = ops.create_token(store, clock, name="boss", role=Role.ADMIN, expires_in=None)
+        c.get("/v1/denials", headers=auth(admin))  # flushes the denial log
+        status = c.get("/v1/rollouts/churn-v2", headers=auth(admin)).json()
+    after = sum(r.n for r in store.telemetry("churn-v2") if r.signal == "accuracy")
+    assert after - before == 1  # one label counted: the first labeller's
+    assert status["label_conflicts"] == {"accuracy": 1.0}
+    assert any("labels right" in d.reason for d in store.denials())
+    store.close()
+
+
+def test_reports_count_once_per_unit_and_stage(tmp_path: Any) -> None:
+    """The abuse: 56 reports on one's own requests rolled back an identical candidate. A
+    unit's reports now count once per stage, however many requests it reports on."""
+    store = open_store(str(tmp_path / "r.db"))
+    token, _ = ops.create_token(store, SystemClock(), name="app", role=Role.CLIENT,
+                                expires_in=None)
+    plan = make_plan(guardrails=[{"metric": "report_rate", "tolerance": 0.01}])
+    app = create_app([plan], store=store, tick_interval=3600, access_log=False)
+    auth = {"authorization": f"Bearer {token}"}
+    with running(app) as url, httpx.Client(base_url=url, headers=auth) as c:
+        ids = [c.post("/v1/endpoints/churn/predict",
+                      json={"unit": "mallory", "inputs": {"x": i}}).json()["id"]
+               for i in range(56)]
+        answers = [c.post("/v1/reports", json={"id": rid, "kind": "wrong"}).json()
+                   for rid in ids]
+        others = [c.post("/v1/endpoints/churn/predict",
+                         json={"unit": f"user-{i}", "inputs": {"x": i}}).json()["id"]
+                  for i in range(3)]
+        for rid in others:
+            assert c.post("/v1/reports", json={"id": rid, "kind": "wrong"}).json()["accepted"]
+    counted = sum(r.s for r in store.telemetry("churn-v2") if r.signal == "report_rate")
+    store.close()
+    assert [a["accepted"] for a in answers] == [True] + [False] * 55
+    assert counted == 4  # mallory once, and each of the three other users

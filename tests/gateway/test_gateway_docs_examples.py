@@ -36,8 +36,8 @@ def test_the_feedback_and_report_examples_answer_200() -> None:
     assert "/v1/feedback" in paths and "/v1/reports" in paths  # the regex still finds them
     plan = Plan.load(ROOT / "examples" / "churn" / "plan.yaml")
     store = MemoryStore()
-    token, _ = ops.create_token(store, SystemClock(), name="churn-app", role=Role.CLIENT,
-                                expires_in=None)
+    token, _ = ops.create_token(store, SystemClock(), name="labels-job", role=Role.CLIENT,
+                                expires_in=None, rights={"labels": True})
     app = create_app([plan], store=store, tick_interval=3600, access_log=False)
     with running(app) as url, httpx.Client(
             base_url=url, headers={"authorization": f"Bearer {token}"}) as c:

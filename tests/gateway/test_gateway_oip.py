@@ -95,7 +95,8 @@ def test_named_columns_become_rows_of_features() -> None:
         return [1] * len(rows)
 
     app = create_app([make_plan()], auth=False, store="memory://", tick_interval=3600,
-                     models={"churn": {"baseline": PythonModel(spy)}})
+                     models={"churn": {"baseline": PythonModel(spy),
+                                       "candidate": PythonModel(spy)}})
     with running(app) as url:
         # a Python model does not declare its output type: BYTES until an answer shows it
         before = httpx.get(f"{url}/v2/models/churn").json()["outputs"][0]["datatype"]

@@ -88,8 +88,13 @@ class DenialLog:
         self._pending.append(denial)
 
     def drain(self) -> list[Denial]:
-        out = list(self._pending)
-        self._pending.clear()
+        """Take every pending refusal (safe while the event loop records more)."""
+        out = []
+        while self._pending:
+            try:
+                out.append(self._pending.popleft())
+            except IndexError:
+                break
         return out
 
 

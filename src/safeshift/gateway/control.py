@@ -21,6 +21,7 @@ route                                      role       what
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ from safeshift.plan import Plan
 from safeshift.state import Phase
 
 T = TypeVar("T")
+_ATTRIBUTE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _ACTIONS = {str(a): a for a in ops.ACTION_ROLES}
 _COMMON: dict[int | str, dict[str, Any]] = {
@@ -64,6 +66,10 @@ _TOKEN_BODY = {"requestBody": {"required": True, "content": {"application/json":
         "name": {"type": "string", "pattern": r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"},
         "role": {"enum": ["client", "viewer", "operator", "approver", "admin"]},
         "expires": {"type": ["string", "null"], "description": "e.g. 30d, 12h; none: never"},
+        "attributes": {"type": "array", "maxItems": 32, "items": {
+            "type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+            "description": "targeting attributes this client may assert"},
+        "labels": {"type": "boolean", "description": "its labels and outcomes count"},
     }}}}}}
 _PLAN_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "description": "a plan (see safeshift schema)"}}}}}
@@ -161,6 +167,14 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
             return [d.to_json() for d in ops.history(gw.store, name)]
         return await run(request, fn)
 
+    @router.get("/rollouts/{name}/notes", summary="Rollout release notes (Markdown)",
+                responses=_ROLLOUT)
+    async def notes(request: Request, name: str) -> Any:
+        def fn(p: Principal) -> Any:
+            read(p, f"the release notes of rollout {name!r}")
+            return {"rollout": name, "markdown": ops.release_notes(gw.store, name)}
+        return await run(request, fn)
+
     @router.get("/rollouts/{name}/audit", summary="Rollout audit log", responses=_ROLLOUT)
     async def audit(request: Request, name: str) -> Any:
         def fn(p: Principal) -> Any:
@@ -207,8 +221,16 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
         openapi_extra=_TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         doc = await body_of(request, '{"name": "alice", "role": "viewer", "expires": "30d"}',
-                            ("name", "role", "expires"))
+                            ("name", "role", "expires", "attributes", "labels"))
         name, role, expires = doc.get("name"), doc.get("role"), doc.get("expires")
+        attributes = doc.get("attributes", [])
+        labels = doc.get("labels", False)
+        if not isinstance(labels, bool):
+            raise HTTPError(422, "labels must be true or false", field="labels")
+        if (not isinstance(attributes, list) or len(attributes) > 32
+                or not all(isinstance(a, str) and _ATTRIBUTE.fullmatch(a) for a in attributes)):
+            raise HTTPError(422, "attributes must be a list of at most 32 attribute names "
+                                 "(letters, digits, _ . -)", field="attributes")
         if not isinstance(name, str) or not isinstance(role, str):
             raise HTTPError(422, "give the token's name and role as strings", field="name")
         try:
@@ -219,8 +241,11 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
                             else "role") from None
 
         def fn(p: Principal) -> Any:
-            token, record = ops.create_token(gw.store, gw.clock, name=name, role=parsed_role,
-                                             expires_in=expires_in, principal=p)
+            token, record = ops.create_token(
+                gw.store, gw.clock, name=name, role=parsed_role, expires_in=expires_in,
+                principal=p, rights={**({"attributes": sorted(set(attributes))}
+                                        if attributes else {}),
+                                     **({"labels": True} if labels else {})})
             return {"token": token, **record.to_json()}
         return JSONResponse(await run(request, fn), 201)
 

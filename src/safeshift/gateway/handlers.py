@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safeshift.assign import BASELINE
+from safeshift.auth import Principal
 from safeshift.gateway import oip
 from safeshift.gateway._http import (
     HTTPError,
@@ -79,13 +80,20 @@ def _record_id(given: str | None, scope: Scope) -> tuple[str, str | None]:
     return rid, HEADER if request_id_given(scope) else None
 
 
+def _asserts(scope: Scope) -> frozenset[str] | None:
+    """The targeting attributes the authenticated client may assert (None: any)."""
+    principal = scope.get("safeshift.principal")
+    return principal.attributes if isinstance(principal, Principal) else None
+
+
 async def predict(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
     """``POST /v1/endpoints/{name}/predict``."""
     ep = endpoint(gw, name)
     req = parse_predict(body)
     rid, given = _record_id(req.id, scope)
     served = await serve_once(gw, ep, rid, given, lambda: ep.predict(
-        req.rows, unit=req.unit, context=req.context, request_id=rid, protocol="v1"))
+        req.rows, unit=req.unit, context=req.context, request_id=rid, protocol="v1",
+        asserts=_asserts(scope)))
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
     doc: dict[str, Any] = {"id": rid, "outputs": served.outputs, "version": served.version,
@@ -124,7 +132,7 @@ async def _infer(gw: Gateway, ep: Endpoint, pin: str | None, body: bytes, scope:
 
     def serve() -> Awaitable[Served]:
         return ep.predict(rows, unit=unit, context=context, request_id=rid, protocol="oip",
-                          pin_baseline=pin == BASELINE)
+                          pin_baseline=pin == BASELINE, asserts=_asserts(scope))
     served = await serve_once(gw, ep, rid, given, serve)
     annotate(scope, endpoint=name, arm=served.arm, version=served.version,
              fallback=served.fallback)
@@ -142,6 +150,14 @@ async def _infer(gw: Gateway, ep: Endpoint, pin: str | None, body: bytes, scope:
 async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     """``POST /v1/feedback``: labels and outcomes, one or a batch."""
     items, batch = parse_feedback(body)
+    principal = scope.get("safeshift.principal")
+    if isinstance(principal, Principal) and not principal.labels:
+        message = (f"{principal.name}'s token may not send labels or outcomes (they decide "
+                   "rollouts): the labelling pipeline's token needs the labels right "
+                   "(safeshift token create --role client --labels ...)")
+        gw.denials.record(scope, 403, message, principal.name)
+        raise HTTPError(403, message)
+    source = principal.token_id if isinstance(principal, Principal) else ""
     fields = [f"[{i}].id" if batch else "id" for i in range(len(items))]
     joined = await gw.join([it.id for it in items], fields)
     for i, it in enumerate(items):
@@ -164,7 +180,8 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
             rollout = joined[items[indices[0]].id][0]
             batch_items = [{"id": items[i].id, "label": items[i].label,
                             "outcome": items[i].outcome} for i in indices]
-            for i, res in zip(indices, rollout.feedback_many(batch_items), strict=True):
+            for i, res in zip(indices, rollout.feedback_many(batch_items, source=source),
+                              strict=True):
                 done[i] = res
         results = []
         for i, it in enumerate(items):
@@ -175,7 +192,8 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
                 ep.metrics.feedback(rec.arm, "label" if it.label is not None else "outcome")
             results.append({"id": it.id, "rollout": rec.rollout, "arm": rec.arm,
                             "stage": _stage_name(rollout.plan.stages, rec.stage),
-                            "accepted": res.accepted, "duplicate": res.duplicate})
+                            "accepted": res.accepted, "duplicate": res.duplicate,
+                            "conflict": res.conflict})
         return results
 
     results = await asyncio.to_thread(write)

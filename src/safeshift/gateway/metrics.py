@@ -34,6 +34,9 @@ safeshift_http_errors_total              counter      route, status
 safeshift_store_errors_total             counter      operation
 safeshift_auth_denied_total              counter      status (401 | 403)
 safeshift_denials_dropped_total          counter      (refusals not written to the store)
+safeshift_notifications_total            counter      outcome (delivered | failed | dead)
+safeshift_notifications_pending          gauge        (outbox entries not yet delivered)
+safeshift_notifications_dead_letter      gauge        (outbox entries given up on)
 =======================================  ===========  =====================================
 """
 
@@ -120,6 +123,16 @@ class GatewayMetrics:
                                        registry=r)
         self.store_errors = Counter("safeshift_store_errors", "Failed store operations of the "
                                     "background tasks", ["operation"], registry=r)
+        self.notifications = Counter("safeshift_notifications", "Webhook delivery attempts by "
+                                     "this process: delivered, failed (to be retried) or dead "
+                                     "(the last attempt failed)", ["outcome"], registry=r)
+        for outcome in ("delivered", "failed", "dead"):
+            self.notifications.labels(outcome)
+        self.notifications_pending = Gauge("safeshift_notifications_pending", "Notifications "
+                                           "in the store's outbox not yet delivered", registry=r)
+        self.notifications_dead = Gauge("safeshift_notifications_dead_letter", "Notifications "
+                                        "given up on after their last attempt (safeshift notify "
+                                        "retry-dead requeues them)", registry=r)
 
     def endpoint(self, name: str, variants: tuple[str, ...] = (CANDIDATE,)) -> EndpointMetrics:
         return EndpointMetrics(self, name, variants)

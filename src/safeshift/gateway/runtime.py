@@ -7,7 +7,9 @@ Background tasks, all with their SQL in worker threads:
   request within ``serving.refresh``; publish stage and traffic gauges;
 - *flush* every ``flush_interval``: write telemetry and request records (``Rollout.flush``);
 - *controller* (unless disabled) every ``tick_interval``: ``Rollout.tick`` for each rollout
-  whose controller lease this process holds; a decision refreshes the split at once.
+  whose controller lease this process holds; a decision refreshes the split at once;
+- *notify* every ``notify_interval``: send the webhook notifications due in the store's outbox
+  (:func:`safeshift.notify.deliver_due`; every replica may, the claim keeps them apart).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import asyncio
 import contextlib
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from safeshift import ops
+import httpx
+
+from safeshift import notify, ops
 from safeshift.clock import Clock
 from safeshift.controller import Lease
 from safeshift.errors import SafeshiftError
@@ -53,6 +58,7 @@ class Gateway:
         self.endpoints: dict[str, Endpoint] = {}
         self.rollouts: dict[str, Rollout] = {}
         self.denials = DenialLog(metrics)
+        self._denials_lock = threading.Lock()
         for rollout in rollouts:
             ep = Endpoint(rollout, metrics.endpoint(rollout.plan.endpoint,
                                                     tuple(rollout.plan.variants)),
@@ -72,6 +78,7 @@ class Gateway:
         self._phase_at: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping: asyncio.Event | None = None
+        self._http: httpx.Client | None = None  # webhook deliveries, while started
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -85,6 +92,9 @@ class Gateway:
         if self.controller:
             self._tasks.append(asyncio.create_task(self._control_loop(),
                                                    name="safeshift-controller"))
+        if self.settings.notify_interval is not None:
+            self._http = httpx.Client(timeout=self.settings.notify_timeout)
+            self._tasks.append(asyncio.create_task(self._notify_loop(), name="safeshift-notify"))
         self.started_at = time.time()
         self.ready = True
         gateway_logger.info("gateway started", extra={
@@ -98,6 +108,9 @@ class Gateway:
             self._stopping.set()  # background loops finish their current step (SQL included)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._http is not None:
+            self._http.close()
+            self._http = None
         for ep in self.endpoints.values():
             await ep.shadow.stop(self.settings.drain_timeout)
         for ep in self.endpoints.values():
@@ -179,15 +192,17 @@ class Gateway:
             served.refresh()
 
     def flush_denials(self) -> None:
-        """Write the refused requests noted since the last flush to the store's denial log."""
-        denied = self.denials.drain()
-        if not denied:
-            return
-        try:
-            self.store.add_denials(denied)
-        except Exception as exc:
-            self.metrics.denials_dropped.inc(len(denied))
-            self._background_error("denials", exc)
+        """Write the refused requests noted since the last flush to the store's denial log
+        (one flush at a time: a reader that flushes first then sees every refusal)."""
+        with self._denials_lock:
+            denied = self.denials.drain()
+            if not denied:
+                return
+            try:
+                self.store.add_denials(denied)
+            except Exception as exc:
+                self.metrics.denials_dropped.inc(len(denied))
+                self._background_error("denials", exc)
 
     def flush_all(self) -> int:
         """Write buffered telemetry, request records and refused requests to the store."""
@@ -224,6 +239,37 @@ class Gateway:
                 await self.tick()
             except Exception as exc:
                 self._background_error("tick", exc)
+
+    def deliver_notifications(self) -> notify.DeliveryReport:
+        """Send the due webhook notifications (in a worker thread: it posts and waits) and
+        publish the outbox's pending and dead-letter counts."""
+        s = self.settings
+        client = self._http
+        if client is None:
+            raise RuntimeError("the gateway is not started: no HTTP client for notifications")
+        report = notify.deliver_due(self.store, self.clock.now(), client=client,
+                                    max_attempts=s.notify_max_attempts,
+                                    backoff_base=s.notify_backoff, backoff_cap=s.notify_backoff_cap)
+        m = self.metrics
+        for outcome, n in (("delivered", report.delivered), ("failed", report.failed),
+                           ("dead", report.dead)):
+            if n:
+                m.notifications.labels(outcome).inc(n)
+        counts = self.store.outbox_counts()
+        m.notifications_pending.set(counts["pending"])
+        m.notifications_dead.set(counts["dead"])
+        if report.dead:
+            gateway_logger.warning("notifications dead-lettered", extra={
+                "dead": report.dead, "dead_letter": counts["dead"]})
+        return report
+
+    async def _notify_loop(self) -> None:
+        interval = self.settings.notify_interval or 0.5
+        while await self._wait(interval):
+            try:
+                await self._run(self.deliver_notifications)
+            except Exception as exc:
+                self._background_error("notify", exc)
 
     def _background_error(self, operation: str, exc: Exception) -> None:
         self.metrics.store_errors.labels(operation).inc()

@@ -108,6 +108,9 @@ class Endpoint:
         self.baseline_version = plan.baseline.version
         self.baseline_timeout = plan.baseline.timeout
         self.unit_key = plan.unit
+        # context attributes targeting rules read: a client asserts them only with the right
+        self.targeting_keys = frozenset(
+            [*plan.targeting.always_candidate, *plan.targeting.never_candidate]) - {plan.unit}
         # one set of serving steps and protection per rollout, whoever calls it
         rollout.serving.close()
         self.serving = rollout.serving = Serving(rollout, threads=threads)
@@ -218,17 +221,25 @@ class Endpoint:
 
     async def predict(self, rows: list[Any], *, unit: str | None,
                       context: Mapping[str, Any] | None, request_id: str,
-                      protocol: str, pin_baseline: bool = False) -> Served:
+                      protocol: str, pin_baseline: bool = False,
+                      asserts: frozenset[str] | None = None) -> Served:
         """Serve one request; raises :class:`HTTPError` only when the baseline cannot answer:
         422 for inputs it rejects (a request fault), 502 for any other failure.
         ``pin_baseline``: the client asked for the baseline's version (the Open Inference
         Protocol's versioned route), so the baseline answers and the request is counted
-        outside the comparison (the ``excluded`` cohort, no unit hash)."""
+        outside the comparison (the ``excluded`` cohort, no unit hash).
+        ``asserts``: the targeting attributes the client may assert (None: all); the others
+        still name segments, but targeting rules do not see them, so nobody opts in (or out)
+        by sending ``{"plan": "internal"}``."""
         start = time.perf_counter()
         if unit is None and context:
             raw = context.get(self.unit_key)
             unit = None if raw is None else str(raw)
-        a = self.assign(unit, context)
+        targeting = context
+        if asserts is not None and context and self.targeting_keys:
+            targeting = {k: v for k, v in context.items()
+                         if k not in self.targeting_keys or k in asserts}
+        a = self.assign(unit, targeting)
         if pin_baseline:
             a = Assignment(BASELINE, self.baseline_version, a.stage, a.stage_index, False,
                            Reason.EXCLUDED)

@@ -45,6 +45,17 @@ class GatewaySettings:
     """Seconds allowed at shutdown (and before a feedback join) for pending shadow copies."""
     controller_lease: float = 10.0
     """Seconds a controller lease lasts (renewed every tick), so one replica decides."""
+    notify_interval: float | None = 0.5
+    """Seconds between sends of due webhook notifications from the store's outbox (every
+    replica may send: the claim keeps two from sending one entry); ``None`` sends none."""
+    notify_timeout: float = 2.0
+    """Seconds one webhook delivery may take before it counts as failed."""
+    notify_max_attempts: int = 12
+    """Attempts before a notification is dead-lettered (about 19 minutes of retries)."""
+    notify_backoff: float = 1.0
+    """Seconds before the first retry; doubled after each failure, up to notify_backoff_cap."""
+    notify_backoff_cap: float = 300.0
+    """The longest wait between two attempts."""
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> GatewaySettings:
         """A copy with ``overrides`` applied; an unknown name is an error."""

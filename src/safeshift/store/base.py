@@ -7,10 +7,10 @@ from typing import Any, Protocol
 
 from safeshift.audit import AuditEvent
 from safeshift.auth import Denial, TokenRecord
-from safeshift.state import Decision, FeedbackItem, RequestRecord, RolloutState
+from safeshift.state import Decision, FeedbackItem, OutboxEntry, RequestRecord, RolloutState
 from safeshift.telemetry import TelemetryRow
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 5
 
 
 class Store(Protocol):
@@ -29,9 +29,11 @@ class Store(Protocol):
     def list_states(self) -> list[RolloutState]: ...
 
     def commit(self, state: RolloutState, *, expected_version: int,
-               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
-        """Atomically write the new state, decisions and audit events if the stored version is
-        still ``expected_version`` (else :class:`ConcurrencyError`); seals the audit chain."""
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
+               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
+        """Atomically write the new state, decisions, audit events and the notifications they
+        cause (``outbox``, due at once) if the stored version is still ``expected_version``
+        (else :class:`ConcurrencyError`); seals the audit chain."""
         ...
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None: ...
@@ -55,6 +57,10 @@ class Store(Protocol):
         transaction. An item already recorded changes nothing and reports False."""
         ...
 
+    def feedback_values(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The stored value of each (request id, signal) recorded, by key."""
+        ...
+
     def decisions(self, rollout: str) -> list[Decision]: ...
 
     def audit_events(self, rollout: str) -> list[AuditEvent]: ...
@@ -63,6 +69,35 @@ class Store(Protocol):
 
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
         """Take or renew the named lease (e.g. the controller's) if free, expired or ours."""
+        ...
+
+    # -- the notification outbox -------------------------------------------------------
+
+    def claim_outbox(self, now: float, *, limit: int, lease: float) -> list[OutboxEntry]:
+        """Claim up to ``limit`` due entries (pending, ``next_attempt_at <= now``), each the
+        oldest undelivered, not dead entry of its (rollout, target), by moving their
+        ``next_attempt_at`` to ``now + lease``: no other process claims them meanwhile, and
+        a process that dies holding them leaves them due again when the lease ends. On
+        PostgreSQL the claim skips rows another replica is claiming (``SKIP LOCKED``)."""
+        ...
+
+    def settle_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        """Write back what became of claimed entries: ``attempts``, ``next_attempt_at``,
+        ``delivered_at``, ``dead`` and ``last_error``, by ``id``."""
+        ...
+
+    def outbox(self, *, rollout: str | None = None, status: str | None = None,
+               limit: int = 100) -> list[OutboxEntry]:
+        """The latest ``limit`` entries (of one rollout, in one status: pending, delivered or
+        dead), newest first."""
+        ...
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many entries are pending, delivered and dead."""
+        ...
+
+    def requeue_dead(self, now: float, *, rollout: str | None = None) -> int:
+        """Make dead entries pending again, due at ``now`` with no attempts; returns how many."""
         ...
 
     # -- access ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from safeshift.errors import ConcurrencyError, UnknownRolloutError
 from safeshift.state import (
     Decision,
     FeedbackItem,
+    OutboxEntry,
     RequestRecord,
     RolloutState,
 )
@@ -35,10 +36,11 @@ class MemoryStore:
         self._telemetry: dict[_Key, TelemetryRow] = {}
         self._totals: dict[tuple[str, int], dict[_Key, TelemetryRow]] = {}
         self._requests: dict[str, RequestRecord] = {}
-        self._feedback: set[tuple[str, str]] = set()
+        self._feedback: dict[tuple[str, str], float] = {}
         self._leases: dict[str, tuple[str, float]] = {}
         self._tokens: dict[str, TokenRecord] = {}
         self._denials: list[Denial] = []
+        self._outbox: list[OutboxEntry] = []  # in id order
 
     def create_rollout(self, plan: dict[str, Any], state: RolloutState) -> RolloutState:
         with self._lock:
@@ -68,7 +70,8 @@ class MemoryStore:
             return [s.copy() for s in self._states.values()]
 
     def commit(self, state: RolloutState, *, expected_version: int,
-               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
+               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
         with self._lock:
             current = self.get_state(state.name)
             if current.version != expected_version:
@@ -84,6 +87,11 @@ class MemoryStore:
             self._states[state.name] = new
             self._decisions.setdefault(state.name, []).extend(decisions)
             chain.extend(audit)
+            for entry in outbox:
+                self._outbox.append(copy.deepcopy(entry))
+                stored = self._outbox[-1]
+                stored.id = len(self._outbox)
+                stored.next_attempt_at = entry.created_at
             return new.copy()
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
@@ -124,10 +132,14 @@ class MemoryStore:
                 if key in self._feedback:
                     out.append(False)
                     continue
-                self._feedback.add(key)
+                self._feedback[key] = item.value
                 self.add_telemetry(item.rows)
                 out.append(True)
         return out
+
+    def feedback_values(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        with self._lock:
+            return {k: self._feedback[k] for k in keys if k in self._feedback}
 
     def decisions(self, rollout: str) -> list[Decision]:
         with self._lock:
@@ -142,7 +154,9 @@ class MemoryStore:
             expired = [k for k, r in self._requests.items() if r.expires_at <= now]
             for k in expired:
                 del self._requests[k]
-            self._feedback = {f for f in self._feedback if f[0] in self._requests}
+            # a unit's report marks (unit:<hash>) outlive its requests: it reported this stage
+            self._feedback = {f: v for f, v in self._feedback.items()
+                              if f[0] in self._requests or f[0].startswith("unit:")}
             return len(expired)
 
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
@@ -152,6 +166,54 @@ class MemoryStore:
                 self._leases[name] = (holder, now + ttl)
                 return True
             return False
+
+    def claim_outbox(self, now: float, *, limit: int, lease: float) -> list[OutboxEntry]:
+        with self._lock:
+            claimed: list[OutboxEntry] = []
+            heads: set[tuple[str, str]] = set()
+            for entry in self._outbox:
+                if entry.status != "pending":
+                    continue
+                queue = (entry.rollout, entry.target)
+                if queue in heads:
+                    continue  # an earlier entry of its queue is undelivered
+                heads.add(queue)
+                if entry.next_attempt_at <= now and len(claimed) < limit:
+                    entry.next_attempt_at = now + lease
+                    claimed.append(copy.deepcopy(entry))
+            return claimed
+
+    def settle_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        with self._lock:
+            for e in entries:
+                stored = self._outbox[e.id - 1]
+                stored.attempts, stored.next_attempt_at = e.attempts, e.next_attempt_at
+                stored.delivered_at, stored.dead, stored.last_error = (e.delivered_at, e.dead,
+                                                                       e.last_error)
+
+    def outbox(self, *, rollout: str | None = None, status: str | None = None,
+               limit: int = 100) -> list[OutboxEntry]:
+        with self._lock:
+            found = [copy.deepcopy(e) for e in reversed(self._outbox)
+                     if (rollout is None or e.rollout == rollout)
+                     and (status is None or e.status == status)]
+            return found[:limit]
+
+    def outbox_counts(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict.fromkeys(("pending", "delivered", "dead"), 0)
+            for e in self._outbox:
+                counts[e.status] += 1
+            return counts
+
+    def requeue_dead(self, now: float, *, rollout: str | None = None) -> int:
+        with self._lock:
+            n = 0
+            for e in self._outbox:
+                if e.status == "dead" and (rollout is None or e.rollout == rollout):
+                    e.dead, e.attempts, e.next_attempt_at = False, 0, now
+                    n += 1
+            return n
 
     def put_token(self, record: TokenRecord) -> None:
         with self._lock:

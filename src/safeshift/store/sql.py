@@ -32,6 +32,7 @@ from safeshift.state import (
     Action,
     Decision,
     FeedbackItem,
+    OutboxEntry,
     Phase,
     RequestRecord,
     RolloutState,
@@ -158,6 +159,7 @@ requests = sa.Table(
     sa.Column("expires_at", sa.Float, nullable=False, index=True),
     sa.Column("outputs", _str(), nullable=False),
     sa.Column("cluster", sa.Integer, nullable=False, server_default="-1"),
+    sa.Column("unit_hash", sa.BigInteger, nullable=False, server_default="-1"),
 )
 
 feedback = sa.Table(
@@ -202,6 +204,27 @@ denials_t = sa.Table(
 )
 
 
+outbox_t = sa.Table(
+    "outbox", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout", _str(64), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),  # the decision's
+    sa.Column("event", _str(32), nullable=False),
+    sa.Column("target", _str(2048), nullable=False),  # the webhook's URL: one queue per target
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("payload", _str(), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", sa.Float, nullable=False),
+    sa.Column("delivered_at", sa.Float),
+    sa.Column("dead", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("last_error", _str(), nullable=False, server_default=""),
+    sa.Index("ix_outbox_queue", "rollout", "target", "id"),
+    sa.Index("ix_outbox_due", "delivered_at", "next_attempt_at"),
+    # ids are never reused (receivers deduplicate on them): SQLite's AUTOINCREMENT
+    sqlite_autoincrement=True,
+)
+
+
 def _migrate_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
@@ -228,8 +251,22 @@ def _migrate_v3(conn: Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+def _migrate_v4(conn: Connection) -> None:
+    """Notifications: the outbox of webhook deliveries (a new table only)."""
+    outbox_t.create(conn, checkfirst=True)
+
+
+def _migrate_v5(conn: Connection) -> None:
+    """Reports count once per unit: request records gain their unit's hash (``-1`` for the
+    records written before, whose reports still count once per request)."""
+    if "unit_hash" not in {c["name"] for c in sa.inspect(conn).get_columns("requests")}:
+        conn.execute(sa.text("ALTER TABLE requests ADD COLUMN unit_hash BIGINT NOT NULL "
+                             "DEFAULT -1"))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2,
-                                                       3: _migrate_v3}
+                                                       3: _migrate_v3, 4: _migrate_v4,
+                                                       5: _migrate_v5}
 """Schema version → the step that brings the previous version to it."""
 
 
@@ -383,7 +420,8 @@ class SQLStore:
         return [_state(r) for r in rows]
 
     def commit(self, state: RolloutState, *, expected_version: int,
-               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = ()) -> RolloutState:
+               decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
+               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
         new = state.copy()
         new.version = expected_version + 1
         with self.engine.begin() as conn:
@@ -419,6 +457,12 @@ class SQLStore:
                     rollout=event.rollout, seq=event.seq, at=event.at, actor=event.actor,
                     action=event.action, detail=json.dumps(event.detail, default=str),
                     prev_hash=event.prev_hash, hash=event.hash))
+            for entry in outbox:  # in the decision's transaction: both or neither
+                conn.execute(outbox_t.insert().values(
+                    rollout=entry.rollout, seq=entry.seq, event=entry.event, target=entry.target,
+                    created_at=entry.created_at,
+                    payload=json.dumps(entry.payload, sort_keys=True, default=str), attempts=0,
+                    next_attempt_at=entry.created_at, dead=False, last_error=""))
         return new
 
     # -- telemetry ------------------------------------------------------------------
@@ -512,7 +556,7 @@ class SQLStore:
                 {"id": r.id, "rollout": r.rollout, "stage": r.stage, "arm": r.arm,
                  "cohort": r.cohort, "segment": r.segment, "created_at": r.created_at,
                  "expires_at": r.expires_at, "outputs": json.dumps(r.outputs, default=str),
-                 "cluster": r.cluster}
+                 "cluster": r.cluster, "unit_hash": r.unit_hash}
                 for r in records
             ])
 
@@ -522,7 +566,7 @@ class SQLStore:
         if r is None:
             return None
         return RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment, r.created_at,
-                             r.expires_at, json.loads(r.outputs), r.cluster)
+                             r.expires_at, json.loads(r.outputs), r.cluster, r.unit_hash)
 
     def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         out: dict[str, RequestRecord] = {}
@@ -536,7 +580,7 @@ class SQLStore:
                     rid = asked.get(r.id, r.id)
                     out[rid] = RequestRecord(rid, r.rollout, r.stage, r.arm, r.cohort, r.segment,
                                              r.created_at, r.expires_at, json.loads(r.outputs),
-                                             r.cluster)
+                                             r.cluster, r.unit_hash)
         return out
 
     def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
@@ -556,6 +600,16 @@ class SQLStore:
                 if out[i]:
                     rows.extend(item.rows)
             self._add_telemetry(conn, rows)
+        return out
+
+    def feedback_values(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        with self.engine.connect() as conn:
+            for rid, signal in keys:
+                value = conn.execute(sa.select(feedback.c.value).where(
+                    feedback.c.request_id == rid, feedback.c.signal == signal)).scalar()
+                if value is not None:
+                    out[(rid, signal)] = float(value)
         return out
 
     # -- records ---------------------------------------------------------------------
@@ -595,6 +649,77 @@ class SQLStore:
             conn.execute(stmt)
             current = conn.execute(sa.select(leases.c.holder).where(leases.c.name == name)).scalar()
         return bool(current == holder)
+
+    # -- the notification outbox -------------------------------------------------------
+
+    def claim_outbox(self, now: float, *, limit: int, lease: float) -> list[OutboxEntry]:
+        head, earlier = outbox_t.alias("head"), outbox_t.alias("earlier")
+        before = sa.select(earlier.c.id).where(
+            earlier.c.rollout == head.c.rollout, earlier.c.target == head.c.target,
+            earlier.c.id < head.c.id, earlier.c.delivered_at.is_(None), earlier.c.dead.is_(False))
+        due = (sa.select(head.c.id)
+               .where(head.c.delivered_at.is_(None), head.c.dead.is_(False),
+                      head.c.next_attempt_at <= now, ~sa.exists(before))
+               .order_by(head.c.id).limit(limit))
+        if self.dialect == "postgresql":  # replicas claiming at once take different rows
+            due = due.with_for_update(skip_locked=True, of=head)
+        # one UPDATE ... RETURNING: on SQLite it takes the write lock before it reads, so two
+        # processes cannot both claim a row
+        with self.engine.begin() as conn:
+            rows = conn.execute(outbox_t.update()
+                                .where(outbox_t.c.id.in_(due.scalar_subquery()))
+                                .values(next_attempt_at=now + lease)
+                                .returning(*outbox_t.c)).fetchall()
+        return sorted((_outbox_entry(r) for r in rows), key=lambda e: e.id)
+
+    def settle_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        if not entries:
+            return
+        with self.engine.begin() as conn:
+            for e in sorted(entries, key=lambda e: e.id):
+                conn.execute(outbox_t.update().where(outbox_t.c.id == e.id).values(
+                    attempts=e.attempts, next_attempt_at=e.next_attempt_at,
+                    delivered_at=e.delivered_at, dead=e.dead, last_error=e.last_error[:2000]))
+
+    def outbox(self, *, rollout: str | None = None, status: str | None = None,
+               limit: int = 100) -> list[OutboxEntry]:
+        t = outbox_t
+        where: list[Any] = [] if rollout is None else [t.c.rollout == rollout]
+        if status == "delivered":
+            where.append(t.c.delivered_at.is_not(None))
+        elif status == "dead":
+            where += [t.c.delivered_at.is_(None), t.c.dead.is_(True)]
+        elif status == "pending":
+            where += [t.c.delivered_at.is_(None), t.c.dead.is_(False)]
+        elif status is not None:
+            raise ValueError(f"unknown outbox status {status!r}; use pending, delivered or dead")
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(*where).order_by(t.c.id.desc())
+                                .limit(limit)).fetchall()
+        return [_outbox_entry(r) for r in rows]
+
+    def outbox_counts(self) -> dict[str, int]:
+        t = outbox_t
+        undelivered = t.c.delivered_at.is_(None)
+
+        def count(*cond: Any) -> Any:
+            return sa.func.coalesce(sa.func.sum(sa.case((sa.and_(*cond), 1), else_=0)), 0)
+
+        with self.engine.connect() as conn:
+            pending, delivered, dead = conn.execute(sa.select(
+                count(undelivered, t.c.dead.is_(False)), count(t.c.delivered_at.is_not(None)),
+                count(undelivered, t.c.dead.is_(True)))).one()
+        return {"pending": int(pending), "delivered": int(delivered), "dead": int(dead)}
+
+    def requeue_dead(self, now: float, *, rollout: str | None = None) -> int:
+        t = outbox_t
+        where: list[Any] = [t.c.delivered_at.is_(None), t.c.dead.is_(True)]
+        if rollout is not None:
+            where.append(t.c.rollout == rollout)
+        with self.engine.begin() as conn:
+            result = conn.execute(t.update().where(*where)
+                                  .values(dead=False, attempts=0, next_attempt_at=now))
+            return int(result.rowcount or 0)
 
     # -- access ---------------------------------------------------------------------
 
@@ -736,6 +861,17 @@ def _damaged(what: str, rollout: str) -> Iterator[None]:
             f"the {what} of rollout {rollout!r} in the store cannot be read ({exc}): the store "
             "was changed by something other than safeshift, or by a newer release; restore it "
             "from a backup") from None
+
+
+def _outbox_entry(row: Any) -> OutboxEntry:
+    with _damaged("outbox entry", row.rollout):
+        payload = json.loads(row.payload)
+        if not isinstance(payload, dict):
+            raise ValueError(f"a payload is an object, not {type(payload).__name__}")
+        return OutboxEntry(row.rollout, int(row.seq), row.event, row.target, payload,
+                           float(row.created_at), int(row.id), int(row.attempts),
+                           float(row.next_attempt_at), row.delivered_at, bool(row.dead),
+                           row.last_error)
 
 
 def _token(row: Any) -> TokenRecord:
