@@ -294,3 +294,38 @@ def test_reading_commands_never_create_nor_upgrade_a_store(tmp_path: Path) -> No
     with sqlite3.connect(other) as conn:  # nothing was created in it
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert names == {"notes"}
+
+
+def test_reading_commands_work_on_a_read_only_store(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """status, history and audit verify on a store in a folder nobody may write (a read-only
+    mount, a backup): opened read-only and immutable, nothing is created beside the file."""
+    from safeshift import FakeModel, Plan, Rollout, ops
+    from safeshift.clock import SystemClock
+    from safeshift.store import open_store
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "s.db"
+    r = Rollout.from_plan(Plan.from_dict(plan_dict()), store=str(db),
+                          models={"baseline": FakeModel(), "candidate": FakeModel()})
+    r.pause(actor="ops", reason="freeze before the backup")
+    r.close()
+    r.store.close()
+    before = sorted(p.name for p in folder.iterdir())
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK
+                        else real_access(p, mode))
+    folder.chmod(0o555)
+    db.chmod(0o444)
+    try:
+        st = open_store(str(db), read_only=True)
+        status = ops.status(st, "test-rollout", SystemClock())
+        assert str(status.phase) == "paused"
+        assert [d.action for d in ops.history(st, "test-rollout")][-1] == "pause"
+        assert ops.verify_audit(st, "test-rollout").ok
+        st.close()
+    finally:
+        folder.chmod(0o755)
+        db.chmod(0o644)
+    assert sorted(p.name for p in folder.iterdir()) == before

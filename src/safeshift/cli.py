@@ -324,7 +324,8 @@ def _open(store: str | None, *, migrate: bool = True) -> Any:
     if "://" not in path and not Path(path).exists():
         fail(f"no store at {path}; give --store (or SAFESHIFT_STORE) the path a rollout wrote")
     try:
-        return open_store(store, migrate=migrate)
+        # commands that only read open SQLite read-only too (a read-only mount, a backup)
+        return open_store(store, migrate=migrate, read_only=not migrate)
     except SafeshiftError as exc:
         fail(str(exc))
 

@@ -281,10 +281,13 @@ def sqlite_url(path: Path | str) -> str:
 class SQLStore:
     """A store on any SQLAlchemy URL; ``sqlite:///path.db`` or ``postgresql+psycopg://...``."""
 
-    def __init__(self, url: str, *, migrate: bool = True) -> None:
+    def __init__(self, url: str, *, migrate: bool = True, read_only: bool = False) -> None:
+        """``read_only`` (SQLite): connections that cannot write, so a store on a read-only
+        mount can be read (implies ``migrate=False``)."""
+        migrate = migrate and not read_only
         self.url = _display_url(url)  # for messages: never the password
         try:
-            self.engine: Engine = _engine(url)
+            self.engine: Engine = _engine(url, read_only=read_only)
         except ModuleNotFoundError as exc:
             raise StoreError(
                 f"cannot open store {self.url!r}: {exc}; for PostgreSQL install the driver with "
@@ -819,19 +822,44 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _engine(url: str) -> Engine:
+def _read_only_sqlite(path: str) -> Callable[[], Any]:
+    """Connections that only read ``path``: ``mode=ro``, and ``immutable=1`` when its folder
+    cannot be written (a read-only mount: SQLite could not even create its shared-memory file
+    there, and nobody can be writing the store meanwhile)."""
+    import sqlite3
+    from urllib.parse import quote
+
+    folder = Path(path).resolve().parent
+    writable = os.access(folder, os.W_OK) and os.access(path, os.W_OK)
+    uri = f"file:{quote(str(Path(path).resolve()))}?mode=ro" + ("" if writable else "&immutable=1")
+
+    def connect() -> Any:
+        return sqlite3.connect(uri, uri=True, timeout=_SQLITE_BUSY_SECONDS,
+                               check_same_thread=False)
+
+    return connect
+
+
+def _engine(url: str, *, read_only: bool = False) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
-        if path and path != ":memory:" and not path.startswith("file:"):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            _create_private(Path(path))
-        engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_SECONDS,
-                                                     "check_same_thread": False})
+        plain = bool(path) and path != ":memory:" and not path.startswith("file:")
+        if plain and read_only:
+            if not Path(path).exists():
+                raise StoreError(f"no store at {path}; give --store the path a rollout wrote")
+            engine = sa.create_engine("sqlite://", creator=_read_only_sqlite(path))
+        else:
+            if plain:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                _create_private(Path(path))
+            engine = sa.create_engine(url, connect_args={"timeout": _SQLITE_BUSY_SECONDS,
+                                                         "check_same_thread": False})
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
-            cur.execute("PRAGMA journal_mode=WAL")
+            if not read_only:  # the journal mode is the writers' to set
+                cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute(f"PRAGMA busy_timeout={int(_SQLITE_BUSY_SECONDS * 1000)}")
             cur.close()
