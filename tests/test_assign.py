@@ -143,11 +143,11 @@ def test_unit_ids_chosen_from_the_public_salt_do_not_land_on_one_arm() -> None:
     chosen = [u for u in (f"attacker-{i}" for i in range(20_000))
               if public.assign(u, None, split).arm == BASELINE][:4000]
     assert len(chosen) == 4000
-    seed = rollout.store.get_state(plan.rollout).extra["salt_seed"]
+    seed = rollout.store.get_state(plan.rollout).salt_seed
     assert len(seed) == 32
     share = sum(rollout.assign(u, None).arm == CANDIDATE for u in chosen) / len(chosen)
     assert 0.46 < share < 0.54, share  # 50 % ± 5 standard errors
     # a second registration of another rollout draws another seed
     other = Rollout.from_plan(Plan.from_dict({**data, "rollout": "other"}), store=rollout.store,
                               clock=VirtualClock())
-    assert other.store.get_state("other").extra["salt_seed"] != seed
+    assert other.store.get_state("other").salt_seed != seed

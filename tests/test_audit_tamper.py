@@ -173,10 +173,10 @@ def test_quiet_state_updates_stay_sealed(case: Case) -> None:
     """A commit with no decision (the controller's bookkeeping) still seals the state."""
     store = case.store()
     state = store.get_state(NAME)
-    state.extra["srm_min_p"] = 0.5
+    state.srm_min_p = 0.5
     new = store.commit(state, expected_version=state.version)
-    assert new.extra["audit_seq"] == EVENTS
-    assert new.extra["audit_state_mac"] != state.extra["audit_state_mac"]  # the version moved
+    assert new.audit.seq == EVENTS
+    assert new.audit.mac != state.audit.mac  # the version moved
     assert ops.verify_audit(store, NAME).ok
     store.close()
     code, out = case.verify()
@@ -483,7 +483,7 @@ def test_the_memory_store_seals_the_same_way() -> None:
     assert ops.verify_audit(store, NAME).code == 0
     assert verify_chain(store.audit_events(NAME)).ok
     state = store.get_state(NAME)
-    assert state.extra["audit_seq"] == 3
+    assert state.audit.seq == 3
     store.audit_events(NAME)[1].detail["reason"] = "paused by nobody"
     report = ops.verify_audit(store, NAME)
     assert report.code == 1 and "event 2: content does not match its MAC" in report.message

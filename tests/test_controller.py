@@ -82,7 +82,7 @@ def test_segment_fault_is_named() -> None:
             country = rng.choice(COUNTRIES)
             a = rollout.assign(f"u{rng.randrange(10**6)}", {"country": country})
             model = bad if (a.is_candidate and country == "BR") else good
-            rollout.record(a, model.predict([{}]), context={"country": country})
+            rollout.recorder.record(a, model.predict([{}]), context={"country": country})
         clock.advance(10)
         d = rollout.tick()
         if d is not None and d.action is Action.ROLLBACK:
@@ -148,7 +148,7 @@ def test_sample_ratio_mismatch_pauses(plan: Plan, store: Store, clock: VirtualCl
         a = rollout.assign(f"u{i}", {})
         if a.is_candidate and i % 2:  # half the candidate's telemetry goes missing
             continue
-        rollout.record(a, base.predict([{}]))
+        rollout.recorder.record(a, base.predict([{}]))
     clock.advance(600)
     d = rollout.tick()
     assert d is not None and d.action is Action.PAUSE
@@ -166,10 +166,10 @@ def test_sample_ratio_counts_units_so_heavy_users_do_not_pause(plan: Plan, store
     for i in range(3000):
         a = rollout.assign(f"u{i}", {})
         arms[f"u{i}"] = a.arm
-        rollout.record(a, base.predict([{}]))
+        rollout.recorder.record(a, base.predict([{}]))
     heavy = next(u for u, arm in arms.items() if arm == "candidate")
     for _ in range(3000):  # one user sends as many requests as everyone else together
-        rollout.record(rollout.assign(heavy, {}), base.predict([{}]))
+        rollout.recorder.record(rollout.assign(heavy, {}), base.predict([{}]))
     rollout.flush()
     analysis = rollout.analysis()
     assert analysis.srm is not None and analysis.srm_counted == "units"

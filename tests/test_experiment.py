@@ -45,7 +45,7 @@ def test_validation_of_experiments() -> None:
 def test_variants_split_the_candidate_traffic_only() -> None:
     plan = experiment_plan()
     state = RolloutState("pick", plan.hash, phase=Phase.RUNNING, stage_index=0,
-                         extra={"allocation": {"candidate": 0.2, "b": 0.5, "c": 0.3}})
+                         allocation={"candidate": 0.2, "b": 0.5, "c": 0.3})
     variants = variant_split(plan, state)
     assert [v[0] for v in variants] == ["candidate", "b", "c"]
     assert variants[-1][2] == 10_000
@@ -67,11 +67,11 @@ def test_variants_split_the_candidate_traffic_only() -> None:
 def test_dropped_arms_and_winner_change_the_variants() -> None:
     plan = experiment_plan()
     state = RolloutState("pick", plan.hash, phase=Phase.RUNNING, stage_index=0,
-                         extra={"dropped": ["c"]})
+                         dropped=["c"])
     assert current_variants(plan, state) == ["candidate", "b"]
     assert allocation(plan, state) == {"candidate": 0.5, "b": 0.5}
     state = RolloutState("pick", plan.hash, phase=Phase.RUNNING, stage_index=1,
-                         extra={"winner": "b"})
+                         winner="b")
     assert current_variants(plan, state) == ["b"]
     assert variant_split(plan, state) == (("b", "v2b", 10_000),)
 

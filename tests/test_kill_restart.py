@@ -36,6 +36,10 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
         {"name": "c", "traffic": "60%", "min_duration": "3s", "min_samples": 150},
         {"name": "full", "traffic": "100%"},
     ]
+    # the test expects exactly start, advance, advance, promote: the sample-ratio check's own
+    # false alarms (rare by design, but one per few thousand runs) would fail it; it is not
+    # under test here (a replay of this loop found the unit counts unbiased through kills)
+    data["analysis"] = {**data.get("analysis", {}), "srm_alpha": 1e-6}
     plan_path = tmp_path / "plan.yaml"
     plan_path.write_text(yaml.safe_dump(data))
     url = (sqlite_url(tmp_path / "kill.db") if backend == "sqlite"
@@ -73,7 +77,7 @@ def test_kill_and_restart_mid_rollout(tmp_path: Path, backend: str,
                                              Action.PROMOTE]
     for prev, d in itertools.pairwise(decisions):
         assert d.from_stage == prev.to_stage  # every decision starts where the last ended
-    assert state.extra["seq"] == len(decisions)
+    assert state.seq == len(decisions)
     events = store.audit_events("kill-test")
     assert len(events) == len(decisions)
     assert verify_chain(events)[0]

@@ -77,6 +77,22 @@ def test_inputs_both_models_reject_are_request_faults_and_never_open_the_breaker
     assert status[CANDIDATE]["share"] == pytest.approx(11 / 12)
 
 
+def test_units_follow_assignment_even_when_their_inputs_are_refused() -> None:
+    """A lenient candidate answers inputs a strict baseline rejects: were units counted only on
+    answered requests, the candidate arm would count more units than the split sends it and
+    the sample-ratio check would pause a healthy rollout."""
+    rollout = Rollout.from_plan(_plan(), store=MemoryStore(),
+                                models={"baseline": PythonModel(_needs_x),
+                                        "candidate": PythonModel(lambda rows: [0] * len(rows))})
+    base = _units(rollout, BASELINE, 5)
+    for unit in base:
+        with pytest.raises(RejectedInputError):
+            rollout.predict({"y": 1}, unit=unit)  # the baseline rejects it: a request fault
+    rollout.predict({"x": 1}, unit=base[0])  # the same unit again: counted once
+    b = _totals(rollout, BASELINE)
+    assert b["units"] == (5.0, 5.0) and b["request_fault"] == (5.0, 5.0)
+
+
 def test_a_candidate_that_fails_where_the_baseline_answers_is_at_fault() -> None:
     def strict(rows: list[Any]) -> list[Any]:  # the candidate needs a feature the baseline does not
         return [row["x"] + row["age"] for row in rows]

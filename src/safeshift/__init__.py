@@ -23,10 +23,11 @@ from safeshift.errors import (
     UnknownRequestError,
     UnknownRolloutError,
 )
+from safeshift.feedback import FeedbackResult
 from safeshift.models import FakeModel, ModelBackend, ModelResult
 from safeshift.ops import Status
 from safeshift.plan import Plan
-from safeshift.rollout import FeedbackResult, Prediction, Rollout
+from safeshift.rollout import Prediction, Rollout
 from safeshift.state import Action, Decision, Phase
 from safeshift.store import MemoryStore, SQLStore, Store, open_store
 

@@ -281,21 +281,24 @@ def seal_commit(state: RolloutState, events: Sequence[AuditEvent], *, last_seq: 
 
 def seal_state(state: RolloutState, *, audit_seq: int, audit_head: str,
                key: AuditKey | None = None) -> None:
-    """Record the chain's length and head in ``state.extra`` with a MAC over them and the
+    """Record the chain's length and head in ``state.audit`` with a MAC over them and the
     state's name, version, phase, stage and plan: an attacker without the key who removes
     events from the end (or all of them) cannot make the state agree again."""
     key = key or audit_key()
-    state.extra["audit_seq"] = audit_seq
-    state.extra["audit_head"] = audit_head
-    state.extra["audit_key_id"] = key.id
-    state.extra["audit_state_mac"] = key.mac(_STATE, _state_body(state))
+    state.audit.seq = audit_seq
+    state.audit.head = audit_head
+    state.audit.key_id = key.id
+    state.audit.mac = key.mac(_STATE, _state_body(state))
 
 
 def _state_body(state: RolloutState) -> dict[str, Any]:
+    """What the state's MAC covers. Its canonical JSON must stay byte for byte what earlier
+    releases MACed (the seal's fields under their stored names, None when absent), or stored
+    seals would stop verifying."""
     return {"rollout": state.name, "version": state.version, "phase": str(state.phase),
             "stage_index": state.stage_index, "plan_hash": state.plan_hash,
-            "audit_seq": state.extra.get("audit_seq"), "audit_head": state.extra.get("audit_head"),
-            "key_id": state.extra.get("audit_key_id")}
+            "audit_seq": state.audit.seq, "audit_head": state.audit.head,
+            "key_id": state.audit.key_id}
 
 
 def evidence_digest(evidence: Mapping[str, Any]) -> str:
@@ -503,7 +506,7 @@ def verify_rollout(state: RolloutState, events: Sequence[AuditEvent],
                    if checkpoint is not None else None))
     if problem is not None:
         return problem
-    signed = resolved if (report.key_id or "audit_state_mac" in state.extra) else None
+    signed = resolved if (report.key_id or state.audit.mac is not None) else None
     return AuditReport(True, _intact(len(events), report.unkeyed, signed), events=len(events),
                        unkeyed=report.unkeyed, key_id=signed.id if signed else None)
 
@@ -512,11 +515,11 @@ def _state_problem(state: RolloutState, events: Sequence[AuditEvent], key: Audit
                    why: str, allow_unkeyed: bool) -> AuditReport | None:
     n = len(events)
     head = events[-1].hash if events else GENESIS
-    decisions_made = state.extra.get("seq", n)
-    if isinstance(decisions_made, int) and n < decisions_made:
+    decisions_made = state.seq
+    if n < decisions_made:
         return _tampered(f"event {n + 1}: missing: the rollout has made {decisions_made} "
                          f"decisions and the store holds {n} events (removed from the end)")
-    mac = state.extra.get("audit_state_mac")
+    mac = state.audit.mac
     if mac is None:
         if any(e.key_id for e in events):
             return _tampered("the rollout's state carries no audit seal although its events "
@@ -528,21 +531,20 @@ def _state_problem(state: RolloutState, events: Sequence[AuditEvent], key: Audit
         return None
     if key is None:
         return _unverifiable(f"the rollout's state cannot be checked: {why}")
-    kid = state.extra.get("audit_key_id")
+    kid = state.audit.key_id
     if kid != key.id:
         return _other_key("the rollout's state is", kid, key)
-    sealed_seq, sealed_head = state.extra.get("audit_seq"), state.extra.get("audit_head")
-    if isinstance(sealed_seq, int) and n < sealed_seq:
+    sealed_seq, sealed_head = state.audit.seq, state.audit.head
+    if sealed_seq is not None and n < sealed_seq:
         return _tampered(f"event {n + 1}: missing: the rollout's state records {sealed_seq} "
                          f"events and the store holds {n} (removed from the end)")
-    if isinstance(sealed_seq, int) and n > sealed_seq:
+    if sealed_seq is not None and n > sealed_seq:
         return _tampered(f"event {sealed_seq + 1}: not in the chain the state was sealed with "
                          f"({sealed_seq} events): added outside safeshift, or the state was put "
                          "back to an older copy")
     if sealed_head != head:
         return _tampered(f"event {n}: not the event the state was sealed with (replaced)")
-    if not isinstance(mac, str) or not hmac.compare_digest(key.mac(_STATE, _state_body(state)),
-                                                           mac):
+    if not hmac.compare_digest(key.mac(_STATE, _state_body(state)), mac):
         return _tampered(
             f"the rollout's state (version {state.version}, sealed after event {n}) does not "
             f"match its seal: it was changed outside safeshift — event {n + 1} and later "

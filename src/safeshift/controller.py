@@ -34,7 +34,7 @@ from safeshift.experiment import (
 )
 from safeshift.notify import ask_confirm, confirm_body, display_url, outbox_entries
 from safeshift.plan import Approval, Confirm, Experiment, Plan, Stage
-from safeshift.state import Action, Decision, Phase, RolloutState
+from safeshift.state import Action, Decision, Phase, RolloutState, StageApprovals
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
@@ -46,6 +46,11 @@ _JUDGING = (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING)
 """The phases in which the guardrails run: a stage, or the watch after promotion."""
 
 
+StateUpdate = Callable[[RolloutState], None]
+"""How an intent changes the state besides its phase and stage (an experiment's allocation,
+the votes on a stage): applied to the copy of the state that the intent commits."""
+
+
 @dataclass(slots=True)
 class Intent:
     action: Action
@@ -53,7 +58,7 @@ class Intent:
     to_stage: int
     phase: Phase
     evidence: dict[str, Any] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the state's extra
+    update: StateUpdate | None = None  # applied to the new state before it is committed
     quiet: bool = False  # a state update only: no decision record, no audit event
 
 
@@ -72,7 +77,7 @@ class TickContext:
     @property
     def experiment(self) -> Experiment | None:
         stage = self.stage
-        return stage.experiment if stage is not None and "winner" not in self.state.extra else None
+        return stage.experiment if stage is not None and self.state.winner is None else None
 
     @property
     def stage(self) -> Stage | None:
@@ -106,10 +111,41 @@ def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
 
 def approvals_of(state: RolloutState, stage: int) -> list[str]:
     """Who has approved stage ``stage`` so far (a stage needing several approvers)."""
-    recorded = state.extra.get("approvals")
-    if not isinstance(recorded, dict) or recorded.get("stage") != stage:
+    recorded = state.approvals
+    if recorded is None or recorded.stage != stage:
         return []
-    return [str(a) for a in recorded.get("by", [])]
+    return list(recorded.by)
+
+
+def _record_approvals(votes: StageApprovals | None) -> StateUpdate:
+    """Record the votes so far on a stage (None: forget them, the stage is approved)."""
+    def update(state: RolloutState) -> None:
+        state.approvals = votes
+    return update
+
+
+def _drop_arm(arm: str) -> StateUpdate:
+    """``arm`` leaves the experiment; the arms left share its traffic equally until the next
+    re-allocation."""
+    def update(state: RolloutState) -> None:
+        state.dropped = [*state.dropped, arm]
+        state.allocation = None
+    return update
+
+
+def _choose_arm(winner: str) -> StateUpdate:
+    """The experiment ends with ``winner`` as the candidate for the rest of the rollout."""
+    def update(state: RolloutState) -> None:
+        state.winner = winner
+        state.allocation = None
+    return update
+
+
+def _allocate(shares: dict[str, float]) -> StateUpdate:
+    """The experiment's new allocation of the candidate traffic."""
+    def update(state: RolloutState) -> None:
+        state.allocation = dict(shares)
+    return update
 
 
 def promoted_phase(plan: Plan, to_stage: int) -> Phase:
@@ -128,13 +164,13 @@ def _with_watch(plan: Plan, to_stage: int, reason: str) -> str:
 
 
 def _transition(plan: Plan, current: int, reason: str, evidence: dict[str, Any],
-                extra: dict[str, Any] | None = None) -> Intent:
+                update: StateUpdate | None = None) -> Intent:
     to, action = next_stage(plan, current)
     if action is Action.PROMOTE:
         return Intent(action, _with_watch(plan, to, reason), to, promoted_phase(plan, to),
-                      evidence, dict(extra or {}))
+                      evidence, update)
     phase = {Action.AWAIT_APPROVAL: Phase.AWAITING_APPROVAL, Action.ADVANCE: Phase.RUNNING}[action]
-    return Intent(action, reason, to, phase, evidence, dict(extra or {}))
+    return Intent(action, reason, to, phase, evidence, update)
 
 
 def step_start(ctx: TickContext) -> None:
@@ -176,10 +212,8 @@ def step_experiment(ctx: TickContext) -> None:
             return
         arm = harmed[0]
         sentences = "; ".join(v.sentence for v in a.harms if v.arm == arm)
-        dropped = [*ctx.state.extra.get("dropped", []), arm]
         ctx.want(Intent(Action.DROP_ARM, f"{arm} dropped from the experiment: {sentences}",
-                        ctx.state.stage_index, Phase.RUNNING, a.to_json(),
-                        {"dropped": dropped, "allocation": None}))
+                        ctx.state.stage_index, Phase.RUNNING, a.to_json(), _drop_arm(arm)))
         return
     best, p_best, probs = best_arm(ctx.plan, ctx.state, summary, ctx.now)
     ready = (ctx.elapsed >= stage.min_duration and p_best >= exp.confidence
@@ -192,12 +226,12 @@ def step_experiment(ctx: TickContext) -> None:
                   f"with probability {p_best:.3f}, every guardrail proven within tolerance")
         evidence = {**a.to_json(), "probability_best": probs}
         ctx.want(_transition(ctx.plan, ctx.state.stage_index, reason, evidence,
-                             {"winner": best, "allocation": None}))
+                             _choose_arm(best)))
         return
     new = new_allocation(ctx.plan, ctx.state, summary, ctx.now)
     if moved(allocation(ctx.plan, ctx.state), new):
         ctx.want(Intent(Action.REALLOCATE, "bandit re-allocation", ctx.state.stage_index,
-                        Phase.RUNNING, {}, {"allocation": new}, quiet=True))
+                        Phase.RUNNING, {}, _allocate(new), quiet=True))
 
 
 def step_harm(ctx: TickContext) -> None:
@@ -279,13 +313,13 @@ def step_deadline(ctx: TickContext) -> None:
         ctx.want(Intent(Action.ROLLBACK, base + "; on_inconclusive: rollback", -1,
                         Phase.ROLLED_BACK, evidence))
     elif policy == "promote":
-        extra: dict[str, Any] = {}
+        update = None
         if ctx.experiment is not None and ctx.summary is not None:
             best, p_best, _ = best_arm(ctx.plan, ctx.state, ctx.summary, ctx.now)
-            extra = {"winner": best, "allocation": None}
+            update = _choose_arm(best)
             base += f"; {best} leads the experiment (probability best {p_best:.2f})"
         ctx.want(_transition(ctx.plan, ctx.state.stage_index,
-                             base + "; on_inconclusive: promote", evidence, extra))
+                             base + "; on_inconclusive: promote", evidence, update))
     else:
         ctx.want(Intent(Action.PAUSE, base + "; holding for a person to decide", ctx.state.stage_index,
                         Phase.PAUSED, evidence))
@@ -412,22 +446,19 @@ class Controller:
 
     def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision | None:
         new = state.copy()
-        for key, value in intent.extra.items():
-            if value is None:
-                new.extra.pop(key, None)
-            else:
-                new.extra[key] = value
+        if intent.update is not None:
+            intent.update(new)
         if intent.quiet:
             new.updated_at = now
             self.store.commit(new, expected_version=state.version)
             return None
-        seq = int(state.extra.get("seq", 0)) + 1
-        new.extra["seq"] = seq
+        seq = state.seq + 1
+        new.seq = seq
         new.phase = intent.phase
         new.reason = intent.reason
         new.updated_at = now
         if intent.action is Action.PAUSE:
-            new.extra["paused_from"] = str(state.phase)
+            new.paused_from = state.phase
         if intent.phase is Phase.AWAITING_APPROVAL:
             new.pending_stage = intent.to_stage
         elif intent.to_stage != state.stage_index and intent.to_stage >= 0:
@@ -467,7 +498,7 @@ class Controller:
                 raise InvalidTransitionError(
                     f"{actor} has already approved stage {stage.name!r}; it needs "
                     f"{rule.approvers} distinct approvers, so another person must approve")
-            if not rule.creator_may_approve and actor == state.extra.get("created_by"):
+            if not rule.creator_may_approve and actor == state.created_by:
                 raise InvalidTransitionError(
                     f"{actor} created rollout {self.plan.rollout!r} and stage {stage.name!r} "
                     "may not be approved by its creator; ask another approver")
@@ -478,13 +509,13 @@ class Controller:
                 missing = rule.approvers - len(votes)
                 intent = Intent(Action.APPROVE, f"{said}; {missing} more needed (role "
                                 f"{rule.role})", to, Phase.AWAITING_APPROVAL,
-                                extra={"approvals": {"stage": to, "by": votes}})
+                                update=_record_approvals(StageApprovals(to, votes)))
             elif stage.is_full:
                 intent = Intent(Action.PROMOTE, _with_watch(self.plan, to, said), to,
-                                promoted_phase(self.plan, to), extra={"approvals": None})
+                                promoted_phase(self.plan, to), update=_record_approvals(None))
             else:
                 intent = Intent(Action.APPROVE, said, to, Phase.RUNNING,
-                                extra={"approvals": None})
+                                update=_record_approvals(None))
         elif action is Action.PAUSE:
             if phase is Phase.PAUSED:
                 raise InvalidTransitionError(f"rollout {self.plan.rollout!r} is already paused")
@@ -492,7 +523,7 @@ class Controller:
         elif action is Action.RESUME:
             if phase is not Phase.PAUSED:
                 raise InvalidTransitionError(f"rollout {self.plan.rollout!r} is {phase}, not paused")
-            back = Phase(state.extra.get("paused_from", Phase.RUNNING))
+            back = Phase.RUNNING if state.paused_from is None else state.paused_from
             if back is Phase.PENDING:
                 back = Phase.RUNNING
             intent = Intent(Action.RESUME, f"resumed by {actor}{why}", state.stage_index, back)

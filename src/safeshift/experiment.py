@@ -10,8 +10,8 @@ per-arm means of an adaptive design are biased — arXiv 1905.11397). An arm wit
 dropped; the stage ends when one arm is best with the plan's confidence and passes every
 guardrail, and that arm is the candidate for the rest of the rollout.
 
-State lives in the rollout's ``extra``: ``allocation`` (arm → share of the candidate traffic),
-``dropped`` (arms removed for harm) and ``winner``.
+State lives in the rollout's state: ``allocation`` (arm → share of the candidate traffic),
+``dropped`` (arms removed for harm) and ``winner`` (:class:`~safeshift.state.RolloutState`).
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ def experiment_of(plan: Plan, state: RolloutState) -> Experiment | None:
 def current_variants(plan: Plan, state: RolloutState) -> list[str]:
     """The candidate variants that serve in this state: the arms still in the experiment, or
     the winner (``candidate`` unless an experiment chose a challenger)."""
-    if experiment_of(plan, state) is not None and "winner" not in state.extra:
-        dropped = set(state.extra.get("dropped", []))
+    if experiment_of(plan, state) is not None and state.winner is None:
+        dropped = set(state.dropped)
         return [v for v in plan.variants if v not in dropped]
-    return [str(state.extra.get("winner", CANDIDATE))]
+    return [CANDIDATE if state.winner is None else state.winner]
 
 
 def allocation(plan: Plan, state: RolloutState) -> dict[str, float]:
     """Share of the candidate traffic per serving variant (equal until the first update)."""
     variants = current_variants(plan, state)
-    stored: Mapping[str, float] = state.extra.get("allocation") or {}
+    stored: Mapping[str, float] = state.allocation or {}
     shares = {v: float(stored.get(v, 0.0)) for v in variants}
     total = sum(shares.values())
     if total <= 0:

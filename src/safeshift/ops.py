@@ -35,7 +35,7 @@ from safeshift.controller import Controller, approvals_of, split_for
 from safeshift.errors import RolloutError, SafeshiftError, UnknownTokenError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
-from safeshift.serving import REQUEST_FAULT
+from safeshift.recorder import REQUEST_FAULT
 from safeshift.state import Action, Decision, Phase, RolloutState
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary, TelemetryRow
@@ -134,8 +134,8 @@ def register(store: Store, plan: Plan, clock: Clock, *, principal: Principal = L
     now = clock.now()
     state = store.create_rollout(
         plan.canonical(), RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now,
-                                       extra={"created_by": principal.actor,
-                                              "salt_seed": salt_seed or assignment_seed(plan)}))
+                                       created_by=principal.actor,
+                                       salt_seed=salt_seed or assignment_seed(plan)))
     if state.plan_hash != plan.hash:
         raise RolloutError(
             f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "
@@ -202,7 +202,7 @@ def _label_conflicts(rows: Sequence[TelemetryRow]) -> dict[str, float]:
 
 def _watch(plan: Plan, state: RolloutState, now: float) -> dict[str, float] | None:
     watching = state.phase is Phase.WATCHING or (
-        state.phase is Phase.PAUSED and state.extra.get("paused_from") == Phase.WATCHING)
+        state.phase is Phase.PAUSED and state.paused_from is Phase.WATCHING)
     if not watching:
         return None
     stage = plan.stages[state.stage_index]
@@ -222,7 +222,7 @@ def _approval(plan: Plan, state: RolloutState) -> dict[str, Any] | None:
             "approvers": rule.approvers, "approved_by": votes,
             "needed": max(rule.approvers - len(votes), 0),
             "excluded_creator": (None if rule.creator_may_approve
-                                 else state.extra.get("created_by"))}
+                                 else state.created_by)}
 
 
 def status(store: Store, rollout: Plan | str, clock: Clock) -> Status:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from safeshift.assign import BASELINE, Assignment
 from safeshift.breaker import CircuitBreaker
+from safeshift.clock import SystemClock
 from safeshift.models.base import ModelResult, Rows
 
 if TYPE_CHECKING:
@@ -46,8 +47,6 @@ BREAKER_OPEN = "circuit breaker open: the candidate was not called"
 SATURATED = "candidate pool saturated: the candidate was not called"
 INPUT_ERRORS = ("ValueError", "KeyError", "TypeError", "IndexError")
 """Exceptions a model raises on inputs it cannot read (a missing feature, a wrong type)."""
-REQUEST_FAULT = "request_fault"
-"""The telemetry signal of requests that failed through their own fault (one per request)."""
 INPUTS = "inputs"
 BASELINE_FAILED = "baseline"
 HUNG_PER_THREAD = 16
@@ -303,10 +302,15 @@ class Serving:
 
     def __init__(self, rollout: Rollout, *, threads: int = 4) -> None:
         self.rollout = rollout
+        self.recorder = rollout.recorder
         s = rollout.plan.serving
+        # breakers count seconds as the rollout does: monotonic in production, virtual time in
+        # a simulation (where hours pass in seconds)
+        elapsed = time.monotonic if isinstance(rollout.clock, SystemClock) else rollout.clock.now
         self.guards = {
             name: Guard(name, rollout.timeout(name),
-                        CircuitBreaker(s.breaker_failures, s.breaker_window, s.breaker_cooldown),
+                        CircuitBreaker(s.breaker_failures, s.breaker_window, s.breaker_cooldown,
+                                       clock=elapsed),
                         CandidatePool(threads, name=f"safeshift-{name}"))
             for name in rollout.plan.variants}
 
@@ -318,32 +322,32 @@ class Serving:
               request_id: str) -> Steps[Answer]:
         """Serve one request on its assigned arm and count it. A candidate failure falls back
         to the baseline; see the module's docstring for whose fault a failure is."""
-        rollout = self.rollout
+        rec = self.recorder
         problem = rows_problem(rows)
         if problem is not None:  # rejected before any model runs
-            rollout.record_request_fault(a, context=context)
+            rec.record_request_fault(a, context=context)
             return Answer(ModelResult(error=problem), a.arm, a.version, failure=INPUTS)
         if not a.is_candidate:
             base = yield BASELINE
             if not base.ok:
                 if is_input_error(base):
-                    rollout.record_request_fault(a, context=context)
+                    rec.record_request_fault(a, context=context)
                     return Answer(base, BASELINE, a.version, failure=INPUTS)
-                rollout.record(a, base, context=context, request_id=request_id)
+                rec.record(a, base, context=context, request_id=request_id)
                 return Answer(base, BASELINE, a.version, failure=BASELINE_FAILED)
-            rollout.record(a, base, context=context, request_id=request_id, keep=not a.shadow)
+            rec.record(a, base, context=context, request_id=request_id, keep=not a.shadow)
             return Answer(base, BASELINE, a.version, shadow=a.shadow)
         guard = self.guards[a.variant]
         cand = yield from self._call(guard)
         if cand.ok:
-            rollout.record(a, cand, context=context, request_id=request_id)
+            rec.record(a, cand, context=context, request_id=request_id)
             return Answer(cand, a.arm, a.version)
-        base_version = rollout.plan.baseline.version
+        base_version = self.rollout.plan.baseline.version
         settled = cand.not_called  # a refused call has no outcome for the breaker
         try:
             base = yield BASELINE
             if is_input_error(base):  # both fail on these inputs: the request's fault
-                rollout.record_request_fault(a, context=context)
+                rec.record_request_fault(a, context=context)
                 return Answer(base, BASELINE, base_version, failure=INPUTS)
             if not settled:  # the baseline read these inputs: the candidate's fault
                 guard.breaker.record(False)
@@ -351,7 +355,7 @@ class Serving:
         finally:
             if not settled:
                 guard.breaker.abandon()
-        rollout.record(a, cand, context=context, request_id=request_id)
+        rec.record(a, cand, context=context, request_id=request_id)
         if not base.ok:
             return Answer(base, BASELINE, base_version, failure=BASELINE_FAILED)
         return Answer(base, BASELINE, base_version, fallback=fallback_reason(cand))
@@ -364,7 +368,7 @@ class Serving:
         result = yield from self._call(guard)
         if not result.ok and not result.not_called:
             guard.breaker.record(False)
-        self.rollout.record_shadow(a, base, result, context=context, request_id=request_id)
+        self.recorder.record_shadow(a, guard.name, base, result, context=context, request_id=request_id)
         return result
 
     @staticmethod

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,7 @@ from safeshift.errors import RolloutError, SafeshiftError, UnknownRolloutError
 from safeshift.models import FakeModel, ModelResult
 from safeshift.plan import Plan
 from safeshift.rollout import Rollout
+from safeshift.serving import run_sync
 from safeshift.state import Decision, Phase
 from safeshift.store import MemoryStore, Store, open_store
 
@@ -297,25 +299,9 @@ def drive(
             batch.setdefault(a.telemetry_arm, []).append(req)
             if a.shadow:
                 shadowed.append(req)
-        results: dict[str, list[ModelResult]] = {
-            arm: respond(arm, reqs) if reqs else [] for arm, reqs in batch.items()}
-        base_by_id = {}
-        for req, res in zip(batch[BASELINE], results[BASELINE], strict=True):
-            base_by_id[req.id] = res
-            rollout.record(req.assignment, res, context=req.context, request_id=req.id,
-                           keep=not req.assignment.shadow)
-        for arm, reqs in batch.items():
-            if arm == BASELINE:
-                continue
-            for req, res in zip(reqs, results[arm], strict=True):
-                rollout.record(req.assignment, res, context=req.context, request_id=req.id)
-                if not res.ok:
-                    fallbacks += 1
-            candidate_total += len(reqs)
-        if shadowed:
-            for req, res in zip(shadowed, respond(rollout.shadow_variant, shadowed), strict=True):
-                rollout.record_shadow(req.assignment, base_by_id[req.id], res,
-                                      context=req.context, request_id=req.id)
+        served, failed_over = serve_requests(rollout, batch, shadowed, respond)
+        candidate_total += served
+        fallbacks += failed_over
         requests_total += n
         now = clock.now()
         for req in (r for reqs in batch.values() for r in reqs):
@@ -356,6 +342,48 @@ def drive(
                 on_progress(now - start)
     rollout.flush()
     return requests_total, candidate_total, fallbacks, delivered
+
+
+def serve_requests(rollout: Rollout, batch: Mapping[str, Sequence[Request]],
+                   shadowed: Sequence[Request], respond: Responder) -> tuple[int, int]:
+    """Serve simulated requests, grouped by the arm that serves them (``shadowed``: those whose
+    copy goes to the candidate): each arm answers its batch at once (fast), then the serving
+    steps take each request's answer in turn — the same steps, breaker and counting as library
+    mode and the gateway (a test compares the three). Returns (candidate requests, fallbacks)."""
+    serving = rollout.serving
+    answers: dict[str, ModelResult] = {}
+    for arm, reqs in batch.items():
+        for req, res in zip(reqs, respond(arm, reqs) if reqs else [], strict=True):
+            answers[req.id] = res
+    mirrored = dict(zip((r.id for r in shadowed),
+                        respond(rollout.shadow_variant, shadowed) if shadowed else [],
+                        strict=True))
+    candidates = fallbacks = 0
+    for req in (r for reqs in batch.values() for r in reqs):
+        a = req.assignment
+        answer = run_sync(serving.serve(a, [req.row], context=req.context, request_id=req.id),
+                          partial(_answer, respond, answers, req))
+        if a.is_candidate:
+            candidates += 1
+            fallbacks += answer.arm == BASELINE
+        if answer.shadow and answer.failure is None:
+            run_sync(serving.shadow(a, [req.row], answer.result, context=req.context,
+                                    request_id=req.id),
+                     partial(_given, mirrored[req.id]))
+    return candidates, fallbacks
+
+
+def _answer(respond: Responder, answers: Mapping[str, ModelResult], req: Request,
+            arm: str) -> ModelResult:
+    """The answer of ``arm`` to ``req``: drawn with its arm's batch, or — the baseline answering
+    for a failed candidate — on its own."""
+    if arm == req.assignment.telemetry_arm:
+        return answers[req.id]
+    return respond(arm, [req])[0]
+
+
+def _given(result: ModelResult, arm: str) -> ModelResult:
+    return result
 
 
 def _binary_rows(rng: np.random.Generator, n: int) -> tuple[list[Any], list[Any]]:

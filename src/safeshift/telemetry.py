@@ -24,7 +24,7 @@ import math
 import random
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from safeshift.plan import Plan
@@ -275,6 +275,8 @@ class Aggregator:
             if g.above is not None:
                 thresholds.setdefault(g.metric, set()).add(g.above)
         self.thresholds = {k: sorted(v) for k, v in thresholds.items()}
+        # each threshold with its signal's name, formatted once (not on every observation)
+        self._cuts = {k: [(cut, f"{k}>{cut:g}") for cut in v] for k, v in self.thresholds.items()}
         # only what a guardrail compares needs per-cluster sums; counts (requests, units,
         # predictions by class) are kept once per cell, which keeps the store small
         self.clustered = frozenset(g.key for g in plan.guardrails)
@@ -296,24 +298,26 @@ class Aggregator:
         """Add one observation of each signal in ``values`` to the cell ``key``: in its cluster
         for the signals guardrails compare, in the cell without a cluster for the others."""
         clustered = self.clustered
+        cuts = self._cuts
         with self._lock:
             cell = self._cell(key)
-            flat = cell if key.cluster == NO_CLUSTER else self._cell(replace(key, cluster=NO_CLUSTER))
+            flat = cell if key.cluster == NO_CLUSTER else self._cell(_unclustered(key))
             for signal, value in values.items():
                 (cell if signal in clustered else flat).moments(signal).add(value)
-                for cut in self.thresholds.get(signal, ()):
-                    name = f"{signal}>{cut:g}"
+                for cut, name in cuts.get(signal, ()):
                     (cell if name in clustered else flat).moments(name).add(
                         1.0 if value > cut else 0.0)
                 if hist and signal.endswith("_ms"):
-                    flat.hists.setdefault(signal, Histogram()).add(value)
+                    h = flat.hists.get(signal)
+                    if h is None:
+                        h = flat.hists[signal] = Histogram()
+                    h.add(value)
 
     def add_counts(self, key: CellKey, counts: Mapping[str, float]) -> None:
         """Add counts (n and sum both grow by the count: a 0/1 signal that was 1), in the cell
         without a cluster."""
         with self._lock:
-            cell = self._cell(replace(key, cluster=NO_CLUSTER) if key.cluster != NO_CLUSTER
-                              else key)
+            cell = self._cell(_unclustered(key) if key.cluster != NO_CLUSTER else key)
             for signal, count in counts.items():
                 m = cell.moments(signal)
                 m.n += count
@@ -344,6 +348,11 @@ class Aggregator:
 
     def __len__(self) -> int:
         return len(self._cells)
+
+
+def _unclustered(key: CellKey) -> CellKey:
+    """``key`` without its cluster (what ``dataclasses.replace`` does, several times faster)."""
+    return CellKey(key.stage, key.arm, key.cohort, key.segment, key.window)
 
 
 def rows_from_cells(rollout: str, cells: Mapping[CellKey, Cell]) -> list[TelemetryRow]:

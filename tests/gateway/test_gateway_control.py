@@ -96,7 +96,7 @@ def test_every_route_needs_its_role_and_lesser_roles_change_nothing(server: Any)
     other = plan_dict(rollout="churn-v3", endpoint="churn-b")
     r = check_route(url, store, h, Role.OPERATOR, "POST", "/v1/rollouts", ok=201, json=other)
     assert r.json()["rollout"] == "churn-v3" and r.json()["phase"] == "running"
-    assert store.get_state("churn-v3").extra["created_by"] == "operator-1"
+    assert store.get_state("churn-v3").created_by == "operator-1"
     r = check_route(url, store, h, Role.OPERATOR, "POST", "/v1/rollouts/churn-v3/rollback",
                     **why)
     assert r.json()["phase"] == "rolled_back"

@@ -13,9 +13,10 @@ from gateway_helpers import make_plan, running
 
 from safeshift import MemoryStore
 from safeshift.clock import VirtualClock
+from safeshift.feedback import check_feedback_values
 from safeshift.gateway import create_app
 from safeshift.plan import OUTCOME_LIMIT
-from safeshift.rollout import Rollout, check_feedback_values
+from safeshift.rollout import Rollout
 
 P = "/v1/endpoints/churn/predict"
 F = "/v1/feedback"
@@ -164,9 +165,9 @@ def test_a_declared_range_bounds_an_outcome_over_http_and_in_python() -> None:
         # an outcome the plan gives no range keeps the default limit
         ok = c.post(F, json={"id": ids[0], "outcome": {"revenue": 500, "spend": 1e6}})
         assert ok.status_code == 200 and sorted(ok.json()["accepted"]) == ["revenue", "spend"]
-    assert rollout.feedback_problem(None, {"revenue": 500.5}) == (
+    assert rollout.joiner.feedback_problem(None, {"revenue": 500.5}) == (
         "outcome.revenue", "500.5 is outside [0, 500], the range of 'revenue': send a number in "
         "that range (the plan's guardrail declares this range)")
-    assert rollout.feedback_problem(None, {"revenue": 0}) is None
+    assert rollout.joiner.feedback_problem(None, {"revenue": 0}) is None
     with pytest.raises(ValueError, match=r"outcome.revenue: 900 is outside \[0, 500\]"):
         rollout.feedback(ids[1], outcome={"revenue": 900})

@@ -96,7 +96,7 @@ def test_malformed_requests_get_a_json_error_and_store_nothing(
     doc = r.json()
     assert isinstance(doc["error"], str) and doc["error"]
     assert doc.get("field") == field
-    assert len(rollout.aggregator) == 0  # no telemetry buffered ...
+    assert len(rollout.recorder.aggregator) == 0  # no telemetry buffered ...
     app.gateway.flush_all()
     assert len(rollout.store.telemetry("churn-v2")) == before  # ... nor stored
 

@@ -16,9 +16,10 @@ from safeshift import MemoryStore
 from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.clock import VirtualClock
 from safeshift.errors import RejectedInputError, StoreError
+from safeshift.feedback import RecentRequestIds, RequestIdTakenError
 from safeshift.gateway import create_app
 from safeshift.models.python import PythonModel
-from safeshift.rollout import RecentRequestIds, RequestIdTakenError, Rollout
+from safeshift.rollout import Rollout
 from safeshift.state import RequestRecord
 
 P = "/v1/endpoints/churn/predict"

@@ -112,9 +112,9 @@ def test_postgresql_outage_loses_nothing(postgres_cluster: Any) -> None:
 
 def test_a_long_outage_keeps_a_bounded_buffer_and_counts_what_it_drops(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from safeshift import rollout as rollout_module
+    from safeshift import recorder
 
-    monkeypatch.setattr(rollout_module, "MAX_BUFFERED_RECORDS", 5)
+    monkeypatch.setattr(recorder, "MAX_BUFFERED_RECORDS", 5)
     store = FlakyStore()
     app = create_app([make_plan()], auth=False, store=store, tick_interval=3600, flush_interval=3600)
     with running(app) as url, httpx.Client(base_url=url) as c:

@@ -2,7 +2,7 @@
 
 A batch is validated whole — schema and values first, then every id must name a live request
 record — before anything is written, so a bad item never leaves the batch half-applied. Values
-are checked by :func:`safeshift.rollout.check_feedback_values`, the check ``Rollout.feedback``
+are checked by :func:`safeshift.feedback.check_feedback_values`, the check ``Rollout.feedback``
 applies too: finite labels, outcomes finite and in their metric's range. Joins happen in a
 worker thread (SQL off the event loop). Repeats are idempotent per (request, metric).
 """
@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from safeshift.feedback import check_feedback_values
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.bodies import load_json
-from safeshift.rollout import check_feedback_values
 
 MAX_BATCH = 1000
 MAX_TEXT = 10_000

@@ -24,6 +24,7 @@ from typing import Any
 
 from safeshift.assign import BASELINE
 from safeshift.auth import Principal
+from safeshift.feedback import FeedbackResult, label_mismatch
 from safeshift.gateway import oip
 from safeshift.gateway._http import (
     HTTPError,
@@ -40,7 +41,6 @@ from safeshift.gateway.request_ids import HEADER, serve_once
 from safeshift.gateway.runtime import Gateway
 from safeshift.gateway.serving import Endpoint, Served, cached_split
 from safeshift.models import ModelBackend
-from safeshift.rollout import FeedbackResult, label_mismatch
 
 
 @dataclass(slots=True)
@@ -162,7 +162,7 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     joined = await gw.join([it.id for it in items], fields)
     for i, it in enumerate(items):
         rollout, rec = joined[it.id]
-        bad = rollout.feedback_problem(it.label, it.outcome)  # e.g. labels bounded by abs_error
+        bad = rollout.joiner.feedback_problem(it.label, it.outcome)  # e.g. labels bounded by abs_error
         if bad:
             raise HTTPError(422, bad[1], field=f"[{i}].{bad[0]}" if batch else bad[0])
         problem = label_mismatch(rec, it.label)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from contextvars import ContextVar
+from json.encoder import encode_basestring_ascii as _encode_str
 from typing import Any
 
 request_id_var: ContextVar[str | None] = ContextVar("safeshift_request_id", default=None)
@@ -124,7 +126,40 @@ class AccessLog:
             return
         line = {"ts": _iso(time.time()), "level": "info", "logger": access_logger.name,
                 "message": "request", **fields}
-        sink.write_line(json.dumps(line, default=str, separators=(",", ":")))
+        sink.write_line(_json_line(line))
+
+
+def _json_line(doc: dict[str, Any]) -> str:
+    """``json.dumps(doc, default=str, separators=(",", ":"))``, the same text, at a third of
+    the cost for the access log's flat lines: strings, numbers, booleans and None are written
+    here, any other value (and a key that is not a string) by ``json.dumps`` itself."""
+    parts = []
+    for key, value in doc.items():
+        head = _KEYS.get(key) if type(key) is str else None
+        if head is None:
+            if type(key) is not str:
+                return json.dumps(doc, default=str, separators=(",", ":"))
+            head = _encode_str(key) + ":"
+            if len(_KEYS) < 1024:  # the access log's keys are a few dozen
+                _KEYS[key] = head
+        kind = type(value)
+        if kind is str:
+            text = _encode_str(value)
+        elif value is None:
+            text = "null"
+        elif value is True:
+            text = "true"
+        elif value is False:
+            text = "false"
+        elif kind is int or (kind is float and math.isfinite(value)):
+            text = repr(value)
+        else:
+            text = json.dumps(value, default=str, separators=(",", ":"))
+        parts.append(head + text)
+    return "{" + ",".join(parts) + "}"
+
+
+_KEYS: dict[str, str] = {}  # a key, encoded, with its colon
 
 
 access_log = AccessLog()

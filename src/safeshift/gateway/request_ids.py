@@ -28,10 +28,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from safeshift.feedback import RecentRequestIds, request_id_taken
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.runtime import Gateway
 from safeshift.gateway.serving import Endpoint
-from safeshift.rollout import RecentRequestIds, request_id_taken
 from safeshift.store import Store
 
 T = TypeVar("T")

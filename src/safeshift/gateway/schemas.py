@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.json_schema import models_json_schema
 
+from safeshift.feedback import outcome_range
 from safeshift.plan import BUILTIN_METRICS, OUTCOME_LIMIT
-from safeshift.rollout import outcome_range
 
 Scalar = str | int | float | bool | None
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=128)]

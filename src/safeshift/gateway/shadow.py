@@ -1,10 +1,10 @@
 """Shadow copies off the critical path: a bounded asyncio queue and a few worker tasks.
 
 The user's request is answered by the baseline before its copy is even looked at. A copy that
-finds the queue full is dropped and counted (``Rollout.record_shadow_dropped``), never waited
+finds the queue full is dropped and counted (``Recorder.record_shadow_dropped``), never waited
 for. Workers hand each copy to ``call``: the shared serving steps
 (:meth:`safeshift.serving.Serving.shadow`), which call the candidate under the same protection
-as live calls (timeout, breaker) and feed both answers to ``Rollout.record_shadow``.
+as live calls (timeout, breaker) and feed both answers to ``Recorder.record_shadow``.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class ShadowQueue:
             except asyncio.QueueFull:
                 pass
         self.dropped += 1
-        self.rollout.record_shadow_dropped(item.assignment, item.baseline,
+        self.rollout.recorder.record_shadow_dropped(item.assignment, item.baseline,
                                            context=item.context, request_id=item.request_id)
         if self.on_result is not None:
             self.on_result("dropped")

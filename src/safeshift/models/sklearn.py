@@ -29,8 +29,13 @@ class SklearnModel(SyncBackend):
         if names is None and hasattr(estimator, "feature_names_in_"):
             names = [str(f) for f in estimator.feature_names_in_]
         self.features = names
+        self._feature_set = frozenset(names or ())
         self.name = name
         self._proba = hasattr(estimator, "predict_proba")
+        # fitted on a data frame (with feature names), called with arrays: scikit-learn warns on
+        # every call; only then is the warning filter swapped (it costs microseconds a call, and
+        # the swap is not thread-safe: the candidate's pool thread predicts concurrently)
+        self._named = hasattr(estimator, "feature_names_in_")
 
     @classmethod
     def load(cls, path: Path) -> SklearnModel:
@@ -48,8 +53,8 @@ class SklearnModel(SyncBackend):
         if rows and isinstance(rows[0], dict):
             if self.features is None:
                 raise ValueError("this model does not name its features; send rows as lists")
-            missing = [f for f in self.features if f not in rows[0]]
-            if missing:
+            if not rows[0].keys() >= self._feature_set:
+                missing = [f for f in self.features if f not in rows[0]]
                 raise ValueError(f"missing feature(s) {', '.join(missing[:5])}")
             return np.array([[row[f] for f in self.features] for row in rows], dtype=float)
         return np.asarray(rows, dtype=float)
@@ -67,14 +72,19 @@ class SklearnModel(SyncBackend):
 
     def _call(self, rows: Rows) -> tuple[list[Any], list[float] | None]:
         x = self.to_matrix(rows)
+        if not self._named:
+            return self._estimate(x)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # fitted with names, called with arrays
-            if self._proba:
-                proba = self.estimator.predict_proba(x)
-                classes = self.estimator.classes_
-                outputs = classes[np.argmax(proba, axis=1)].tolist()
-                return outputs, proba[:, -1].astype(float).tolist()
-            pred = self.estimator.predict(x)
+            return self._estimate(x)
+
+    def _estimate(self, x: np.ndarray) -> tuple[list[Any], list[float] | None]:
+        if self._proba:
+            proba = self.estimator.predict_proba(x)
+            classes = self.estimator.classes_
+            outputs = classes[np.argmax(proba, axis=1)].tolist()
+            return outputs, proba[:, -1].astype(float).tolist()
+        pred = self.estimator.predict(x)
         values = np.asarray(pred).tolist()
         scores = [float(v) for v in values] if np.issubdtype(np.asarray(pred).dtype, np.number) else None
         return values, scores

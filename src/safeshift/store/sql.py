@@ -874,7 +874,7 @@ def _state_values(state: RolloutState) -> dict[str, Any]:
         "stage_index": state.stage_index, "stage_started_at": state.stage_started_at,
         "pending_stage": state.pending_stage, "version": state.version,
         "created_at": state.created_at, "updated_at": state.updated_at, "reason": state.reason,
-        "extra": json.dumps(state.extra, default=str),
+        "extra": json.dumps(state.extra_json(), default=str),
     }
 
 
@@ -913,7 +913,7 @@ def _token(row: Any) -> TokenRecord:
 
 def _state(row: Any) -> RolloutState:
     with _damaged("state", row.name):
-        return RolloutState(
+        return RolloutState.from_row(
             name=row.name, plan_hash=row.plan_hash, phase=Phase(row.phase),
             stage_index=row.stage_index, stage_started_at=row.stage_started_at,
             pending_stage=row.pending_stage, version=row.version, created_at=row.created_at,
