@@ -122,6 +122,6 @@ def test_the_sql_store_keeps_unknown_keys_and_refuses_a_wrong_type(tmp_path: Pat
     with sqlite3.connect(path) as conn:
         conn.execute("UPDATE rollouts SET extra = ?", (json.dumps({**extra, "seq": "1"}),))
     with pytest.raises(DamagedStoreError, match="the state of rollout 'r1' in the store cannot "
-                                                "be read .*'seq' is str, not int"):
+                                                r"be read .*'seq' is str, not int"):
         store.get_state("r1")
     store.close()
