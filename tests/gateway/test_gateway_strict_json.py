@@ -161,3 +161,17 @@ def test_load_json_bounds_the_nesting(body: bytes) -> None:
     with pytest.raises(HTTPError) as caught:
         load_json(body, "x")
     assert caught.value.field == "body" and "too deep" in caught.value.message
+
+
+@pytest.mark.parametrize("body", [
+    str(2**63 - 1).encode(), str(2**64).encode(), str(-(2**63) - 1).encode(),
+    b'{"unit": 18446744073709551616, "inputs": {"x": 123456789012345678901234567890}}',
+    b'["\\ud800", "\\udc00x", "\\ud83d\\ude00"]', b'{"a": 1, "a": 2}', b'{"a": -0.0, "b": -0}',
+    b'[0.1, 1.7976931348623157e308, 5e-324, 1E5, 2.5e-7]', '["é"]'.encode("utf-16"),
+    b'{"\\u00e9": "caf\xc3\xa9"}',
+])
+def test_load_json_reads_what_json_reads(body: bytes) -> None:
+    """Numbers beyond 64 bits stay exact integers, lone surrogates and other encodings are
+    read, whichever parser reads the body."""
+    doc = load_json(body, "x")
+    assert doc == json.loads(body) and repr(doc) == repr(json.loads(body))

@@ -149,3 +149,16 @@ def test_json_log_lines_carry_the_request_id() -> None:
         request_id_var.reset(token)
     assert line["message"] == "hello world" and line["request_id"] == "abc"
     assert line["level"] == "warning" and line["rollout"] == "r"
+
+
+@pytest.mark.parametrize("doc", [
+    {"ts": "t", "path": "/v1/é\u2028\"\\\n\x00", "status": 200, "duration_ms": 0.812,
+     "client": None, "fallback": False, "given": True, "n": 2**70, "tiny": 1e-05},
+    {"nan": float("nan"), "inf": float("-inf"), "zero": -0.0, "list": [1, "x", None],
+     "nested": {"a": {"b": 1.5}}, "bytes": b"by", "other": object()},
+    {1: "a non-string key", "b": 2}, {},
+])
+def test_access_log_lines_are_what_json_dumps_writes(doc: dict) -> None:
+    from safeshift.gateway.logs import _json_line
+
+    assert _json_line(doc) == json.dumps(doc, default=str, separators=(",", ":"))

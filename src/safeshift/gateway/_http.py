@@ -43,7 +43,7 @@ class BodyTooLarge(Exception):
 
 def dumps(obj: Any) -> bytes:
     """Compact JSON; non-finite floats are refused (they are not JSON)."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_default).encode()
+    return _ENCODER.encode(obj).encode()
 
 
 def _default(obj: Any) -> Any:
@@ -51,6 +51,10 @@ def _default(obj: Any) -> Any:
     if tolist is not None:
         return tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# made once: json.dumps with arguments builds an encoder on every call
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False, default=_default)
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -164,14 +164,15 @@ def _parse_tensor(raw: Any, where: str, blob: bytes, offset: int) -> tuple[Tenso
     flat = _flatten(raw["data"])
     if len(flat) != count:
         raise _fail(f"shape {shape} needs {count} values, got {len(flat)}", f"{where}.data")
+    kinds = set(map(type, flat))  # checked type by type: a tensor holds one or two
     if dtype == BYTES:
-        if not all(isinstance(v, str) for v in flat):
+        if not all(issubclass(k, str) for k in kinds):
             raise _fail("BYTES data must be strings", f"{where}.data")
         return Tensor(name, dtype, shape, flat), offset
     if dtype == "BOOL":
-        ok = all(isinstance(v, bool) for v in flat)
+        ok = all(issubclass(k, bool) for k in kinds)
     else:
-        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in flat)
+        ok = all(issubclass(k, int | float) and not issubclass(k, bool) for k in kinds)
     if not ok:
         raise _fail(f"{dtype} data must be {'booleans' if dtype == 'BOOL' else 'numbers'}",
                     f"{where}.data")
@@ -186,7 +187,7 @@ def _flatten(data: Any) -> list[Any]:
     if not isinstance(data, list):
         return [data]
     if not data or not isinstance(data[0], list):
-        if any(isinstance(v, list) for v in data):
+        if any(issubclass(k, list) for k in set(map(type, data))):
             return [v for item in data for v in _flatten(item)]
         return data
     return [v for item in data for v in _flatten(item)]
