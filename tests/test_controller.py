@@ -183,6 +183,31 @@ def test_sample_ratio_counts_units_so_heavy_users_do_not_pause(plan: Plan, store
     assert srm_test([int(n) for n in requests], list(analysis.srm.expected), alpha=0.001).mismatch
     clock.advance(600)
     rollout.tick()
+
+
+def test_units_counted_again_by_other_replicas_widen_the_split_check(plan: Plan, store: Store,
+                                                                     clock: VirtualClock) -> None:
+    """Three more replicas with recorders of their own (each counts a unit on its first sight)
+    share the store: units are counted up to four times, the counts' dispersion is measured
+    from their clusters and reported, and the split check divides by it."""
+    from safeshift.recorder import Recorder
+
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    rollout.tick()
+    recorders = [rollout.recorder] + [Recorder(rollout.plan, clock) for _ in range(3)]
+    base, rng = FakeModel(output=1), random.Random(5)
+    for i in range(3000):
+        a = rollout.assign(f"u{i}", {})
+        for _ in range(rng.choice([1, 2, 8, 20])):
+            rng.choice(recorders).record(a, base.predict([{}]))
+    for r in recorders:
+        r.flush(store)
+    analysis = rollout.analysis()
+    assert analysis.srm is not None and analysis.srm_counted == "units"
+    assert sum(analysis.srm.counts) > 1.8 * 3000  # most units counted by several replicas
+    assert 1.5 < analysis.srm.dispersion < 4.0
+    assert analysis.to_json()["srm"]["dispersion"] == analysis.srm.dispersion
+    assert not analysis.srm.mismatch
     assert rollout.state().phase is not Phase.PAUSED
     rollout.close()
 

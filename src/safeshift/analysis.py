@@ -37,6 +37,7 @@ from safeshift.stats import (
     cluster_ratio,
     confidence_sequence,
     confidence_sequence_one_sample,
+    count_dispersion,
     diff_means,
     diff_proportions,
     diff_ratios,
@@ -145,7 +146,8 @@ class StageAnalysis:
         if self.srm is not None:
             srm = {"counts": list(self.srm.counts), "expected": list(self.srm.expected),
                    "observed": list(self.srm.observed), "p_value": self.srm.p_value,
-                   "mismatch": self.srm.mismatch, "counted": self.srm_counted}
+                   "mismatch": self.srm.mismatch, "counted": self.srm_counted,
+                   "dispersion": self.srm.dispersion}
         return {"stage": self.stage, "stage_index": self.stage_index,
                 "n_baseline": self.n_baseline, "n_candidate": self.n_candidate,
                 "verdicts": [v.to_json() for v in self.verdicts], "srm": srm,
@@ -537,13 +539,28 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
         units_b = summary.total(BASELINE, UNITS).n
         out.srm_counted = counted = UNITS if units_b > 0 else REQUESTS
         # every candidate variant that served in the stage, dropped experiment arms included
-        n_all = sum(summary.total(arm, counted).n for arm in summary.arms() if arm != BASELINE)
+        candidates = [arm for arm in summary.arms() if arm != BASELINE]
+        n_all = sum(summary.total(arm, counted).n for arm in candidates)
         share = stage.served / BASIS_POINTS
         floor = max(0.002, plan.analysis.srm_min_deviation * min(share, 1 - share))
         out.srm = srm_test([int(units_b if units_b > 0 else n_b), int(n_all)],
                            [1 - share, share], alpha=plan.analysis.srm_alpha,
-                           min_deviation=floor)
+                           min_deviation=floor,
+                           dispersion=_unit_dispersion(summary, candidates)
+                           if counted == UNITS else 1.0)
     return out
+
+
+def _unit_dispersion(summary: Summary, candidates: Sequence[str]) -> float:
+    """How many times more the counted units vary between the arms than units counted once
+    would (``count_dispersion`` over the unit clusters): a restart or another replica counts a
+    unit again, on its own arm, which widens the split's spread but not its expected share."""
+    per_cluster: dict[int, list[float]] = {}
+    for column, arms in ((0, [BASELINE]), (1, candidates)):
+        for arm in arms:
+            for cluster, (n, _s) in summary.pooled(arm, UNITS).clusters.items():
+                per_cluster.setdefault(cluster, [0.0, 0.0])[column] += n
+    return count_dispersion(list(per_cluster.values())) if per_cluster else 1.0
 
 
 def worst_segment(analysis: StageAnalysis, guardrail: str) -> Verdict | None:

@@ -251,7 +251,10 @@ def step_srm(ctx: TickContext) -> None:
         f"sample-ratio mismatch in stage {a.stage!r}: candidate share "
         f"{srm.observed[1]:.2%} of {sum(srm.counts)} {a.srm_counted}, expected "
         f"{srm.expected[1]:.2%} "
-        f"(p={srm.p_value:.2g}); comparisons cannot be trusted — check assignment and "
+        f"(p={srm.p_value:.2g}"
+        + (f", counts over-dispersed {srm.dispersion:.2g}x by units counted more than once"
+           if srm.dispersion > 1.0 else "")
+        + "); comparisons cannot be trusted — check assignment and "
         "telemetry, then resume",
         ctx.state.stage_index, Phase.PAUSED, ctx.analysis.to_json() if ctx.analysis else {}))
 

@@ -8,9 +8,10 @@ never with users or requests.
 The *cluster* is the unit's hash bucket (``analysis.unit_buckets`` of them, from the unit's
 assignment hash). Every unit lies wholly in one cluster, so per-cluster sums are what the
 unit-level (cluster-robust) variance needs, and they stay additive across windows and replicas.
-Only the signals guardrails compare are kept per cluster; counts (requests, units, predictions
-by class) and histograms are kept per cell without one (``-1``): quantiles, drift and the
-traffic split need no unit-level variance.
+Only the signals guardrails compare, and ``units``, are kept per cluster; other counts
+(requests, predictions by class) and histograms are kept per cell without one (``-1``):
+quantiles and drift need no unit-level variance. Units are clustered so that the traffic-split
+check can see how much more than once restarts and replicas count a unit.
 
 Signals are named by what they measure: ``requests`` (count), ``error_rate`` (0/1),
 ``latency_ms`` (value), ``latency_ms>250`` (0/1, one per latency guardrail threshold),
@@ -64,8 +65,9 @@ class UnitCounter:
     A bitmap of 2^25 bits (4 MiB) per stage, indexed by a multiplicative mix of the unit's
     32-bit hash. Two units that share a bit count once; a unit's bit does not depend on its
     arm, so that undercount is the same on every arm and the counted split keeps its expected
-    share. Counts are per process: a restart or another replica counts a unit again, equally
-    on every arm. Only the two most recent stages are kept."""
+    share. Counts are per process: a restart or another replica counts a unit again on its
+    arm, which the split check measures and divides out (``stats.srm.count_dispersion``).
+    Only the two most recent stages are kept."""
 
     LOG2_BITS = 25
     BITS = 1 << LOG2_BITS
@@ -277,9 +279,10 @@ class Aggregator:
         self.thresholds = {k: sorted(v) for k, v in thresholds.items()}
         # each threshold with its signal's name, formatted once (not on every observation)
         self._cuts = {k: [(cut, f"{k}>{cut:g}") for cut in v] for k, v in self.thresholds.items()}
-        # only what a guardrail compares needs per-cluster sums; counts (requests, units,
-        # predictions by class) are kept once per cell, which keeps the store small
-        self.clustered = frozenset(g.key for g in plan.guardrails)
+        # only what a guardrail compares needs per-cluster sums, and the units the split check
+        # counts (to see how often restarts and replicas count a unit again); other counts
+        # (requests, predictions by class) are kept once per cell, which keeps the store small
+        self.clustered = frozenset(g.key for g in plan.guardrails) | {"units"}
         self._cells: dict[CellKey, Cell] = {}
         self._lock = threading.Lock()
 

@@ -47,7 +47,7 @@ from safeshift.stats.sequential import (
     one_sample_mean,
     one_sample_proportion,
 )
-from safeshift.stats.srm import SRMResult, srm_log_bayes_factor, srm_test
+from safeshift.stats.srm import SRMResult, count_dispersion, srm_log_bayes_factor, srm_test
 
 __all__ = [
     "MAX_SAMPLES_PER_ARM",
@@ -65,6 +65,7 @@ __all__ = [
     "cluster_ratio",
     "confidence_sequence",
     "confidence_sequence_one_sample",
+    "count_dispersion",
     "diff_means",
     "diff_proportions",
     "diff_ratios",

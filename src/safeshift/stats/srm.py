@@ -10,6 +10,14 @@ under continuous monitoring.
 Tiny deviations become significant at large n yet are harmless, so a mismatch
 also requires a minimum absolute deviation of the shares (Mozilla's Jetstream
 added the same kind of floor) and a minimum count per arm (GrowthBook: 8).
+
+The test assumes each unit is counted once. A gateway counts first sightings per
+process, so a restart or a second replica counts a unit again: a unit seen by k
+processes adds k to its arm, and the counts vary E[k²]/E[k] times more than a
+multinomial's, which would pause healthy rollouts. :func:`count_dispersion` estimates
+that factor from the per-cluster counts (units hash into clusters independently of
+their arm) and :func:`srm_test` divides the counts by it: the quasi-likelihood
+correction of over-dispersed counts (McCullagh & Nelder 1989, §4.5).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from scipy import special, stats
 
-__all__ = ["SRMResult", "srm_log_bayes_factor", "srm_test"]
+__all__ = ["SRMResult", "count_dispersion", "srm_log_bayes_factor", "srm_test"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +49,7 @@ class SRMResult:
     p_value: float
     chi2_p_value: float
     mismatch: bool
+    dispersion: float = 1.0  # the counts were divided by this before testing (>= 1)
 
 
 def _normalise(expected: Sequence[float], k: int) -> NDArray[np.float64]:
@@ -114,6 +123,7 @@ def srm_test(
     min_deviation: float = 0.002,
     min_count: int = 8,
     concentration: float = 100.0,
+    dispersion: float = 1.0,
 ) -> SRMResult:
     """Sequential SRM check of cumulative ``counts`` against ``expected`` shares.
 
@@ -121,14 +131,21 @@ def srm_test(
     ``alpha``, the largest absolute share deviation is at least
     ``min_deviation``, and every arm with a positive expected share has at
     least ``min_count`` units. ``expected`` is normalised to sum to 1.
+
+    ``dispersion`` (at least 1; see :func:`count_dispersion`) is how many times more the
+    counts vary than independent units would: the tests see ``counts / dispersion``, the
+    minimum count applies to the counts as given.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     x = np.asarray(counts, dtype=np.float64)
     if x.ndim != 1 or np.any(x < 0) or not np.all(np.isfinite(x)):
         raise ValueError(f"counts must be a flat sequence of non-negative numbers: {counts!r}")
+    if not (math.isfinite(dispersion) and dispersion >= 1.0):
+        raise ValueError(f"dispersion must be a finite number >= 1, got {dispersion!r}")
     theta0 = _normalise(expected, x.size)
-    log_bf = float(srm_log_bayes_factor(x, expected, concentration=concentration))
+    tested = x / dispersion
+    log_bf = float(srm_log_bayes_factor(tested, expected, concentration=concentration))
     bayes_factor = math.exp(log_bf) if log_bf < 709.0 else math.inf
     p_value = 1.0 if log_bf <= 0 else math.exp(-log_bf)
     total = float(x.sum())
@@ -142,6 +159,34 @@ def srm_test(
         observed=tuple(float(o) for o in observed),
         bayes_factor=bayes_factor,
         p_value=p_value,
-        chi2_p_value=_chi2_p_value(x, theta0),
+        chi2_p_value=_chi2_p_value(tested, theta0),
         mismatch=mismatch,
+        dispersion=float(dispersion),
     )
+
+
+MIN_DISPERSION_CLUSTERS = 8
+"""Fewer clusters with counts than this: no dispersion is estimated (1 is used)."""
+
+
+def count_dispersion(clusters: ArrayLike) -> float:
+    """How many times more two arms' counts vary than a binomial split of independent units:
+    Pearson's X² over clusters against the pooled share, divided by its degrees of freedom
+    (McCullagh & Nelder 1989, §4.5), and never below 1.
+
+    ``clusters`` is an array of shape (clusters, 2): each row the counts of one cluster on the
+    two arms (baseline, candidate). Units must fall into clusters by a hash independent of
+    their arm. Each unit counted k times makes the ratio about E[k²]/E[k]; a genuine
+    mismatch moves every cluster's share alike and leaves it near 1, because the deviations are
+    taken from the pooled share, not the expected one. With fewer than
+    :data:`MIN_DISPERSION_CLUSTERS` non-empty clusters the answer is 1."""
+    x = np.asarray(clusters, dtype=np.float64).reshape(-1, 2)
+    n = x.sum(axis=1)
+    x, n = x[n > 0], n[n > 0]
+    if n.size < MIN_DISPERSION_CLUSTERS:
+        return 1.0
+    share = float(x[:, 1].sum() / n.sum())
+    if not 0.0 < share < 1.0:
+        return 1.0
+    statistic = float(((x[:, 1] - share * n) ** 2 / (n * share * (1.0 - share))).sum())
+    return max(1.0, statistic / float(n.size - 1))
