@@ -82,7 +82,7 @@ class SklearnModel(SyncBackend):
         if self._proba:
             proba = self.estimator.predict_proba(x)
             classes = self.estimator.classes_
-            outputs = classes[np.argmax(proba, axis=1)].tolist()
+            outputs = classes[proba.argmax(axis=1)].tolist()
             return outputs, proba[:, -1].astype(float).tolist()
         pred = self.estimator.predict(x)
         values = np.asarray(pred).tolist()
