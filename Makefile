@@ -1,4 +1,6 @@
 # safeshift — the two commands of the quick start, plus lint and benchmarks.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,10 +8,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck postgres bench bench-quick examples clean
 
+# pip's own lines say what it fetches and installs (about 2 minutes on a fresh machine); once
+# installed, the stamp skips this step until pyproject.toml changes
 $(STAMP): pyproject.toml
+	@echo "setting up $(VENV): safeshift and its dependencies (about 2 minutes the first time) ..."
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -e '.[dev]' | { grep --line-buffered -E '^(Collecting|Installing|Successfully)' || true; }
 	@touch $(STAMP)
 
 demo: $(STAMP)  ## set up and run the embedded demo
