@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,12 @@ import joblib
 import numpy as np
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from safeshift.clock import VirtualClock
 from safeshift.models import ModelResult
 from safeshift.plan import Plan
+from safeshift.progress import rollout_now, virtual_time_progress
 from safeshift.rollout import Rollout
 from safeshift.simulate import Population, Request, drive
 from safeshift.state import Decision, Phase
@@ -238,19 +239,10 @@ def run_demo(directory: Path, *, quick: bool = False, seed: int = 7,
             minutes = (now - start) / 60
             text = f"  [{minutes:5.1f} min] {d.action} → {d.phase}: {d.reason}"
             lines.append(text)
-            progress.console.print(text, markup=False, highlight=False)
+            console.print(text, markup=False, highlight=False)
 
         max_seconds = 4 * 3600.0
-        with Progress(TextColumn("  virtual time"), BarColumn(), TextColumn("{task.description}"),
-                      TimeElapsedColumn(), console=console, transient=True,
-                      disable=not console.is_terminal) as progress:
-            task = progress.add_task("", total=max_seconds)
-
-            def moved(elapsed: float, task: Any = task, progress: Progress = progress,
-                      rollout: Rollout = rollout) -> None:
-                progress.update(task, completed=elapsed,
-                                description=f"{elapsed / 60:.0f} min {rollout.state().phase}")
-
+        with virtual_time_progress(console, max_seconds, partial(rollout_now, rollout)) as moved:
             totals = drive(rollout, clock, respond=responder, rows=responder.rows,
                            population=Population(MIX, 20_000, rng), rng=rng, rate=rate,
                            max_seconds=max_seconds, label_delay=180.0, label_share=0.6,

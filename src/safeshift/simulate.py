@@ -23,13 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from safeshift.assign import BASELINE, Assignment
 from safeshift.clock import VirtualClock
 from safeshift.errors import RolloutError, SafeshiftError, UnknownRolloutError
 from safeshift.models import FakeModel, ModelResult
 from safeshift.plan import Plan
+from safeshift.progress import rollout_now, virtual_time_progress
 from safeshift.rollout import Rollout
 from safeshift.serving import run_sync
 from safeshift.state import Decision, Phase
@@ -334,7 +334,7 @@ def drive(
                 awaiting_since = awaiting_since or now
                 if now - awaiting_since >= approve_after:
                     d = rollout.approve(actor="simulated-operator",
-                                        reason="reviewed the evidence on the dashboard")
+                                        reason="reviewed the stage's evidence (safeshift status)")
                     awaiting_since = None
                     if on_decision is not None:
                         on_decision(d, now)
@@ -432,23 +432,14 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
                           f"{escape(d.reason)}", markup=True, highlight=False)
 
     max_seconds = max_hours * 3600
-    show = console is not None and console.is_terminal
-    with Progress(TextColumn("  virtual time"), BarColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), console=console, transient=True,
-                  disable=not show) as progress:
-        task = progress.add_task("", total=max_seconds)
-
-        def moved(elapsed: float) -> None:
-            progress.update(task, completed=elapsed,
-                            description=f"{_when(0, elapsed)[1:]} {rollout.state().phase}")
-
+    with virtual_time_progress(console, max_seconds, partial(rollout_now, rollout)) as moved:
         n, nc, fb, labels = drive(
             rollout, clock,
             respond=SyntheticResponder(scenario, rng, [c.name for c in plan.challengers], pop),
             rows=_binary_rows,
             population=pop, rng=rng, rate=rate, max_seconds=max_seconds,
             label_delay=scenario.label_delay, label_share=scenario.label_share,
-            on_decision=told, on_progress=moved if show else None)
+            on_decision=told, on_progress=moved)
     state = rollout.state()
     verdicts = []
     decisions = rollout.decisions()
