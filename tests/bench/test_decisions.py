@@ -91,14 +91,26 @@ def test_mann_whitney_matches_scipy() -> None:
         assert ours == pytest.approx(ref, rel=1e-9, abs=1e-12)
 
 
+PRINTED: dict[str, str] = {}  # what the quick run printed
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
     out = tmp_path_factory.mktemp("bench")
     json_path, png = out / "decisions.json", out / "decisions.png"
-    console = Console(file=io.StringIO(), width=120)
+    text = io.StringIO()
+    console = Console(file=text, width=120)
     result = bench.main(quick=True, runs=200, json_path=json_path, plot_path=png, seed=11,
                         console=console)
+    PRINTED["quick"] = text.getvalue()
     return result, json_path, png
+
+
+def test_quick_run_says_which_scenario_it_is_on(quick: tuple[dict[str, Any], Path, Path]) -> None:
+    lines = [x for x in PRINTED["quick"].splitlines() if x.startswith("  ... ")]
+    assert len(lines) == len(bench.SCENARIOS) + len(quick[0]["clustered"]["scenarios"])
+    assert lines[0].startswith(f"  ... scenario 1/{len(bench.SCENARIOS)} ")
+    assert "clustered scenario 1/" in lines[len(bench.SCENARIOS)]
 
 
 def test_quick_run_shows_the_must_show_properties(

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -976,8 +976,10 @@ def _primary(scenario: ClusteredScenario) -> str:
     return "accuracy" if scenario.accuracy else "error_rate"
 
 
-def run(*, runs: int, seed: int, quick: bool, traffic: Traffic = Traffic()) -> dict[str, Any]:
-    """Every clustered scenario with every method; the JSON section ``clustered``."""
+def run(*, runs: int, seed: int, quick: bool, traffic: Traffic = Traffic(),
+        say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Every clustered scenario with every method; the JSON section ``clustered``. ``say``
+    hears one line as each scenario starts."""
     started = time.perf_counter()
     section: dict[str, Any] = {
         "runs": runs, "look_seconds": LOOK, "se_look_seconds": SE_LOOK,
@@ -996,6 +998,9 @@ def run(*, runs: int, seed: int, quick: bool, traffic: Traffic = Traffic()) -> d
         # 50 countries cost five times the cells: half the rollouts
         n_runs = runs if len(sc.countries) <= len(COUNTRIES) else max(runs // 2, 1)
         section["runs_per_scenario"][sc.name] = n_runs
+        if say is not None:
+            say(f"clustered scenario {index + 1}/{len(CLUSTERED_SCENARIOS)} {sc.name}: "
+                f"{n_runs:,} rollouts ({time.perf_counter() - started:.0f} s so far)")
         # every look of the first rollout; --quick: the first three and every 30th
         res = simulate_clustered(plan, sc, n_runs, rng, traffic=traffic, verify=1,
                                  check_every=30 if quick else 1, check_first=3 if quick else 1)

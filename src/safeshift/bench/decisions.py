@@ -1002,7 +1002,12 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
     plan = bench_plan()
     started = time.perf_counter()
     results: dict[str, ScenarioResult] = {}
+    def say(line: str) -> None:
+        console.print(f"  ... {line}", markup=False, highlight=False)
+
     for index, scenario in enumerate(SCENARIOS):
+        say(f"scenario {index + 1}/{len(SCENARIOS)} {scenario.name}: {runs:,} rollouts "
+            f"({time.perf_counter() - started:.0f} s so far)")
         rng = np.random.default_rng([seed, index])
         results[scenario.name] = simulate(plan, scenario, runs, rng, verify=verify)
     elapsed = time.perf_counter() - started
@@ -1064,7 +1069,7 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
     }
     from safeshift.bench import _clustered
 
-    out["clustered"] = _clustered.run(runs=max(runs // 2, 1), seed=seed, quick=quick)
+    out["clustered"] = _clustered.run(runs=max(runs // 2, 1), seed=seed, quick=quick, say=say)
     out["must_show"] = must_show(methods, named, out["harm_lower_bound"], out["clustered"])
     render(out, console)
     c = out["clustered"]

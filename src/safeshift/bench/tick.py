@@ -453,7 +453,11 @@ def main(*, quick: bool, json_path: Path | None, console: Console,
     loop = calibration()
     results: list[SizeResult] = []
     per_read: float | None = None
-    for target in sizes:
+    started = time.perf_counter()
+    for i, target in enumerate(sizes):
+        console.print(f"  ... size {i + 1}/{len(sizes)}: about {target:,} cells "
+                      f"({time.perf_counter() - started:.0f} s so far)", markup=False,
+                      highlight=False)
         r = run_size(plan, target, per_read=per_read, quick=quick, repeats=repeats)
         if r.old_measured and r.old_s is not None and r.old_reads:
             per_read = r.old_s / r.old_reads
