@@ -1002,6 +1002,7 @@ def main(*, quick: bool, runs: int | None, json_path: Path | None, plot_path: Pa
     plan = bench_plan()
     started = time.perf_counter()
     results: dict[str, ScenarioResult] = {}
+
     def say(line: str) -> None:
         console.print(f"  ... {line}", markup=False, highlight=False)
 
