@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,6 +223,22 @@ def postgres_url() -> Iterator[str]:
         cluster.stop()
 
 
+def _drop_database(admin: sa.Engine, name: str) -> None:
+    """Drop a test's database. FORCE ends the test's own leftover sessions, but not an
+    autovacuum worker that happens to be on the database (a superuser's process: "must be a
+    member of pg_signal_backend"), so a refusal is retried for a few seconds; a database left
+    behind in the throwaway cluster harms nothing and fails no test."""
+    for attempt in range(20):
+        try:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            return
+        except sa.exc.DBAPIError:
+            if attempt == 19:
+                return
+            time.sleep(0.25)
+
+
 @pytest.fixture
 def postgres_db_url(postgres_url: str) -> Iterator[str]:
     """A fresh, empty database on the session's server, dropped after the test."""
@@ -232,8 +249,7 @@ def postgres_db_url(postgres_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
         yield base.set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _drop_database(admin, name)
     finally:
         admin.dispose()
 

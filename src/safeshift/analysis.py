@@ -187,6 +187,13 @@ def _fmt(value: float, rate: bool, relative: bool, *, signed: bool = True,
     return f"{value:{sign}.3g}"
 
 
+def format_measure(value: float, rate: bool, relative: bool, *, signed: bool = True,
+                   level: bool = False) -> str:
+    """A verdict's number as its sentences write it: differences of rates in percentage points,
+    levels of rates in percent, relative differences in percent."""
+    return _fmt(value, rate, relative, signed=signed, level=level)
+
+
 def _status(g: Guardrail, harm_lo: float, harm_hi: float, tol: float) -> Status:
     if harm_lo > (0.0 if g.strict else tol):
         return Status.HARM

@@ -518,6 +518,52 @@ def history(rollout: str, store: StoreOpt = None, url: UrlOpt = None,
                   f"{d['phase']:18} {printable(d['reason'])}", markup=False)
 
 
+@app.command()
+def explain(
+    decision: Annotated[str, typer.Argument(
+        help="ROLLOUT (every decision) or ROLLOUT#SEQ (one; SEQ as in safeshift history)")],
+    seq: Annotated[int | None, typer.Argument(help="the decision's number (or ROLLOUT#SEQ)")] = None,
+    what_if: Annotated[list[str] | None, typer.Option(
+        "--what-if", help="re-run under another setting, e.g. tolerance.error_rate=0.005, "
+        "alpha=0.01, stage.canary.min_samples=500 (repeat, or several in one: comma-free "
+        "words separated by spaces)")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-derive stored decisions from what they were computed from and show that they match
+    (exit 0; 1 if one does not); with --what-if, say whether one would have changed."""
+    from safeshift import explain as ex
+
+    rollout = decision
+    if seq is None and "#" in decision:
+        rollout, _, number = decision.rpartition("#")
+        if not number.isdigit():
+            fail(f"{decision!r}: write ROLLOUT#SEQ with SEQ a decision number, e.g. "
+                 f"{rollout}#2")
+        seq = int(number)
+    settings: dict[str, Any] = {}
+    try:
+        settings = ex.parse_what_if([w for item in what_if or [] for w in item.split()])
+    except SafeshiftError as exc:
+        fail(str(exc))
+
+    def run(st: Any) -> list[Any]:
+        numbers = [seq] if seq is not None else [d.seq for d in ops.history(st, rollout)]
+        return [ex.explain(st, rollout, n, what_if=settings or None) for n in numbers]
+
+    explanations = _read(None, None, store, run)
+    if json_out:
+        out.print_json(data=[e.to_json() for e in explanations])
+    else:
+        for i, e in enumerate(explanations):
+            if i:
+                out.print("")
+            for line in ex.explain_lines(e):
+                out.print(line, markup=False)
+    if any(e.matches is False for e in explanations):
+        raise typer.Exit(1)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]

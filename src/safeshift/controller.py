@@ -14,6 +14,7 @@ is the safe direction); a sample-ratio mismatch blocks every advance and pauses 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +35,15 @@ from safeshift.experiment import (
 )
 from safeshift.notify import ask_confirm, confirm_body, display_url, outbox_entries
 from safeshift.plan import Approval, Confirm, Experiment, Plan, Stage
-from safeshift.state import Action, Decision, Phase, RolloutState, StageApprovals
+from safeshift.snapshots import (
+    INPUTS_FORMAT,
+    SNAPSHOT_EVERY,
+    encode_inputs,
+    freeze_inputs,
+    inputs_digest,
+    snapshot_of,
+)
+from safeshift.state import Action, Decision, DecisionInputs, Phase, RolloutState, StageApprovals
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
@@ -392,6 +401,7 @@ class Controller:
         self.clock = clock
         self.steps = steps
         self.lease = lease
+        self._snapshot_at: float | None = None  # the last verdict snapshot's time (None: ask)
 
     def holds_lease(self) -> bool:
         """Whether this controller may decide now: always without a lease, else while it holds
@@ -418,6 +428,21 @@ class Controller:
         if not self.holds_lease():
             return None
         ctx = self.evaluate()
+        decision = self._decide(ctx)
+        self._snapshot(ctx, decided=decision is not None)
+        return decision
+
+    def _snapshot(self, ctx: TickContext, *, decided: bool) -> None:
+        """Keep the tick's verdicts (one snapshot a minute, and one at each decision)."""
+        if ctx.analysis is None:
+            return
+        if self._snapshot_at is None:
+            self._snapshot_at = self.store.last_snapshot_at(self.plan.rollout) or -math.inf
+        if decided or ctx.now - self._snapshot_at >= SNAPSHOT_EVERY:
+            self.store.put_snapshot(snapshot_of(self.plan.rollout, ctx.analysis, ctx.now))
+            self._snapshot_at = ctx.now
+
+    def _decide(self, ctx: TickContext) -> Decision | None:
         if not ctx.intents:
             return None
         intent = min(ctx.intents, key=lambda i: _PRIORITY[i.action])
@@ -434,7 +459,12 @@ class Controller:
                            f"stage {stage!r} starts: {said}", ctx.now)
                 return None
             intent = replace(intent, reason=f"{intent.reason}; confirmed by hook {hook}")
-        return self._commit(ctx.state, intent, "controller", ctx.now)
+        inputs = None
+        if ctx.summary is not None and not intent.quiet:
+            inputs = encode_inputs(freeze_inputs(ctx.state, ctx.now,
+                                                 current_variants(self.plan, ctx.state),
+                                                 ctx.summary))
+        return self._commit(ctx.state, intent, "controller", ctx.now, inputs=inputs)
 
     def _hold(self, state: RolloutState, reason: str, now: float) -> None:
         """Say why the rollout holds in its state's reason (no decision: nothing happened);
@@ -447,7 +477,8 @@ class Controller:
         with contextlib.suppress(ConcurrencyError):  # someone acted meanwhile: theirs stands
             self.store.commit(new, expected_version=state.version)
 
-    def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float) -> Decision | None:
+    def _commit(self, state: RolloutState, intent: Intent, actor: str, now: float, *,
+                inputs: bytes | None = None) -> Decision | None:
         new = state.copy()
         if intent.update is not None:
             intent.update(new)
@@ -470,12 +501,19 @@ class Controller:
             new.pending_stage = None
         if intent.phase in (Phase.PROMOTED, Phase.WATCHING):
             new.pending_stage = None
+        evidence = intent.evidence
+        stored = []
+        if inputs is not None:  # the evidence names them, so the audit chain covers them
+            evidence = {**evidence, "inputs": {"format": INPUTS_FORMAT, "bytes": len(inputs),
+                                               "sha256": inputs_digest(inputs)}}
+            stored.append(DecisionInputs(self.plan.rollout, seq, inputs))
         decision = Decision(self.plan.rollout, seq, now, intent.action, state.stage_index,
-                            new.stage_index, intent.phase, intent.reason, actor, intent.evidence)
+                            new.stage_index, intent.phase, intent.reason, actor, evidence)
         event = decision_event(decision, plan_hash=state.plan_hash, from_phase=state.phase)
         # the notifications are written with the decision: both or neither (safeshift.notify)
         self.store.commit(new, expected_version=state.version, decisions=[decision], audit=[event],
-                          outbox=outbox_entries(self.plan, decision, from_phase=state.phase))
+                          outbox=outbox_entries(self.plan, decision, from_phase=state.phase),
+                          inputs=stored)
         return decision
 
     # -- operator actions -------------------------------------------------------------

@@ -309,3 +309,26 @@ class OutboxEntry:
         if self.delivered_at is not None:
             return "delivered"
         return "dead" if self.dead else "pending"
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionInputs:
+    """What a controller decision was computed from — the stage's summary as the analysis read
+    it, the state before, the time and the variants judged — compressed JSON written with the
+    decision (:mod:`safeshift.snapshots`); the decision's evidence holds its SHA-256, so the
+    audit chain covers it. ``safeshift explain`` judges it again."""
+
+    rollout: str
+    seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The guardrails' verdicts at one moment of a stage, compact (:mod:`safeshift.snapshots`):
+    the dashboard's bands over time. At most one a minute per rollout, and one per decision."""
+
+    rollout: str
+    stage: int
+    at: float
+    body: dict[str, Any]

@@ -423,6 +423,7 @@ class Summary:
     _signals: dict[tuple[str, str], dict[str, float]] = field(
         default_factory=dict, repr=False, compare=False)
     _values: dict[str, set[str]] = field(default_factory=dict, repr=False, compare=False)
+    _arms: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @classmethod
     def from_rows(cls, rows: Iterable[TelemetryRow]) -> Summary:
@@ -443,6 +444,7 @@ class Summary:
     def _build(self) -> dict[_IndexKey, Pooled]:
         index: dict[_IndexKey, Pooled] = {}
         self._signals, self._values = {}, {}
+        self._arms = {arm for (arm, _, _, _) in self.cells}
         for (arm, cohort, seg, cluster), signals in self.cells.items():
             where = [("", "")]
             for attr, value in segment_dict(seg).items():
@@ -483,9 +485,49 @@ class Summary:
                 if signal.startswith(prefix)}
 
     def arms(self) -> set[str]:
-        return {arm for (arm, _, _, _) in self.cells}
+        if self._index is None:
+            self._build()
+        return set(self._arms)
 
     def segment_values(self) -> dict[str, set[str]]:
         if self._index is None:
             self._build()
         return {attr: set(values) for attr, values in self._values.items()}
+
+    # -- the frozen form: what a decision was computed from -----------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as the analysis reads it: every population of the index (arm, cohort,
+        signal, segment value) with its totals and cluster sums, but not the cells they were
+        added from. :meth:`from_json` gives a summary whose every read returns exactly the same
+        numbers (floats survive JSON exactly), so a stored decision can be judged again; it
+        grows with segment values × clusters, not with the cells' segment combinations."""
+        index = self._index if self._index is not None else self._build()
+        return {
+            "format": 1,
+            "arms": sorted(self._arms),
+            "values": {attr: sorted(values) for attr, values in sorted(self._values.items())},
+            "signals": [[arm, cohort, counts] for (arm, cohort), counts in self._signals.items()],
+            # in the index's own order, clusters too: sums over them then add up in the same
+            # order, to the last bit
+            "pooled": [[*key, p.n, p.s, p.ss, [[c, *v] for c, v in p.clusters.items()]]
+                       for key, p in index.items()],
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> Summary:
+        """The summary :meth:`to_json` froze (reads only: it has no cells)."""
+        if doc.get("format") != 1:
+            raise ValueError(f"unknown summary format {doc.get('format')!r}")
+        out = cls()
+        out._arms = {str(a) for a in doc["arms"]}
+        out._values = {str(a): {str(v) for v in vs} for a, vs in doc["values"].items()}
+        out._signals = {(str(arm), str(cohort)): {str(k): float(n) for k, n in counts.items()}
+                        for arm, cohort, counts in doc["signals"]}
+        index: dict[_IndexKey, Pooled] = {}
+        for arm, cohort, signal, attr, value, n, s, ss, clusters in doc["pooled"]:
+            index[(arm, cohort, signal, attr, value)] = Pooled(
+                float(n), float(s), float(ss), {int(c): [float(cn), float(cs)]
+                                                for c, cn, cs in clusters})
+        out._index = index
+        return out

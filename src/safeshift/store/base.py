@@ -7,10 +7,18 @@ from typing import Any, Protocol
 
 from safeshift.audit import AuditEvent
 from safeshift.auth import Denial, TokenRecord
-from safeshift.state import Decision, FeedbackItem, OutboxEntry, RequestRecord, RolloutState
+from safeshift.state import (
+    Decision,
+    DecisionInputs,
+    FeedbackItem,
+    OutboxEntry,
+    RequestRecord,
+    RolloutState,
+    Snapshot,
+)
 from safeshift.telemetry import TelemetryRow
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class Store(Protocol):
@@ -30,11 +38,27 @@ class Store(Protocol):
 
     def commit(self, state: RolloutState, *, expected_version: int,
                decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
-               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
-        """Atomically write the new state, decisions, audit events and the notifications they
-        cause (``outbox``, due at once) if the stored version is still ``expected_version``
-        (else :class:`ConcurrencyError`); seals the audit chain."""
+               outbox: Sequence[OutboxEntry] = (),
+               inputs: Sequence[DecisionInputs] = ()) -> RolloutState:
+        """Atomically write the new state, decisions, audit events, the notifications they
+        cause (``outbox``, due at once) and what the decisions were computed from
+        (``inputs``) if the stored version is still ``expected_version`` (else
+        :class:`ConcurrencyError`); seals the audit chain."""
         ...
+
+    def decision_inputs(self, rollout: str, seq: int) -> bytes | None:
+        """What decision ``seq`` was computed from (:class:`DecisionInputs`), if recorded."""
+        ...
+
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep one verdict snapshot (a later one at the same time replaces it)."""
+        ...
+
+    def snapshots(self, rollout: str, *, since: float | None = None) -> list[Snapshot]:
+        """The rollout's verdict snapshots (taken at ``since`` or later), oldest first."""
+        ...
+
+    def last_snapshot_at(self, rollout: str) -> float | None: ...
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None: ...
 

@@ -12,10 +12,12 @@ from safeshift.auth import Denial, TokenRecord
 from safeshift.errors import ConcurrencyError, UnknownRolloutError
 from safeshift.state import (
     Decision,
+    DecisionInputs,
     FeedbackItem,
     OutboxEntry,
     RequestRecord,
     RolloutState,
+    Snapshot,
 )
 from safeshift.telemetry import TelemetryRow
 
@@ -33,6 +35,8 @@ class MemoryStore:
         self._states: dict[str, RolloutState] = {}
         self._decisions: dict[str, list[Decision]] = {}
         self._audit: dict[str, list[AuditEvent]] = {}
+        self._inputs: dict[tuple[str, int], bytes] = {}
+        self._snapshots: dict[str, dict[float, Snapshot]] = {}
         self._telemetry: dict[_Key, TelemetryRow] = {}
         self._totals: dict[tuple[str, int], dict[_Key, TelemetryRow]] = {}
         self._requests: dict[str, RequestRecord] = {}
@@ -71,7 +75,8 @@ class MemoryStore:
 
     def commit(self, state: RolloutState, *, expected_version: int,
                decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
-               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
+               outbox: Sequence[OutboxEntry] = (),
+               inputs: Sequence[DecisionInputs] = ()) -> RolloutState:
         with self._lock:
             current = self.get_state(state.name)
             if current.version != expected_version:
@@ -87,6 +92,8 @@ class MemoryStore:
             self._states[state.name] = new
             self._decisions.setdefault(state.name, []).extend(decisions)
             chain.extend(audit)
+            for item in inputs:
+                self._inputs[(item.rollout, item.seq)] = bytes(item.body)
             for entry in outbox:
                 self._outbox.append(copy.deepcopy(entry))
                 stored = self._outbox[-1]
@@ -144,6 +151,24 @@ class MemoryStore:
     def decisions(self, rollout: str) -> list[Decision]:
         with self._lock:
             return list(self._decisions.get(rollout, []))
+
+    def decision_inputs(self, rollout: str, seq: int) -> bytes | None:
+        with self._lock:
+            return self._inputs.get((rollout, seq))
+
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._snapshots.setdefault(snapshot.rollout, {})[snapshot.at] = copy.deepcopy(snapshot)
+
+    def snapshots(self, rollout: str, *, since: float | None = None) -> list[Snapshot]:
+        with self._lock:
+            kept = self._snapshots.get(rollout, {})
+            return [copy.deepcopy(kept[at]) for at in sorted(kept)
+                    if since is None or at >= since]
+
+    def last_snapshot_at(self, rollout: str) -> float | None:
+        with self._lock:
+            return max(self._snapshots.get(rollout, {}), default=None)
 
     def audit_events(self, rollout: str) -> list[AuditEvent]:
         with self._lock:

@@ -31,11 +31,13 @@ from safeshift.errors import (
 from safeshift.state import (
     Action,
     Decision,
+    DecisionInputs,
     FeedbackItem,
     OutboxEntry,
     Phase,
     RequestRecord,
     RolloutState,
+    Snapshot,
 )
 from safeshift.store.base import SCHEMA_VERSION
 from safeshift.telemetry import TelemetryRow
@@ -115,6 +117,21 @@ audit_t = sa.Table(
     sa.Column("detail", _str(), nullable=False),
     sa.Column("prev_hash", _str(64), nullable=False),
     sa.Column("hash", _str(64), nullable=False),
+)
+
+inputs_t = sa.Table(
+    "decision_inputs", metadata,
+    sa.Column("rollout", _str(64), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),  # zlib-compressed JSON
+)
+
+snapshots_t = sa.Table(
+    "snapshots", metadata,
+    sa.Column("rollout", _str(64), primary_key=True),
+    sa.Column("at", sa.Float, primary_key=True),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("body", _str(), nullable=False),
 )
 
 _TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "cluster", "signal")
@@ -264,9 +281,16 @@ def _migrate_v5(conn: Connection) -> None:
                              "DEFAULT -1"))
 
 
+def _migrate_v6(conn: Connection) -> None:
+    """Explanations and the dashboard: what each decision was computed from, and verdict
+    snapshots over time (new tables only)."""
+    for table in (inputs_t, snapshots_t):
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_v1, 2: _migrate_v2,
                                                        3: _migrate_v3, 4: _migrate_v4,
-                                                       5: _migrate_v5}
+                                                       5: _migrate_v5, 6: _migrate_v6}
 """Schema version → the step that brings the previous version to it."""
 
 
@@ -432,7 +456,8 @@ class SQLStore:
 
     def commit(self, state: RolloutState, *, expected_version: int,
                decisions: Sequence[Decision] = (), audit: Sequence[AuditEvent] = (),
-               outbox: Sequence[OutboxEntry] = ()) -> RolloutState:
+               outbox: Sequence[OutboxEntry] = (),
+               inputs: Sequence[DecisionInputs] = ()) -> RolloutState:
         new = state.copy()
         new.version = expected_version + 1
         with self.engine.begin() as conn:
@@ -468,6 +493,9 @@ class SQLStore:
                     rollout=event.rollout, seq=event.seq, at=event.at, actor=event.actor,
                     action=event.action, detail=json.dumps(event.detail, default=str),
                     prev_hash=event.prev_hash, hash=event.hash))
+            for item in inputs:
+                conn.execute(inputs_t.insert().values(rollout=item.rollout, seq=item.seq,
+                                                      body=item.body))
             for entry in outbox:  # in the decision's transaction: both or neither
                 conn.execute(outbox_t.insert().values(
                     rollout=entry.rollout, seq=entry.seq, event=entry.event, target=entry.target,
@@ -635,6 +663,37 @@ class SQLStore:
             return [Decision(r.rollout, r.seq, r.at, Action(r.action), r.from_stage, r.to_stage,
                              Phase(r.phase), r.reason, r.actor, json.loads(r.evidence))
                     for r in rows]
+
+    def decision_inputs(self, rollout: str, seq: int) -> bytes | None:
+        t = inputs_t
+        with self.engine.connect() as conn:
+            body = conn.execute(sa.select(t.c.body).where(t.c.rollout == rollout,
+                                                          t.c.seq == seq)).scalar()
+        return None if body is None else bytes(body)
+
+    def put_snapshot(self, snapshot: Snapshot) -> None:
+        t = snapshots_t
+        values = {"rollout": snapshot.rollout, "at": snapshot.at, "stage": snapshot.stage,
+                  "body": json.dumps(snapshot.body, separators=(",", ":"))}
+        with self.engine.begin() as conn:
+            conn.execute(t.delete().where(t.c.rollout == snapshot.rollout, t.c.at == snapshot.at))
+            conn.execute(t.insert().values(**values))
+
+    def snapshots(self, rollout: str, *, since: float | None = None) -> list[Snapshot]:
+        t = snapshots_t
+        query = sa.select(t).where(t.c.rollout == rollout)
+        if since is not None:
+            query = query.where(t.c.at >= since)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(t.c.at)).fetchall()
+        with _damaged("snapshots", rollout):
+            return [Snapshot(r.rollout, r.stage, r.at, json.loads(r.body)) for r in rows]
+
+    def last_snapshot_at(self, rollout: str) -> float | None:
+        t = snapshots_t
+        with self.engine.connect() as conn:
+            at = conn.execute(sa.select(sa.func.max(t.c.at)).where(t.c.rollout == rollout)).scalar()
+        return None if at is None else float(at)
 
     def audit_events(self, rollout: str) -> list[AuditEvent]:
         t = audit_t
