@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck postgres bench bench-quick examples clean
+.PHONY: demo test lint typecheck postgres browser bench bench-quick examples clean
 
 # pip's own lines say what it fetches and installs (about 2 minutes on a fresh machine); once
 # installed, the stamp skips this step until pyproject.toml changes
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## set up and run the embedded demo
 	$(VENV)/bin/safeshift demo
 
-test: $(STAMP) lint postgres  ## set up, lint, type-check and run every test
+test: $(STAMP) lint postgres browser  ## set up, lint, type-check and run every test
 	$(PY) -m pytest
 
 # The store tests start a throwaway PostgreSQL of their own from the server binaries; as root
@@ -32,6 +32,19 @@ postgres:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	  else \
 	    echo "the store tests need the PostgreSQL server: sudo apt-get install -y postgresql" >&2; \
+	    exit 2; \
+	  fi; }
+
+# The dashboard tests drive Debian's Chromium headless through Playwright (never `playwright install`,
+# which downloads a browser of its own); as root (CI) it is installed when missing, otherwise the fix
+# is named.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Chromium for the dashboard's browser tests (apt-get install chromium)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	  else \
+	    echo "the dashboard tests need Debian's Chromium: sudo apt-get install -y chromium" >&2; \
 	    exit 2; \
 	  fi; }
 

@@ -564,6 +564,74 @@ def explain(
         raise typer.Exit(1)
 
 
+@app.command()
+def report(
+    rollout: str,
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="the file to write (default: standard output)")] = None,
+    fmt: Annotated[str, typer.Option(
+        "--format", help="html (one self-contained file, charts inline), md (for a pull "
+        "request or wiki) or json (for tools)")] = "html",
+    store: StoreOpt = None,
+) -> None:
+    """A rollout's report: what was tested, on how much traffic, what each guardrail showed
+    and why it ended as it did — the dashboard's rollout page in one file."""
+    from safeshift.clock import SystemClock
+    from safeshift.report import FORMATS, render_report
+    from safeshift.view import rollout_view
+
+    if fmt not in FORMATS:
+        fail(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    text = _read(None, None, store, lambda st: render_report(
+        rollout_view(st, rollout, SystemClock()), fmt))
+    if output is None:
+        sys.stdout.write(text)
+        return
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, output)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}; choose a writable path with -o")
+    err.print(f"wrote {output} ({len(text.encode()):,} bytes, {fmt})", markup=False)
+
+
+@app.command()
+def dashboard(
+    store: StoreOpt = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8080,
+    no_auth: Annotated[bool, typer.Option(
+        "--no-auth", help="no sign-in: everyone acts as admin (loopback only)")] = False,
+) -> None:
+    """The web dashboard over a store, without serving models (safeshift serve has it at /
+    too). Sign in with a token (safeshift token create --role viewer)."""
+    import uvicorn
+
+    from safeshift.dashboard.app import create_dashboard_app
+    from safeshift.gateway.logs import configure_logging, gateway_logger
+    from safeshift.gateway.server import check_listen, is_loopback
+
+    if no_auth and not is_loopback(host):
+        fail(f"refusing to serve the dashboard on {host} without sign-in: anyone who can reach "
+             "it could steer rollouts; use 127.0.0.1, or create tokens and drop --no-auth")
+    try:
+        check_listen(host, port)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    st = _open(store, migrate=False)
+    configure_logging()
+    if not no_auth and not st.list_tokens():
+        gateway_logger.warning("no tokens in the store: nobody can sign in; create one with "
+                               "safeshift token create --role viewer --name you")
+    gateway_logger.info("dashboard", extra={"url": f"http://{host}:{port}/", "store": st.url})
+    try:
+        uvicorn.run(create_dashboard_app(st, auth=not no_auth), host=host, port=port,
+                    log_config=None, access_log=False, server_header=False)
+    finally:
+        st.close()
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]

@@ -35,7 +35,8 @@ SNAPSHOT_EVERY = 60.0
 """Seconds between two verdict snapshots of a rollout (decisions add their own)."""
 
 SNAPSHOT_FIELDS = ("guardrail", "segment", "arm", "status", "estimate", "lower", "upper",
-                   "tolerance", "harm_upper", "n_baseline", "n_candidate")
+                   "tolerance", "harm_upper", "n_baseline", "n_candidate", "harm", "relative",
+                   "rate", "bound")
 """The columns of a snapshot's ``verdicts`` rows, in order."""
 
 INPUTS_FORMAT = 1
@@ -48,23 +49,22 @@ def _num(value: float) -> float | None:
 
 def _row(v: Verdict) -> list[Any]:
     return [v.guardrail, v.segment, v.arm, str(v.status), _num(v.estimate), _num(v.lower),
-            _num(v.upper), _num(v.tolerance), _num(v.harm_upper), v.n_baseline, v.n_candidate]
+            _num(v.upper), _num(v.tolerance), _num(v.harm_upper), v.n_baseline, v.n_candidate,
+            _num(v.harm), v.relative, v.rate, v.bound]
 
 
 def snapshot_of(rollout: str, analysis: StageAnalysis, at: float) -> Snapshot:
     """The compact snapshot of one analysis (rows in :data:`SNAPSHOT_FIELDS` order)."""
-    srm = analysis.srm
+    full = analysis.to_json()
     drift = analysis.drift
     body: dict[str, Any] = {
         "stage": analysis.stage, "n_baseline": analysis.n_baseline,
         "n_candidate": analysis.n_candidate,
         "verdicts": [_row(v) for v in analysis.verdicts],
-        "srm": None if srm is None else {"p_value": _num(srm.p_value), "mismatch": srm.mismatch,
-                                         "observed": _num(srm.observed[1]),
-                                         "expected": _num(srm.expected[1]),
-                                         "dispersion": _num(srm.dispersion)},
-        "drift": None if drift is None else {"kind": drift.get("kind"),
-                                             "psi": _num(float(drift.get("psi", math.nan)))},
+        "srm": full["srm"],  # as in a decision's evidence: a few numbers
+        "drift": None if drift is None else {
+            "kind": drift.get("kind"), "psi": _num(float(drift.get("psi", math.nan))),
+            "n_baseline": drift.get("n_baseline"), "n_candidate": drift.get("n_candidate")},
     }
     return Snapshot(rollout, analysis.stage_index, at, body)
 

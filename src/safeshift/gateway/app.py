@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from safeshift.assign import BASELINE
 from safeshift.auth import Authenticator
 from safeshift.clock import Clock, SystemClock
+from safeshift.dashboard.web import DashboardContext, build_dashboard
 from safeshift.errors import ModelLoadError, PlanError, RolloutError
 from safeshift.gateway import handlers
 from safeshift.gateway._http import (
@@ -70,6 +71,10 @@ class GatewayApp:
             app = RateLimitMiddleware(app, rate=settings.rate_limit, burst=settings.rate_burst,
                                       max_clients=settings.rate_limit_clients)
         self.authenticator = Authenticator(gateway.store) if settings.auth else None
+        api.include_router(build_dashboard(DashboardContext(
+            gateway.store, gateway.clock, self.authenticator,
+            lambda request, status, reason, who: gateway.denials.record(
+                request.scope, status, reason, who))))
         app = AuthMiddleware(app, authenticator=self.authenticator, denials=gateway.denials)
         app = BodyLimitMiddleware(app, max_bytes=settings.max_body_bytes)
         self._app = RequestIdMiddleware(app, access_log=settings.access_log)

@@ -28,24 +28,30 @@ from safeshift.gateway._http import ASGIApp, HTTPError, Receive, Scope, Send, se
 from safeshift.gateway.logs import gateway_logger
 from safeshift.gateway.metrics import GatewayMetrics
 
-__all__ = ["ANONYMOUS", "ANY", "OPEN", "AuthMiddleware", "DenialLog", "principal_of",
-           "required_role"]
+__all__ = ["ANONYMOUS", "ANY", "DASHBOARD", "OPEN", "AuthMiddleware", "DenialLog",
+           "principal_of", "required_role"]
 
 ANONYMOUS = Principal("anonymous", Role.ADMIN)
 """Who every request is when authentication is off."""
 
 OPEN: Final = "open"
 ANY: Final = "any"
+DASHBOARD: Final = "dashboard"
+"""The dashboard's pages: the principal comes from the sign-in cookie (or none, and the page
+sends the browser to sign in) and each page checks the role it needs."""
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live",
                          "/v2/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
 _CONTROL = ("/v1/rollouts", "/v1/tokens", "/v1/denials")
+_DASHBOARD_OPEN = ("/ui/static/", "/ui/login")
 _SCOPE_KEY = "safeshift.principal"
 
 
 def required_role(method: str, path: str) -> Role | str:
     """:data:`OPEN`, :data:`ANY` (any valid token) or the role the route needs at least."""
-    if path in _OPEN_PATHS:
+    if path in _OPEN_PATHS or path.startswith(_DASHBOARD_OPEN):
         return OPEN
+    if path == "/" or path.startswith("/ui/"):
+        return DASHBOARD
     if method == "POST" and (path in ("/v1/feedback", "/v1/reports")
                              or (path.startswith("/v1/endpoints/") and path.endswith("/predict"))
                              or (path.startswith("/v2/models/") and path.endswith("/infer"))):
@@ -120,6 +126,9 @@ class AuthMiddleware:
             scope[_SCOPE_KEY] = ANONYMOUS
             await self.app(scope, receive, send)
             return
+        if need == DASHBOARD:
+            await self._dashboard(scope, receive, send)
+            return
         try:
             principal = await self._authenticate(scope)
         except AuthError as exc:
@@ -136,6 +145,27 @@ class AuthMiddleware:
             await send_error(send, HTTPError(403, message))
             return
         scope[_SCOPE_KEY] = principal
+        await self.app(scope, receive, send)
+
+    async def _dashboard(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A dashboard page: the principal of the sign-in cookie, if it is valid."""
+        from safeshift.dashboard.web import session_token
+
+        assert self.authenticator is not None
+        cookie = None
+        for key, raw in scope["headers"]:
+            if key == b"cookie":
+                cookie = bytes(raw).decode("latin-1")
+                break
+        token = session_token(cookie)
+        if token:
+            try:
+                principal = self.authenticator.cached(token)
+                if principal is None:
+                    principal = await asyncio.to_thread(self.authenticator.authenticate, token)
+                scope[_SCOPE_KEY] = principal
+            except AuthError as exc:
+                self.denials.record(scope, exc.status, f"dashboard session: {exc}")
         await self.app(scope, receive, send)
 
     async def _authenticate(self, scope: Scope) -> Principal:

@@ -1,0 +1,1 @@
+"""The web dashboard and the rollout report: pages rendered on the server, plain SVG charts."""
