@@ -57,12 +57,14 @@ bench: $(STAMP)  ## every benchmark at full size
 	$(VENV)/bin/safeshift bench decisions
 	$(VENV)/bin/safeshift bench gateway
 	$(VENV)/bin/safeshift bench tick
+	$(VENV)/bin/safeshift bench dashboard
 
 bench-quick: $(STAMP)
 	$(VENV)/bin/safeshift bench assign --quick
 	$(VENV)/bin/safeshift bench decisions --quick
 	$(VENV)/bin/safeshift bench gateway --quick
 	$(VENV)/bin/safeshift bench tick --quick
+	$(VENV)/bin/safeshift bench dashboard --quick
 
 examples: $(STAMP)  ## re-train the example models shipped in examples/
 	$(PY) -m safeshift.demo --write-examples examples

@@ -88,3 +88,12 @@ def printable(text: str) -> str:
     ``\\u202e``): reasons and actor names come from people, and must not forge a line of a
     history or drive a terminal."""
     return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+_MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|#"})
+
+
+def markdown_text(text: object) -> str:
+    """Client- or operator-written text, safe inside Markdown: control characters escaped,
+    markup characters neutralised, on one line."""
+    return printable(str(text)).translate(_MD_SPECIAL)

@@ -943,6 +943,20 @@ def bench_tick(
     run(quick=quick, json_path=json_path, console=out)
 
 
+@bench_app.command("dashboard")
+def bench_dashboard(
+    quick: Annotated[bool, typer.Option("--quick", help="less telemetry; about a minute")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+    screenshots: Annotated[Path | None, typer.Option(
+        "--screenshots", help="save a screenshot of the page in this folder")] = None,
+) -> None:
+    """The rollout page's weight, server and browser load time, and how fast it follows a change
+    in the store (5 guardrails × 10 segment values, 24 h of snapshots)."""
+    from safeshift.bench.dashboard import main as run
+
+    run(quick=quick, json_path=json_path, console=out, screenshots=screenshots)
+
+
 def _version(value: bool) -> None:
     if value:
         from safeshift import __version__

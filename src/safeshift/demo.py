@@ -273,6 +273,10 @@ def run_demo(directory: Path, *, quick: bool = False, seed: int = 7,
     console.print(f"store: {store_path}  (finished in {time.perf_counter() - started:.1f}s)")
     console.print(f"look closer:  safeshift history diagnosis-v3 --store {store_path}")
     console.print(f"              safeshift audit verify diagnosis-v3 --store {store_path}")
+    console.print(f"              safeshift explain diagnosis-v3 --store {store_path}")
+    console.print(f"              safeshift report diagnosis-v3 -o report.html --store {store_path}")
+    console.print(f"              safeshift dashboard --no-auth --store {store_path}  "
+                  "(then open http://127.0.0.1:8080/)")
     store.close()
     if not ok:
         console.print("[red]unexpected outcome: the demo did not go as designed[/]")

@@ -225,13 +225,16 @@ def _approval(plan: Plan, state: RolloutState) -> dict[str, Any] | None:
                                  else state.created_by)}
 
 
-def status(store: Store, rollout: Plan | str, clock: Clock) -> Status:
-    """Where ``rollout`` (a name, or its plan) is and what its guardrails say."""
+def status(store: Store, rollout: Plan | str, clock: Clock, *,
+           rows: Sequence[TelemetryRow] | None = None,
+           state: RolloutState | None = None) -> Status:
+    """Where ``rollout`` (a name, or its plan) is and what its guardrails say (``rows``: the
+    current stage's totals, ``state``: its state, when the caller has read them already)."""
     plan = rollout if isinstance(rollout, Plan) else stored_plan(store, rollout)
-    state = store.get_state(plan.rollout)
+    state = store.get_state(plan.rollout) if state is None else state
     split = split_for(plan, state)
     pending = plan.stages[state.pending_stage].name if state.pending_stage is not None else None
-    rows = _totals(store, plan, state)
+    rows = _totals(store, plan, state) if rows is None else rows
     analysis = stage_analysis(plan, store, state, rows) if not state.phase.terminal else None
     # a finished rollout's last stage ended with its last decision, not now
     now = clock.now()
@@ -375,15 +378,10 @@ def denials(store: Store, *, limit: int = 100, principal: Principal = LOCAL) -> 
 
 # -- release notes ------------------------------------------------------------------------------
 
-_MD_SPECIAL = str.maketrans({c: f"\\{c}" for c in "\\`*_[]<>|#"})
-
-
 def _md(text: Any) -> str:
-    """Client- or operator-written text, safe inside Markdown: control characters escaped,
-    markup characters neutralised, on one line."""
-    from safeshift._units import printable
+    from safeshift._units import markdown_text
 
-    return printable(str(text)).translate(_MD_SPECIAL)
+    return markdown_text(text)
 
 
 def release_notes(store: Store, name: str) -> str:

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any
 
-from safeshift.ops import _md
+from safeshift._units import markdown_text as _md
 
 __all__ = ["FORMATS", "render_report"]
 

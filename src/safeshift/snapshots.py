@@ -2,10 +2,11 @@
 
 - **Verdict snapshots**: at most one a minute per rollout (:data:`SNAPSHOT_EVERY`), and one at
   every decision, each the compact verdicts of one tick (estimate, interval, status, counts per
-  guardrail and segment value; the split check and the drift). The dashboard draws the
-  guardrails' confidence bands over time from them, as the engine computed them. They grow with
-  time and the plan's segments, never with traffic: about 60 bytes a verdict, so a day of a
-  rollout with 5 guardrails × 10 segment values is about 1,440 × 3.3 KB.
+  guardrail and segment value, to 7 significant digits; the split check and the drift). The
+  dashboard draws the guardrails' confidence bands over time from the global verdicts; the
+  segment verdicts are kept apart and read only for the latest snapshot. They grow with time and
+  the plan's segments, never with traffic: about 90 bytes a verdict, so a day of a rollout with
+  5 guardrails × 10 segment values is about 1,440 × 5 KB.
 - **Decision inputs**: what a controller decision was computed from — the stage's summary as
   the analysis read it (:meth:`~safeshift.telemetry.Summary.to_json`), the state before the
   decision, the time and the variants judged — compressed, written in the decision's
@@ -43,8 +44,9 @@ INPUTS_FORMAT = 1
 
 
 def _num(value: float) -> float | None:
-    """JSON has no infinity: an open end of an interval is null."""
-    return value if math.isfinite(value) else None
+    """JSON has no infinity: an open end of an interval is null. Snapshots are for people
+    (decisions are re-derived from their inputs, not from these), so 7 significant digits."""
+    return float(f"{value:.7g}") if math.isfinite(value) else None
 
 
 def _row(v: Verdict) -> list[Any]:
@@ -60,7 +62,9 @@ def snapshot_of(rollout: str, analysis: StageAnalysis, at: float) -> Snapshot:
     body: dict[str, Any] = {
         "stage": analysis.stage, "n_baseline": analysis.n_baseline,
         "n_candidate": analysis.n_candidate,
-        "verdicts": [_row(v) for v in analysis.verdicts],
+        "verdicts": [_row(v) for v in analysis.verdicts if v.segment is None],
+        # read only when asked for (the bands over time need the global verdicts alone)
+        "segments": [_row(v) for v in analysis.verdicts if v.segment is not None],
         "srm": full["srm"],  # as in a decision's evidence: a few numbers
         "drift": None if drift is None else {
             "kind": drift.get("kind"), "psi": _num(float(drift.get("psi", math.nan))),

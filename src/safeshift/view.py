@@ -23,6 +23,7 @@ from safeshift.plan import Plan
 from safeshift.snapshots import SNAPSHOT_FIELDS
 from safeshift.state import Decision, Phase, RolloutState, Snapshot
 from safeshift.store.base import Store
+from safeshift.telemetry import TelemetryRow
 
 __all__ = ["GRID_CLASSES", "MAX_SERIES_POINTS", "list_view", "rollout_view", "verdict_class"]
 
@@ -149,8 +150,9 @@ def _verdicts(status: ops.Status, decisions: Sequence[Decision],
     if snapshots:
         last = snapshots[-1]
         body = dict(last.body)
+        rows = [*body.pop("verdicts", []), *body.pop("segments", [])]
         return {**body, "stage_index": last.stage,
-                "verdicts": [_row_dict(r) for r in body.get("verdicts", [])]}, "last snapshot"
+                "verdicts": [_row_dict(r) for r in rows]}, "last snapshot"
     return None, "none"
 
 
@@ -200,14 +202,15 @@ def _grid(plan: Plan, analysis: dict[str, Any] | None) -> dict[str, Any]:
     return {"guardrails": keys, "rows": rows, "classes": GRID_CLASSES}
 
 
-def _counts(store: Store, plan: Plan, stage: int) -> dict[str, Any]:
+def _counts(store: Store, plan: Plan, stage: int,
+            known: Mapping[int, Sequence[TelemetryRow]]) -> dict[str, Any]:
     """Requests per arm, fallbacks and user reports in ``stage``, and the requests of every
-    stage that ran."""
+    stage that ran (``known``: stages' totals read already)."""
     out: dict[str, Any] = {"stage": plan.stages[stage].name if stage >= 0 else None,
                            "requests": {}, "errors": {}, "fallbacks": 0.0, "reports": {},
                            "per_stage": []}
     for index in range(len(plan.stages)):
-        rows = store.telemetry_totals(plan.rollout, index)
+        rows = known[index] if index in known else store.telemetry_totals(plan.rollout, index)
         if not rows:
             continue
         requests: dict[str, float] = {}
@@ -287,10 +290,13 @@ def rollout_view(store: Store, name: str, clock: Clock) -> dict[str, Any]:
     plan = ops.stored_plan(store, name)
     state = store.get_state(name)
     now = clock.now()
-    status = ops.status(store, plan, clock)
+    current = (store.telemetry_totals(name, state.stage_index) if state.stage_index >= 0
+               else [])
+    status = ops.status(store, plan, clock, rows=current, state=state)
     decisions = store.decisions(name)
     snapshots = store.snapshots(name)
-    analysis, source = _verdicts(status, decisions, snapshots)
+    last = store.snapshots(name, since=snapshots[-1].at, segments=True) if snapshots else []
+    analysis, source = _verdicts(status, decisions, last)
     stages = _stage_times(plan, state, decisions, now)
     _time_left(plan, stages, analysis, status.stage_elapsed, state)
     audit = ops.verify_audit(store, name)
@@ -318,7 +324,7 @@ def rollout_view(store: Store, name: str, clock: Clock) -> dict[str, Any]:
         "srm": (analysis or {}).get("srm"),
         "drift": (analysis or {}).get("drift"),
         "counts": {**_counts(store, plan, int(analysis["stage_index"]) if analysis
-                             else state.stage_index),
+                             else state.stage_index, {state.stage_index: current}),
                    "request_faults": status.request_faults,
                    "label_conflicts": status.label_conflicts},
         "decisions": [{"seq": d.seq, "at": d.at, "action": str(d.action), "phase": str(d.phase),

@@ -385,6 +385,10 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
             **_SECURITY_HEADERS, "content-disposition":
             f'attachment; filename="{name}-report.{fmt}"'})
 
+    @router.get("/favicon.ico")
+    async def favicon() -> Response:  # browsers ask for it: answer without a token, and empty
+        return Response(status_code=204, headers={"cache-control": "max-age=86400"})
+
     @router.get("/ui/static/{file}")
     async def static(file: str) -> Response:
         media = _STATIC.get(file)

@@ -54,8 +54,10 @@ class Store(Protocol):
         """Keep one verdict snapshot (a later one at the same time replaces it)."""
         ...
 
-    def snapshots(self, rollout: str, *, since: float | None = None) -> list[Snapshot]:
-        """The rollout's verdict snapshots (taken at ``since`` or later), oldest first."""
+    def snapshots(self, rollout: str, *, since: float | None = None,
+                  segments: bool = False) -> list[Snapshot]:
+        """The rollout's verdict snapshots (taken at ``since`` or later), oldest first; the
+        segment verdicts (``body["segments"]``) only with ``segments``."""
         ...
 
     def last_snapshot_at(self, rollout: str) -> float | None: ...

@@ -160,11 +160,15 @@ class MemoryStore:
         with self._lock:
             self._snapshots.setdefault(snapshot.rollout, {})[snapshot.at] = copy.deepcopy(snapshot)
 
-    def snapshots(self, rollout: str, *, since: float | None = None) -> list[Snapshot]:
+    def snapshots(self, rollout: str, *, since: float | None = None,
+                  segments: bool = False) -> list[Snapshot]:
         with self._lock:
             kept = self._snapshots.get(rollout, {})
-            return [copy.deepcopy(kept[at]) for at in sorted(kept)
-                    if since is None or at >= since]
+            out = [copy.deepcopy(kept[at]) for at in sorted(kept) if since is None or at >= since]
+        if not segments:
+            for snap in out:
+                snap.body.pop("segments", None)
+        return out
 
     def last_snapshot_at(self, rollout: str) -> float | None:
         with self._lock:
