@@ -234,6 +234,34 @@ def test_operator_rolls_back_and_the_page_shows_it_within_a_second(page: Page,
     assert_accessible(page)
 
 
+def test_actions_work_from_the_keyboard(page: Page, server: Server) -> None:
+    sign_in(page, server, "operator")
+    page.goto(server.url + "/ui/rollouts/checkout-v2")
+    for _ in range(60):  # Tab through the page to the pause action
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.textContent.trim()") == "Pause":
+            break
+    else:
+        pytest.fail("the Pause action cannot be reached with the keyboard")
+    page.keyboard.press("Enter")
+    reason = page.get_by_label("Reason for pause")
+    expect(reason).to_be_visible()
+    page.keyboard.press("Tab")
+    expect(reason).to_be_focused()
+    page.keyboard.type("keyboard check")
+    page.keyboard.press("Tab")
+    page.keyboard.press("Space")  # the confirmation box
+    page.keyboard.press("Tab")
+    page.keyboard.press("Enter")
+    expect(page.locator("#phase")).to_have_text("paused", timeout=2_000)
+    page.locator("summary", has_text="Resume").click()
+    form = page.locator("form.act[data-action=resume]")
+    form.get_by_label("Reason for resume").fill("keyboard check done")
+    form.get_by_label("I confirm", exact=False).check()
+    form.get_by_role("button", name="Resume now").click()
+    expect(page.locator("#phase")).to_have_text("running", timeout=2_000)
+
+
 def test_decision_page_re_derives_and_runs_a_what_if(page: Page, server: Server) -> None:
     sign_in(page, server, "viewer")
     page.goto(server.url + "/ui/rollouts/checkout-v2/decisions/2")

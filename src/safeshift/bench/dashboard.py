@@ -70,6 +70,33 @@ def bench_plan() -> Plan:
     })
 
 
+def stages_plan() -> Plan:
+    """A rollout of 21 stages, to time the page following real stage changes."""
+    return Plan.from_dict({
+        "rollout": "bench-stages", "endpoint": "bench-stages",
+        "baseline": {"version": "v1", "model": "fake:base?output=1"},
+        "candidate": {"version": "v2", "model": "fake:cand?output=1"},
+        "change": {"summary": "stage changes", "owner": "bench"},
+        "stages": [{"name": f"s{i}", "traffic": f"{i}%", "min_duration": "1h"}
+                   for i in range(1, 22)],
+        "guardrails": [{"metric": "error_rate", "tolerance": 0.01}],
+    })
+
+
+def _advance(store: SQLStore, plan: Plan, clock: SystemClock) -> str:
+    """Commit a stage change exactly as the controller does when a stage passes (the same
+    commit: new state, decision, audit event); returns the new stage's name."""
+    from safeshift.controller import Controller, Intent
+    from safeshift.state import Phase
+
+    state = store.get_state(plan.rollout)
+    to = state.stage_index + 1
+    Controller(plan, store, clock)._commit(
+        state, Intent(Action.ADVANCE, f"bench: stage {plan.stages[state.stage_index].name!r} "
+                      "passed", to, Phase.RUNNING), "controller", clock.now())
+    return plan.stages[to].name
+
+
 def _build(path: Path, requests: int) -> tuple[str, str]:
     """The store: the rollout, its telemetry, 24 h of snapshots; returns (url, viewer token)."""
     plan = bench_plan()
@@ -97,6 +124,7 @@ def _build(path: Path, requests: int) -> tuple[str, str]:
                 half = (row[6] - row[5]) / 2 / shrink ** 0.5
                 row[5], row[6] = row[4] - half, row[4] + half
         store.put_snapshot(snap)
+    ops.create(store, stages_plan(), clock)
     token, _ = ops.create_token(store, clock, name="bench-viewer", role=Role.VIEWER,
                                 expires_in=None)
     store.close()
@@ -164,19 +192,34 @@ def _browser_figures(base: str, token: str, store: SQLStore, name: str,
             screenshots.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshots / "rollout-24h.png"), full_page=True)
         clock = SystemClock()
+        jitter = random.Random(11)
         follow = []
         for i in range(FOLLOW_RUNS):
             if i % 5 == 0:
                 console.print(f"  ... follow {i + 1}/{FOLLOW_RUNS}", markup=False)
             action = Action.PAUSE if i % 2 == 0 else Action.RESUME
             want = "paused" if action is Action.PAUSE else "running"
-            page.wait_for_timeout(300)
+            page.wait_for_timeout(jitter.uniform(200, 700))  # not in step with the polling
             t0 = time.perf_counter()
             ops.act(store, name, action, clock, reason="bench: follow time")
             page.wait_for_function("(want) => document.getElementById('phase').textContent"
                                    ".trim() === want", arg=want, timeout=10_000, polling=10)
             follow.append((time.perf_counter() - t0) * 1000)
         out["follow_ms"] = follow
+        # real stage changes, on a page without telemetry (so lighter to render)
+        plan = stages_plan()
+        page.goto(f"{base}/ui/rollouts/{plan.rollout}")
+        stages = []
+        for i in range(FOLLOW_RUNS):
+            page.wait_for_timeout(jitter.uniform(200, 700))
+            t0 = time.perf_counter()
+            want = _advance(store, plan, clock)
+            page.wait_for_function("(want) => document.getElementById('stage').textContent"
+                                   ".trim() === want", arg=want, timeout=10_000, polling=10)
+            stages.append((time.perf_counter() - t0) * 1000)
+            if i % 5 == 0:
+                console.print(f"  ... stage change {i + 1}/{FOLLOW_RUNS}", markup=False)
+        out["stage_follow_ms"] = stages
         browser.close()
     return out
 
@@ -218,9 +261,13 @@ def main(*, quick: bool, json_path: Path | None, console: Console,
     if "load_ms" in result:
         follow = result["follow_ms"]
         table.add_row("browser load (navigation → load event), median", f"{result['load_ms']:,.0f} ms")
-        table.add_row(f"store change → page shows it, median of {len(follow)}",
-                      f"{statistics.median(follow):,.0f} ms")
+        table.add_row(f"phase change (pause/resume) → this page shows it, median of "
+                      f"{len(follow)}", f"{statistics.median(follow):,.0f} ms")
         table.add_row("  largest", f"{max(follow):,.0f} ms")
+        stages = result["stage_follow_ms"]
+        table.add_row(f"stage change → a rollout's page shows it, median of {len(stages)}",
+                      f"{statistics.median(stages):,.0f} ms")
+        table.add_row("  largest", f"{max(stages):,.0f} ms")
     else:
         table.add_row("browser", str(result.get("browser")))
     console.print(table)
