@@ -139,6 +139,16 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
     async def run(fn: Callable[[], T]) -> T:
         return await asyncio.to_thread(fn)
 
+    def reader(request: Request) -> Principal | Response:
+        """The signed-in principal if it may read rollouts, else the answer to send."""
+        p = principal(request)
+        if p is None:
+            return to_login()
+        if not allows(p.role, ops.READ_ROLE):
+            return message(request, p, 403, "Not allowed", f"reading rollouts needs the viewer "
+                           f"role; {p.name} holds {p.role}: ask an admin for a viewer token")
+        return p
+
     def message(request: Request, p: Principal | None, status: int, heading: str, text: str, *,
                 hint: str | None = None, back: str | None = None) -> Response:
         if "application/json" in request.headers.get("accept", ""):
@@ -208,12 +218,9 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
 
     @router.get("/")
     async def index(request: Request) -> Response:
-        p = principal(request)
-        if p is None:
-            return to_login()
-        if not allows(p.role, ops.READ_ROLE):
-            return message(request, p, 403, "Not allowed", f"the dashboard needs the viewer role; "
-                           f"{p.name} holds {p.role}: ask an admin for a viewer token")
+        p = reader(request)
+        if isinstance(p, Response):
+            return p
         phase = phase_of(request.query_params.get("phase"))
         rows, _, version = await run(lambda: list_html(phase))
         return _html(render("list.html", phases=[str(x) for x in Phase],
@@ -243,12 +250,9 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
 
     @router.get("/ui/rollouts/{name}")
     async def rollout_page(request: Request, name: str) -> Response:
-        p = principal(request)
-        if p is None:
-            return to_login()
-        if not allows(p.role, ops.READ_ROLE):
-            return message(request, p, 403, "Not allowed", "reading rollouts needs the viewer "
-                           f"role; {p.name} holds {p.role}")
+        p = reader(request)
+        if isinstance(p, Response):
+            return p
         view = await rollout_or_404(request, p, name)
         if isinstance(view, Response):
             return view
@@ -340,11 +344,9 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
 
     @router.get("/ui/rollouts/{name}/decisions/{seq}")
     async def decision_page(request: Request, name: str, seq: int) -> Response:
-        p = principal(request)
-        if p is None:
-            return to_login()
-        if not allows(p.role, ops.READ_ROLE):
-            return message(request, p, 403, "Not allowed", "reading rollouts needs the viewer role")
+        p = reader(request)
+        if isinstance(p, Response):
+            return p
         from safeshift import explain as ex
 
         raw = request.query_params.get("what_if", "").strip()
@@ -366,11 +368,9 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
 
     @router.get("/ui/rollouts/{name}/report")
     async def report(request: Request, name: str) -> Response:
-        p = principal(request)
-        if p is None:
-            return to_login()
-        if not allows(p.role, ops.READ_ROLE):
-            return message(request, p, 403, "Not allowed", "reading rollouts needs the viewer role")
+        p = reader(request)
+        if isinstance(p, Response):
+            return p
         from safeshift.report import render_report
 
         fmt = request.query_params.get("format", "html")
