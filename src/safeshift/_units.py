@@ -97,3 +97,25 @@ def markdown_text(text: object) -> str:
     """Client- or operator-written text, safe inside Markdown: control characters escaped,
     markup characters neutralised, on one line."""
     return printable(str(text)).translate(_MD_SPECIAL)
+
+
+def client_address(ip: str | None) -> str | None:
+    """A client's address as logs keep it: by default truncated (IPv4 to its /24, IPv6 to its
+    /48), so a log line locates a network, not a person; ``SAFESHIFT_LOG_CLIENT_IP=full`` keeps
+    it whole, ``none`` drops it."""
+    import ipaddress
+    import os
+
+    if ip is None:
+        return None
+    mode = os.environ.get("SAFESHIFT_LOG_CLIENT_IP", "truncated")
+    if mode == "full":
+        return ip
+    if mode == "none":
+        return None
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return "-"  # not an address (a unix socket, a test client): nothing to locate
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)

@@ -95,7 +95,7 @@ class Assignment:
 class Assigner:
     """Applies a plan's targeting and hashing to (unit, context) for a given :class:`Split`."""
 
-    __slots__ = ("_always", "_anon_random", "_never", "_prefix", "_unit_key")
+    __slots__ = ("_always", "_anon_random", "_never", "_prefix", "_pseudonyms", "_unit_key")
 
     def __init__(self, plan: Plan, *, seed: str = "") -> None:
         # rollouts registered before seeds existed have none: their units stay where they are
@@ -104,12 +104,30 @@ class Assigner:
         self._always = {k: frozenset(map(str, v)) for k, v in plan.targeting.always_candidate.items()}
         self._never = {k: frozenset(map(str, v)) for k, v in plan.targeting.never_candidate.items()}
         self._anon_random = plan.targeting.anonymous == "random"
+        # rules on personal attributes (and, when they list pseudonyms, on the unit) match a
+        # value by its pseudonym under the current or the previous key
+        hashed = set(plan.personal)
+        if any(v.startswith("p:") for rules in (self._always, self._never)
+               for v in rules.get(plan.unit, ())):
+            hashed.add(plan.unit)
+        self._pseudonyms: tuple[frozenset[str], Any] | None = None
+        if hashed & (set(self._always) | set(self._never)):
+            from safeshift.pseudonym import pseudonymizer
+
+            self._pseudonyms = (frozenset(hashed), pseudonymizer())
 
     def _matches(self, rules: dict[str, frozenset[str]], unit: str | None,
                  context: Mapping[str, Any] | None) -> bool:
         for key, values in rules.items():
             value = unit if key == self._unit_key else (context or {}).get(key)
-            if value is not None and str(value) in values:
+            if value is None:
+                continue
+            if self._pseudonyms is not None and key in self._pseudonyms[0]:
+                if any(p in values for p in self._pseudonyms[1].candidates(key, str(value))):
+                    return True
+                if key != self._unit_key:  # a personal attribute matches by pseudonym only
+                    continue
+            if str(value) in values:
                 return True
         return False
 

@@ -632,6 +632,26 @@ def dashboard(
         st.close()
 
 
+@app.command()
+def pseudonym(
+    attribute: Annotated[str, typer.Argument(help="the personal attribute, e.g. email")],
+    values: Annotated[list[str], typer.Argument(help="raw values (read from here, not stored)")],
+) -> None:
+    """The pseudonym of each value of a personal attribute (plan rules on personal attributes
+    list pseudonyms; the dashboard shows them). Uses $SAFESHIFT_PSEUDONYM_KEY[_FILE], else a key
+    derived from the audit key; during a rotation also the pseudonym under the previous key."""
+    from safeshift.pseudonym import PseudonymKeyError, pseudonymizer
+
+    try:
+        p = pseudonymizer()
+    except PseudonymKeyError as exc:
+        fail(str(exc))
+    for value in values:
+        names = p.candidates(attribute, value)
+        extra = f"  (previous key: {names[1]})" if len(names) > 1 else ""
+        out.print(f"{attribute}={names[0]}{extra}", markup=False)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]

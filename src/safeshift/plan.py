@@ -638,6 +638,11 @@ class Plan(_Strict):
         default_factory=list, max_length=MAX_SEGMENTS, json_schema_extra={"uniqueItems": True},
         description=f"context attributes analysed apart (at most {MAX_SEGMENTS}, each name at "
                     f"most {MAX_SEGMENT_NAME} characters, none of them the unit)")
+    personal: list[SegmentName] = Field(
+        default_factory=list, json_schema_extra={"uniqueItems": True},
+        description="context attributes whose values are personal (e-mail, customer id): "
+                    "replaced by a keyed pseudonym before anything is stored, logged or shown; "
+                    "plan rules on them list pseudonyms (safeshift pseudonym ATTR VALUE)")
     targeting: Targeting = Field(default_factory=Targeting)
     stages: list[Stage] = Field(min_length=1)
     guardrails: list[Guardrail] = Field(default_factory=list)
@@ -693,8 +698,9 @@ class Plan(_Strict):
         covers. Fields added after plans were first stored are left out at their defaults, so
         a plan that does not use them keeps the hash it was registered with."""
         data = self.model_dump(mode="json", exclude_none=True)
-        if not data.get("notifications"):  # added later too: absent unless a plan uses it
-            data.pop("notifications", None)
+        for later in ("notifications", "personal"):  # added later: absent unless used
+            if not data.get(later):
+                data.pop(later, None)
         for section, defaults in _LATER_DEFAULTS.items():
             for name, default in defaults.items():
                 if data[section].get(name) == default:
@@ -1156,6 +1162,25 @@ def _segment_problems(plan: Plan) -> list[Problem]:
                                     "an attribute units share, such as country"))
         if name in plan.segments[:i]:
             problems.append(Problem(f"segments.{i}", f"{name!r} is listed twice; keep one"))
+    from safeshift.pseudonym import is_pseudonym
+
+    personal = set(plan.personal)
+    for i, name in enumerate(plan.personal):
+        if name in plan.personal[:i]:
+            problems.append(Problem(f"personal.{i}", f"{name!r} is listed twice; keep one"))
+    rules = [(f"targeting.{kind}", getattr(plan.targeting, kind))
+             for kind in ("always_candidate", "never_candidate")]
+    rules.append(("analysis.protected", plan.analysis.protected))
+    for section, by_attr in rules:
+        for attr, values in by_attr.items():
+            if attr not in personal:
+                continue
+            for k, value in enumerate(values):
+                if not is_pseudonym(str(value)):
+                    problems.append(Problem(
+                        f"{section}.{attr}.{k}", f"{attr} is personal, so the plan (which the "
+                        "store keeps) must not hold its values: list the pseudonym instead, "
+                        f"printed by: safeshift pseudonym {attr} VALUE"))
     never = plan.targeting.never_candidate
     for attr, values in plan.analysis.protected.items():
         where = f"analysis.protected.{attr}"

@@ -238,12 +238,21 @@ def segment_dict(segment: str) -> dict[str, str]:
 
 
 class SegmentKeyer:
-    """Canonical segment key from a request context, with a cap on distinct values."""
+    """Canonical segment key from a request context, with a cap on distinct values. Values of
+    ``personal`` attributes are replaced by their pseudonym (:mod:`safeshift.pseudonym`) here,
+    before they reach a cell, a record or a log."""
 
-    def __init__(self, attributes: Iterable[str], max_values: int = 50) -> None:
+    def __init__(self, attributes: Iterable[str], max_values: int = 50, *,
+                 personal: Iterable[str] = ()) -> None:
         self.attributes = list(attributes)
         self.max_values = max_values
         self._seen: dict[str, set[str]] = {a: set() for a in self.attributes}
+        self.personal = frozenset(personal) & set(self.attributes)
+        self._pseudonyms: Any = None
+        if self.personal:
+            from safeshift.pseudonym import pseudonymizer
+
+            self._pseudonyms = pseudonymizer()
 
     def key(self, context: Mapping[str, Any] | None) -> str:
         if not self.attributes:
@@ -254,7 +263,10 @@ class SegmentKeyer:
             if raw is None or raw == "":
                 value = NONE
             else:
-                value = str(raw)[:64].replace("|", "/").replace("=", ":")
+                if attr in self.personal:
+                    value = self._pseudonyms.pseudonym(attr, str(raw))
+                else:
+                    value = str(raw)[:64].replace("|", "/").replace("=", ":")
                 seen = self._seen[attr]
                 if value not in seen:
                     if len(seen) >= self.max_values:
@@ -271,7 +283,8 @@ class Aggregator:
     def __init__(self, plan: Plan) -> None:
         self.rollout = plan.rollout
         self.window = plan.serving.telemetry_window
-        self.keyer = SegmentKeyer(plan.segments, plan.analysis.max_segment_values)
+        self.keyer = SegmentKeyer(plan.segments, plan.analysis.max_segment_values,
+                                  personal=plan.personal)
         thresholds: dict[str, set[float]] = {}
         for g in plan.guardrails:
             if g.above is not None:

@@ -305,7 +305,8 @@ def rollout_view(store: Store, name: str, clock: Clock) -> dict[str, Any]:
     return {
         "rollout": plan.rollout, "endpoint": plan.endpoint, "plan_hash": plan.hash,
         "baseline": plan.baseline.version, "candidate": plan.candidate.version,
-        "unit": plan.unit, "segments": list(plan.segments), "alpha": plan.analysis.alpha,
+        "unit": plan.unit, "segments": list(plan.segments), "personal": list(plan.personal),
+        "alpha": plan.analysis.alpha,
         "phase": str(state.phase), "stage": status.stage, "stage_index": state.stage_index,
         "state_version": state.version,
         "traffic": status.traffic / BASIS_POINTS, "shadow": status.shadow / BASIS_POINTS,

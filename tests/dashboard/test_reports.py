@@ -116,3 +116,44 @@ def test_standalone_dashboard_needs_a_token_and_serves_the_pages(
                 assert refused.status_code == 403 and "viewer role" in refused.text
     finally:
         store.close()
+
+
+def test_personal_segments_show_pseudonyms_and_an_operator_finds_one(tmp_path: Path) -> None:
+    from tests.gateway.gateway_helpers import running
+
+    from safeshift import Rollout
+    from safeshift.pseudonym import pseudonymizer
+
+    clock = VirtualClock()
+    store = SQLStore(sqlite_url(tmp_path / "s.db"))
+    plan = Plan.from_dict(plan_dict(segments=["email"], personal=["email"]))
+    rollout = Rollout.from_plan(plan, store=store, clock=clock, models={
+        "baseline": FakeModel(output=1), "candidate": FakeModel(output=1)})
+    emails = [f"person{i}@example.org" for i in range(5)]
+    for i in range(400):
+        rollout.predict({"x": 1}, unit=f"u{i}", context={"email": emails[i % 5]})
+    rollout.flush()
+    viewer, _ = ops.create_token(store, clock, name="vic", role=Role.VIEWER, expires_in=None)
+    operator, _ = ops.create_token(store, clock, name="olga", role=Role.OPERATOR,
+                                   expires_in=None)
+    pseudonym = pseudonymizer().pseudonym("email", emails[2])
+    try:
+        with running(create_dashboard_app(store, clock=clock, access_log=False)) as url:
+            for token in (viewer, operator):
+                with httpx.Client(base_url=url, cookies={"safeshift_session": token}) as c:
+                    page = c.get(f"/ui/rollouts/{plan.rollout}")
+                    assert page.status_code == 200
+                    assert f"email={pseudonym}" in page.text
+                    assert "example.org" not in page.text
+                    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+                    assert csrf is not None
+                    found = c.post(f"/ui/rollouts/{plan.rollout}/reveal", data={
+                        "csrf": csrf.group(1), "attribute": "email", "value": emails[2]})
+                    if token == viewer:
+                        assert found.status_code == 403 and "operator role" in found.text
+                    else:
+                        assert found.status_code == 200
+                        assert f"email={emails[2]} ({pseudonym})" in found.text
+                        assert f"is email={pseudonym} in the grid" in found.text
+    finally:
+        store.close()

@@ -56,6 +56,8 @@ T = TypeVar("T")
 
 COOKIE = "safeshift_session"
 SESSION_SECONDS = 12 * 3600
+REVEAL_ROLE = Role.OPERATOR
+"""Who may find a personal segment value by supplying it (viewers see pseudonyms only)."""
 REFRESH_SECONDS = 5.0
 """A page whose rollout has not changed is still re-rendered this often (its numbers move)."""
 _MAX_FORM_BYTES = 16_384
@@ -156,7 +158,8 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         return _html(render("message.html", heading=heading, message=text, hint=hint, back=back,
                             error=status >= 400, **page_context(request, p)), status)
 
-    def rollout_body(request: Request, p: Principal, view: dict[str, Any]) -> str:
+    def rollout_body(request: Request, p: Principal, view: dict[str, Any], *,
+                     revealed: dict[str, str] | None = None, reveal_note: str | None = None) -> str:
         phase = Phase(view["phase"])
         actions = []
         for action in _phase_actions(phase):
@@ -167,7 +170,8 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
                 label, confirm = _ACTIONS[action]
                 actions.append({"name": str(action), "label": label, "confirm": confirm})
         return render("_rollout.html", v=view, charts=charts_for(view), actions=actions,
-                      report=False, **page_context(request, p))
+                      report=False, may_reveal=allows(p.role, REVEAL_ROLE), revealed=revealed,
+                      reveal_note=reveal_note, **page_context(request, p))
 
     # -- sign-in --------------------------------------------------------------------------
 
@@ -341,6 +345,43 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
                                  "version": _version(view), "rendered": view["generated_at"]},
                                 headers=_SECURITY_HEADERS)
         return RedirectResponse(f"/ui/rollouts/{name}?done={decision.seq}", status_code=303)
+
+    @router.post("/ui/rollouts/{name}/reveal")
+    async def reveal(request: Request, name: str) -> Response:
+        """A person who knows a personal value finds its segment: the page, with that one
+        pseudonym shown beside the value (nothing is stored, and the value is not in a URL)."""
+        p = reader(request)
+        if isinstance(p, Response):
+            return p
+        form = await _form(request)
+        if not hmac.compare_digest(form.get("csrf", ""), csrf(request)):
+            return message(request, p, 403, "Refused", "reload the page and try again (its "
+                           "anti-forgery field is missing or stale)")
+        if not allows(p.role, REVEAL_ROLE):
+            ctx.record_denial(request, 403, "revealing a personal segment value", p.name)
+            return message(request, p, 403, "Not allowed", f"finding a personal value needs the "
+                           f"{REVEAL_ROLE} role; {p.name} holds {p.role}",
+                           back=f"/ui/rollouts/{name}")
+        view = await rollout_or_404(request, p, name)
+        if isinstance(view, Response):
+            return view
+        attribute, value = form.get("attribute", ""), form.get("value", "")
+        if attribute not in view["personal"] or not value:
+            return message(request, p, 422, "Unknown attribute", "choose one of the plan's "
+                           "personal attributes and give a value", back=f"/ui/rollouts/{name}")
+        from safeshift.pseudonym import pseudonymizer
+
+        names = {f"{attribute}={x}" for x in pseudonymizer().candidates(attribute, value)}
+        rows = {row["segment"] for row in view["grid"]["rows"]}
+        found = sorted(names & rows)
+        revealed = {segment: f"{attribute}={value} ({segment.split('=', 1)[1]})"
+                    for segment in found}
+        note = (f"{attribute}={value} is {', '.join(found)} in the grid" if found else
+                f"{attribute}={value} has no segment row here (no traffic judged from it)")
+        body = rollout_body(request, p, view, revealed=revealed, reveal_note=note)
+        return _html(render("rollout.html", v=view, body=Markup(body), version=_version(view),
+                            rendered=view["generated_at"], notice=None,
+                            **page_context(request, p)))
 
     @router.get("/ui/rollouts/{name}/decisions/{seq}")
     async def decision_page(request: Request, name: str, seq: int) -> Response:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from typing import Final
 
+from safeshift._units import client_address
 from safeshift.auth import Authenticator, AuthError, Denial, Principal, Role, allows
 from safeshift.gateway._http import ASGIApp, HTTPError, Receive, Scope, Send, send_error
 from safeshift.gateway.logs import gateway_logger
@@ -71,7 +72,7 @@ def principal_of(scope: Scope) -> Principal:
 
 def _peer(scope: Scope) -> str:
     client = scope.get("client")
-    return str(client[0]) if client else "unknown"
+    return (client_address(str(client[0])) or "-") if client else "unknown"
 
 
 class DenialLog:

@@ -15,6 +15,7 @@ import re
 import time
 from typing import Any
 
+from safeshift._units import client_address
 from safeshift.gateway._http import ASGIApp, Message, Receive, Scope, Send
 from safeshift.gateway.logs import access_log, request_id_var
 
@@ -69,6 +70,6 @@ class RequestIdMiddleware:
                 fields.update(
                     request_id=rid, method=scope["method"], path=scope["path"], status=status,
                     duration_ms=round((time.perf_counter() - start) * 1000, 3),
-                    client=client[0] if client else None)
+                    client=client_address(client[0]) if client else None)
                 access_log.write(fields)
             request_id_var.reset(token)
