@@ -158,3 +158,31 @@ def test_client_addresses_are_truncated_in_logs(monkeypatch: pytest.MonkeyPatch,
     else:
         monkeypatch.setenv("SAFESHIFT_LOG_CLIENT_IP", mode)
     assert client_address(ip) == logged
+
+
+def test_client_request_ids_are_kept_as_their_hmac(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    store = SQLStore(sqlite_url(db))
+    plan = Plan.from_dict(plan_dict(guardrails=[{"metric": "accuracy", "tolerance": 0.05}]))
+    rollout = Rollout.from_plan(plan, store=store, clock=VirtualClock(), models={
+        "baseline": FakeModel(output=1), "candidate": FakeModel(output=1)})
+    chosen = "order-1234-bob.jones@example.org"
+    p = rollout.predict({"x": 1}, unit="u1", request_id=chosen)
+    assert p.id == chosen
+    rollout.flush()
+    record = store.get_request(chosen)
+    assert record is not None and record.id == chosen  # the client's id still finds it
+    assert rollout.feedback(chosen, label=1).accepted == ["accuracy"]
+    assert rollout.feedback(chosen, label=1).duplicate == ["accuracy"]  # once per request
+    # a record written before ids were hashed is still found by its id as sent
+    from safeshift.store.sql import requests
+
+    with store.engine.begin() as conn:
+        conn.execute(requests.insert().values(
+            id="legacy-id", rollout=plan.rollout, stage=0, arm="baseline", cohort="hash",
+            segment="", created_at=0.0, expires_at=1e12, outputs="[1]", cluster=-1,
+            unit_hash=-1))
+    assert store.get_requests(["legacy-id", chosen]).keys() == {"legacy-id", chosen}
+    store.close()
+    raw = b"".join(f.read_bytes() for f in tmp_path.iterdir() if f.name.startswith("s.db"))
+    assert b"bob.jones" not in raw and b"order-1234" not in raw

@@ -29,7 +29,7 @@ from safeshift.assign import BASELINE
 from safeshift.clock import Clock
 from safeshift.errors import RolloutError, UnknownRequestError
 from safeshift.plan import BUILTIN_METRICS, OUTCOME_LIMIT, Plan
-from safeshift.state import FeedbackItem, RequestRecord
+from safeshift.state import FeedbackItem, ReportText, RequestRecord
 from safeshift.store import Store
 from safeshift.telemetry import Cell, CellKey, Moments, rows_from_cells
 
@@ -403,12 +403,28 @@ class FeedbackJoiner:
                                         rec.cluster): cell})
         now = self.clock.now()
         if rec.unit_hash < 0:
-            return self.store.add_feedback([FeedbackItem(request_id, "report_rate", 1.0, now,
-                                                         list(rows))])[0]
+            counted = self.store.add_feedback([FeedbackItem(request_id, "report_rate", 1.0, now,
+                                                            list(rows))])[0]
+            if counted:
+                self._keep_text(rec, kind, text, now)
+            return counted
         # the request's own key (its repeat is a duplicate) and the unit's, which counts
         unit_key = FeedbackItem(f"{REPORT_UNIT_PREFIX}{rec.unit_hash}",
                                 f"report@{self.plan.rollout}/{rec.stage}", 1.0, now, list(rows))
         own, unit = self.store.add_feedback([
             FeedbackItem(request_id, "report_rate", 1.0, now, []), unit_key])
-        return own and unit
+        counted = own and unit
+        if counted:
+            self._keep_text(rec, kind, text, now)
+        return counted
+
+    def _keep_text(self, rec: RequestRecord, kind: str, text: str, now: float) -> None:
+        """The report's text, redacted, once per counted report (so once per unit and stage)."""
+        if not text or not text.strip():
+            return
+        from safeshift.redact import redact
+
+        clean, counts = redact(text)
+        self.store.add_report_text(ReportText(self.plan.rollout, rec.stage, rec.arm,
+                                              kind[:32], now, clean, dict(counts)))
 

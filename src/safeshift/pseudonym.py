@@ -34,14 +34,15 @@ from pathlib import Path
 from safeshift.errors import SafeshiftError
 
 __all__ = ["KEY_ENV", "KEY_FILE_ENV", "PREFIX", "PREVIOUS_ENV", "PREVIOUS_FILE_ENV",
-           "PseudonymKeyError", "Pseudonymizer", "is_pseudonym", "pseudonymizer",
-           "reset_pseudonymizer"]
+           "REQUEST_PREFIX", "PseudonymKeyError", "Pseudonymizer", "is_pseudonym",
+           "pseudonymizer", "request_key", "reset_pseudonymizer"]
 
 KEY_ENV = "SAFESHIFT_PSEUDONYM_KEY"
 KEY_FILE_ENV = "SAFESHIFT_PSEUDONYM_KEY_FILE"
 PREVIOUS_ENV = "SAFESHIFT_PSEUDONYM_KEY_PREVIOUS"
 PREVIOUS_FILE_ENV = "SAFESHIFT_PSEUDONYM_KEY_PREVIOUS_FILE"
 PREFIX = "p:"
+REQUEST_PREFIX = "r:"
 MIN_KEY_CHARS = 32
 _PSEUDONYM = re.compile(r"^p:[0-9a-f]{16}$")
 
@@ -66,6 +67,17 @@ class Pseudonymizer:
         message = attribute.encode() + b"\0" + value.encode()
         digest = hmac.new(key or self.key, message, hashlib.sha256).hexdigest()
         return PREFIX + digest[:16]
+
+    def request_key(self, request_id: str) -> str:
+        """What the store keeps for a request id: ``r:`` and 32 hex of its HMAC. Clients choose
+        ids (an order number, an e-mail), so the id itself is never stored; the client's id
+        still finds its record, through the same HMAC."""
+        mac = self._request_mac().copy()
+        mac.update(request_id.encode())
+        return REQUEST_PREFIX + mac.hexdigest()[:32]
+
+    def _request_mac(self) -> hmac.HMAC:
+        return hmac.new(self.key, b"safeshift request id\0", hashlib.sha256)
 
     def candidates(self, attribute: str, value: str) -> tuple[str, ...]:
         """The value's pseudonym under the current key and, during a rotation, the previous."""
@@ -125,6 +137,11 @@ def pseudonymizer() -> Pseudonymizer:
     with _lock:
         _cache[where] = made
     return made
+
+
+def request_key(request_id: str) -> str:
+    """:meth:`Pseudonymizer.request_key` under the process's key."""
+    return pseudonymizer().request_key(request_id)
 
 
 def reset_pseudonymizer() -> None:

@@ -82,6 +82,9 @@ def _markdown(v: dict[str, Any]) -> str:
     if counts["reports"]:
         lines.append("- User reports: " + ", ".join(f"{_md(k)} {_count(n)}"
                                                     for k, n in counts["reports"].items()))
+    if v.get("report_texts"):
+        lines.append("- Latest user reports (redacted): " + "; ".join(
+            f"{_md(r['kind'])}: {_md(r['text'])}" for r in v["report_texts"][:10]))
     lines += ["", f"## Guardrails (verdicts from {v['verdicts_from']})", "",
               "| guardrail | verdict | estimate | band | tolerance | n baseline / candidate |",
               "|---|---|---|---|---|---|"]

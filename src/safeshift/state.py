@@ -332,3 +332,18 @@ class Snapshot:
     stage: int
     at: float
     body: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportText:
+    """The free text of a user's report, after :func:`safeshift.redact.redact` (never as sent),
+    with how many details of each kind were taken out. Kept once per unit and stage, like the
+    report's count."""
+
+    rollout: str
+    stage: int
+    arm: str
+    kind: str
+    at: float
+    text: str
+    redactions: dict[str, int] = field(default_factory=dict)

@@ -337,4 +337,7 @@ def rollout_view(store: Store, name: str, clock: Clock) -> dict[str, Any]:
                   "latest": [{"seq": e.seq, "at": e.at, "actor": e.actor, "action": e.action}
                              for e in events[-10:]][::-1]},
         "snapshots": len(snapshots),
+        "report_texts": [{"at": r.at, "stage": r.stage, "arm": r.arm, "kind": r.kind,
+                          "text": r.text, "redactions": r.redactions}
+                         for r in store.report_texts(name, limit=20)],
     }

@@ -95,7 +95,8 @@ class ReportItem(_Request):
     id: RequestId
     kind: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9 _.:-]{0,31}$")
     text: Annotated[str, StringConstraints(max_length=10_000)] | None = Field(
-        default="", description="free text (not stored)")
+        default="", description="free text: stored only after redaction (e-mail addresses, "
+        "phone, card and long numbers, IP addresses taken out), once per unit and stage")
 
 
 class ReportResult(BaseModel):

@@ -12,6 +12,7 @@ from safeshift.state import (
     DecisionInputs,
     FeedbackItem,
     OutboxEntry,
+    ReportText,
     RequestRecord,
     RolloutState,
     Snapshot,
@@ -61,6 +62,14 @@ class Store(Protocol):
         ...
 
     def last_snapshot_at(self, rollout: str) -> float | None: ...
+
+    def add_report_text(self, report: ReportText) -> None:
+        """Keep a report's redacted text."""
+        ...
+
+    def report_texts(self, rollout: str, *, limit: int = 50) -> list[ReportText]:
+        """The rollout's latest report texts, newest first."""
+        ...
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None: ...
 

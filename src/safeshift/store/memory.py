@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from safeshift.audit import GENESIS, AuditEvent, seal_commit, seal_state
 from safeshift.auth import Denial, TokenRecord
 from safeshift.errors import ConcurrencyError, UnknownRolloutError
+from safeshift.pseudonym import request_key
 from safeshift.state import (
     Decision,
     DecisionInputs,
     FeedbackItem,
     OutboxEntry,
+    ReportText,
     RequestRecord,
     RolloutState,
     Snapshot,
@@ -37,6 +40,7 @@ class MemoryStore:
         self._audit: dict[str, list[AuditEvent]] = {}
         self._inputs: dict[tuple[str, int], bytes] = {}
         self._snapshots: dict[str, dict[float, Snapshot]] = {}
+        self._report_texts: dict[str, list[ReportText]] = {}
         self._telemetry: dict[_Key, TelemetryRow] = {}
         self._totals: dict[tuple[str, int], dict[_Key, TelemetryRow]] = {}
         self._requests: dict[str, RequestRecord] = {}
@@ -121,21 +125,27 @@ class MemoryStore:
     def put_requests(self, records: Sequence[RequestRecord]) -> None:
         with self._lock:
             for rec in records:  # the first record of an id stays, as in SQLStore
-                self._requests.setdefault(rec.id, rec)
+                key = request_key(rec.id)
+                if key not in self._requests:
+                    self._requests[key] = replace(rec, id=key)
 
     def get_request(self, request_id: str) -> RequestRecord | None:
-        with self._lock:
-            return self._requests.get(request_id)
+        return self.get_requests([request_id]).get(request_id)
 
     def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         with self._lock:
-            return {i: self._requests[i] for i in request_ids if i in self._requests}
+            out = {}
+            for i in request_ids:
+                rec = self._requests.get(request_key(i))
+                if rec is not None:
+                    out[i] = replace(rec, id=i)
+            return out
 
     def add_feedback(self, items: Sequence[FeedbackItem]) -> list[bool]:
         out = []
         with self._lock:
             for item in items:
-                key = (item.request_id, item.signal)
+                key = (request_key(item.request_id), item.signal)
                 if key in self._feedback:
                     out.append(False)
                     continue
@@ -146,7 +156,12 @@ class MemoryStore:
 
     def feedback_values(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
         with self._lock:
-            return {k: self._feedback[k] for k in keys if k in self._feedback}
+            out = {}
+            for rid, signal in keys:
+                value = self._feedback.get((request_key(rid), signal))
+                if value is not None:
+                    out[(rid, signal)] = value
+            return out
 
     def decisions(self, rollout: str) -> list[Decision]:
         with self._lock:
@@ -169,6 +184,14 @@ class MemoryStore:
             for snap in out:
                 snap.body.pop("segments", None)
         return out
+
+    def add_report_text(self, report: ReportText) -> None:
+        with self._lock:
+            self._report_texts.setdefault(report.rollout, []).append(report)
+
+    def report_texts(self, rollout: str, *, limit: int = 50) -> list[ReportText]:
+        with self._lock:
+            return list(reversed(self._report_texts.get(rollout, [])))[:limit]
 
     def last_snapshot_at(self, rollout: str) -> float | None:
         with self._lock:

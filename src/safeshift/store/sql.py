@@ -29,6 +29,7 @@ from safeshift.errors import (
     StoreError,
     UnknownRolloutError,
 )
+from safeshift.pseudonym import pseudonymizer
 from safeshift.state import (
     Action,
     Decision,
@@ -36,6 +37,7 @@ from safeshift.state import (
     FeedbackItem,
     OutboxEntry,
     Phase,
+    ReportText,
     RequestRecord,
     RolloutState,
     Snapshot,
@@ -134,6 +136,19 @@ snapshots_t = sa.Table(
     sa.Column("stage", sa.Integer, nullable=False),
     sa.Column("body", _str(), nullable=False),
     sa.Column("segments", _str(), nullable=False),  # the segment verdicts, read when asked
+)
+
+report_texts_t = sa.Table(
+    "report_texts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("rollout", _str(64), nullable=False),
+    sa.Column("stage", sa.Integer, nullable=False),
+    sa.Column("arm", _str(64), nullable=False),
+    sa.Column("kind", _str(32), nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("text", _str(), nullable=False),  # redacted (safeshift.redact), never as sent
+    sa.Column("redactions", _str(), nullable=False),
+    sa.Index("ix_report_texts_rollout", "rollout", "id"),
 )
 
 _TELEMETRY_KEY = ("rollout", "stage", "arm", "cohort", "segment", "window", "cluster", "signal")
@@ -284,9 +299,9 @@ def _migrate_v5(conn: Connection) -> None:
 
 
 def _migrate_v6(conn: Connection) -> None:
-    """Explanations and the dashboard: what each decision was computed from, and verdict
-    snapshots over time (new tables only)."""
-    for table in (inputs_t, snapshots_t):
+    """Explanations and the dashboard: what each decision was computed from, verdict
+    snapshots over time, and the redacted text of user reports (new tables only)."""
+    for table in (inputs_t, snapshots_t, report_texts_t):
         table.create(conn, checkfirst=True)
 
 
@@ -593,8 +608,9 @@ class SQLStore:
         if not records:
             return
         dialect = self.engine.dialect
-        params: list[Any] = [  # in the table's column order
-            (_as_stored(r.id, dialect), r.rollout, r.stage, r.arm, r.cohort,
+        key = pseudonymizer().request_key
+        params: list[Any] = [  # in the table's column order; the id's HMAC, not the id
+            (key(r.id), r.rollout, r.stage, r.arm, r.cohort,
              _as_stored(r.segment, dialect), r.created_at, r.expires_at,
              json.dumps(r.outputs, default=str), r.cluster, r.unit_hash) for r in records]
         if not self._requests_positional:
@@ -604,18 +620,16 @@ class SQLStore:
             conn.exec_driver_sql(self._requests_sql, params)
 
     def get_request(self, request_id: str) -> RequestRecord | None:
-        with self.engine.connect() as conn:
-            r = conn.execute(sa.select(requests).where(requests.c.id == request_id)).first()
-        if r is None:
-            return None
-        return RequestRecord(r.id, r.rollout, r.stage, r.arm, r.cohort, r.segment, r.created_at,
-                             r.expires_at, json.loads(r.outputs), r.cluster, r.unit_hash)
+        return self.get_requests([request_id]).get(request_id)
 
     def get_requests(self, request_ids: Sequence[str]) -> dict[str, RequestRecord]:
         out: dict[str, RequestRecord] = {}
-        ids = list(dict.fromkeys(request_ids))
-        # ids as stored (PostgreSQL keeps a NUL as U+FFFD) back to the ids asked for
-        asked = {_as_stored(i, self.engine.dialect): i for i in ids}
+        key = pseudonymizer().request_key
+        # the ids' HMACs back to the ids asked for; records written before ids were hashed
+        # (schema 6) keep their id as sent, and are found by it until they expire
+        asked = {key(i): i for i in dict.fromkeys(request_ids)}
+        asked.update({_as_stored(i, self.engine.dialect): i for i in dict.fromkeys(request_ids)})
+        ids = list(asked)
         with self.engine.connect() as conn:
             for i in range(0, len(ids), 500):
                 chunk = ids[i:i + 500]
@@ -631,14 +645,16 @@ class SQLStore:
             return []
         out = [False] * len(items)
         rows: list[TelemetryRow] = []
+        key = pseudonymizer().request_key
         # inserted in key order, so that two concurrent batches lock rows in the same order
-        order = sorted(range(len(items)), key=lambda i: (items[i].request_id, items[i].signal))
+        keys = [key(item.request_id) for item in items]
+        order = sorted(range(len(items)), key=lambda i: (keys[i], items[i].signal))
         with self.engine.begin() as conn:
             for i in order:
                 item = items[i]
                 result = conn.execute(self._feedback_insert, {
-                    "request_id": item.request_id, "signal": item.signal, "value": item.value,
-                    "at": item.at})
+                    "request_id": keys[i], "signal": item.signal,
+                    "value": item.value, "at": item.at})
                 out[i] = result.rowcount == 1
                 if out[i]:
                     rows.extend(item.rows)
@@ -647,10 +663,11 @@ class SQLStore:
 
     def feedback_values(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], float]:
         out: dict[tuple[str, str], float] = {}
+        key = pseudonymizer().request_key
         with self.engine.connect() as conn:
             for rid, signal in keys:
                 value = conn.execute(sa.select(feedback.c.value).where(
-                    feedback.c.request_id == rid, feedback.c.signal == signal)).scalar()
+                    feedback.c.request_id == key(rid), feedback.c.signal == signal)).scalar()
                 if value is not None:
                     out[(rid, signal)] = float(value)
         return out
@@ -699,6 +716,22 @@ class SQLStore:
                 for snap, r in zip(out, rows, strict=True):
                     snap.body["segments"] = orjson.loads(r.segments)
             return out
+
+    def add_report_text(self, report: ReportText) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(report_texts_t.insert().values(
+                rollout=report.rollout, stage=report.stage, arm=report.arm, kind=report.kind,
+                at=report.at, text=_as_stored(report.text, self.engine.dialect),
+                redactions=json.dumps(report.redactions, sort_keys=True)))
+
+    def report_texts(self, rollout: str, *, limit: int = 50) -> list[ReportText]:
+        t = report_texts_t
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.rollout == rollout)
+                                .order_by(t.c.id.desc()).limit(limit)).fetchall()
+        with _damaged("report texts", rollout):
+            return [ReportText(r.rollout, r.stage, r.arm, r.kind, r.at, r.text,
+                               json.loads(r.redactions)) for r in rows]
 
     def last_snapshot_at(self, rollout: str) -> float | None:
         t = snapshots_t
