@@ -652,6 +652,44 @@ def pseudonym(
         out.print(f"{attribute}={names[0]}{extra}", markup=False)
 
 
+@app.command()
+def purge(
+    rollout: Annotated[str | None, typer.Argument(help="one rollout (default: every one)")] = None,
+    older_than: Annotated[str | None, typer.Option(
+        "--older-than", help="an age for every kind of record, e.g. 30d (default: each plan's "
+        "retention)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count, delete nothing")] = False,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete records past their age: request records, report texts, telemetry and decision
+    inputs of stages that ended, verdict snapshots. Decisions and the audit log stay (audit
+    verify still passes)."""
+    from safeshift._units import parse_duration
+    from safeshift.clock import SystemClock
+
+    age = None
+    if older_than is not None:
+        try:
+            age = parse_duration(older_than)
+        except ValueError as exc:
+            fail(f"--older-than {older_than!r}: {exc}")
+    st = _open(store)
+    try:
+        counts = ops.purge(st, SystemClock(), older_than=age, rollout=rollout, dry_run=dry_run)
+    except SafeshiftError as exc:
+        fail(str(exc))
+    finally:
+        st.close()
+    if json_out:
+        out.print_json(data=counts)
+        return
+    verb = "would delete" if dry_run else "deleted"
+    for name, kinds in counts.items():
+        said = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items()) or "nothing (no retention)"
+        out.print(f"{printable(name)}: {verb} {said}", markup=False)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]

@@ -79,7 +79,8 @@ class Explanation:
     """A stored decision, judged again."""
 
     decision: Decision
-    kind: str  # "controller" (re-derived), "operator" (a person's), "unrecorded" (no inputs)
+    # "controller" (re-derived), "operator" (a person's), "unrecorded" (no inputs), "purged"
+    kind: str
     matches: bool | None = None  # None: nothing to re-derive
     differences: list[str] = field(default_factory=list)
     rederived: Rederived | None = None
@@ -215,6 +216,10 @@ def explain(store: Store, rollout: str, seq: int, *,
     plan = stored_plan(store, rollout)
     meta = decision.evidence.get("inputs")
     body = store.decision_inputs(rollout, seq)
+    if isinstance(meta, dict) and body is None:
+        return Explanation(decision, "purged", differences=[
+            f"its inputs were purged by retention; their SHA-256 {meta.get('sha256')} remains "
+            "in the decision's evidence, which the audit log covers"])
     if not isinstance(meta, dict) or body is None:
         kind = "controller" if decision.actor == "controller" else "operator"
         before = [s for s in store.snapshots(rollout) if s.at <= decision.at]
@@ -273,6 +278,9 @@ def explain_lines(e: Explanation) -> list[str]:
             for row in e.before.body.get("verdicts", []):
                 if row[1] is None:
                     lines.append(f"  {row[0]:<22} {row[3]}")
+        return lines
+    if e.kind == "purged":
+        lines += [f"  {x}" for x in e.differences]
         return lines
     if e.kind == "unrecorded":
         lines.append("decided without an analysis (the rollout starting, or a release that "

@@ -41,7 +41,7 @@ from safeshift.store.base import Store
 from safeshift.telemetry import Summary, TelemetryRow
 
 __all__ = ["ACTION_ROLES", "LOCAL", "Status", "act", "audit_events", "create", "create_token",
-           "denials", "export_audit", "history", "list_rollouts", "list_tokens", "register",
+           "denials", "export_audit", "history", "list_rollouts", "list_tokens", "purge", "register",
            "release_notes", "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
            "verify_audit"]
 
@@ -374,6 +374,39 @@ def denials(store: Store, *, limit: int = 100, principal: Principal = LOCAL) -> 
     """The latest requests refused for want of a token or a role, newest first."""
     require(principal, ADMIN_ROLE, "reading the access-denial log")
     return store.denials(limit)
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def purge(store: Store, clock: Clock, *, older_than: float | None = None,
+          rollout: str | None = None, dry_run: bool = False,
+          principal: Principal = LOCAL) -> dict[str, dict[str, int]]:
+    """Delete (or count, with ``dry_run``) records past their age: ``older_than`` seconds for
+    every kind, or else each plan's ``retention``. Per rollout, the records of each kind
+    removed. Telemetry (and decision inputs) only of stages that ended: a running stage keeps
+    its evidence. Decisions and the audit log are never purged, so ``audit verify`` still
+    passes; a decision whose inputs were purged keeps their SHA-256 in its audited evidence."""
+    from safeshift.plan import RETENTION_KINDS
+
+    require(principal, ADMIN_ROLE, "purging records")
+    now = clock.now()
+    names = [rollout] if rollout is not None else [s.name for s in list_rollouts(store)]
+    out: dict[str, dict[str, int]] = {}
+    for name in names:
+        plan = stored_plan(store, name)
+        state = store.get_state(name)
+        running = not state.phase.terminal
+        counts: dict[str, int] = {}
+        for kind in RETENTION_KINDS:
+            age = older_than if older_than is not None else getattr(plan.retention, kind)
+            if age is None:
+                continue
+            before = state.stage_index if kind == "telemetry" and running else None
+            counts[kind] = store.purge_before(name, kind, now - age, stages_before=before,
+                                              dry_run=dry_run)
+        out[name] = counts
+    return out
 
 
 # -- release notes ------------------------------------------------------------------------------

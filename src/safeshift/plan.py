@@ -623,6 +623,25 @@ class Serving(_Strict):
                                       description="how often replicas re-read the stage")
 
 
+class Retention(_Strict):
+    """How long the store keeps each kind of record of the rollout (unset: as long as the
+    store lives; request records also expire with the label window). The controller applies it
+    as it runs; ``safeshift purge`` applies it, or another age, by hand."""
+
+    requests: PositiveDuration | None = Field(
+        default=None, description="request records (and their labels), by when they were served")
+    reports: PositiveDuration | None = Field(
+        default=None, description="the redacted text of user reports")
+    telemetry: PositiveDuration | None = Field(
+        default=None, description="telemetry windows, and decision inputs, of stages that ended "
+        "(a running stage keeps its evidence)")
+    snapshots: PositiveDuration | None = Field(
+        default=None, description="verdict snapshots (the dashboard's bands over time)")
+
+
+RETENTION_KINDS = ("requests", "reports", "telemetry", "snapshots")
+
+
 class Plan(_Strict):
     """A whole rollout plan. Build one with :meth:`Plan.load` or :meth:`Plan.from_dict`."""
 
@@ -650,6 +669,7 @@ class Plan(_Strict):
     serving: Serving = Field(default_factory=Serving)
     notifications: list[Webhook] = Field(
         default_factory=list, description="webhooks told of the rollout's decisions")
+    retention: Retention = Field(default_factory=Retention)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -698,7 +718,7 @@ class Plan(_Strict):
         covers. Fields added after plans were first stored are left out at their defaults, so
         a plan that does not use them keeps the hash it was registered with."""
         data = self.model_dump(mode="json", exclude_none=True)
-        for later in ("notifications", "personal"):  # added later: absent unless used
+        for later in ("notifications", "personal", "retention"):  # added later: absent unless used
             if not data.get(later):
                 data.pop(later, None)
         for section, defaults in _LATER_DEFAULTS.items():

@@ -259,6 +259,10 @@ class Rollout:
         now = self.clock.now()
         if now - self._purged_at >= PURGE_EVERY:
             self.store.purge_expired(now)  # request records past their label window
+            if any(v is not None for v in self.plan.retention.model_dump().values()):
+                from safeshift.ops import purge
+
+                purge(self.store, self.clock, rollout=self.plan.rollout)  # the plan's retention
             self._purged_at = now
         return decision
 

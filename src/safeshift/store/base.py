@@ -102,6 +102,14 @@ class Store(Protocol):
 
     def purge_expired(self, now: float) -> int: ...
 
+    def purge_before(self, rollout: str, kind: str, cutoff: float, *,
+                     stages_before: int | None = None, dry_run: bool = False) -> int:
+        """Delete (or, with ``dry_run``, count) the rollout's records of ``kind`` — requests,
+        reports, telemetry (with decision inputs), snapshots — older than ``cutoff``; telemetry
+        only of stages below ``stages_before`` (None: every stage). Decisions and the audit log
+        are never purged."""
+        ...
+
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
         """Take or renew the named lease (e.g. the controller's) if free, expired or ours."""
         ...

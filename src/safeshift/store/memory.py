@@ -211,6 +211,53 @@ class MemoryStore:
                               if f[0] in self._requests or f[0].startswith("unit:")}
             return len(expired)
 
+    def purge_before(self, rollout: str, kind: str, cutoff: float, *,
+                     stages_before: int | None = None, dry_run: bool = False) -> int:
+        with self._lock:
+            if kind == "requests":
+                gone = [rid for rid, r in self._requests.items()
+                        if r.rollout == rollout and r.created_at < cutoff]
+                if not dry_run:
+                    for rid in gone:
+                        del self._requests[rid]
+                    self._feedback = {f: v for f, v in self._feedback.items()
+                                      if f[0] in self._requests or f[0].startswith("unit:")}
+                return len(gone)
+            if kind == "reports":
+                kept = self._report_texts.get(rollout, [])
+                stale = [r for r in kept if r.at < cutoff]
+                if not dry_run:
+                    self._report_texts[rollout] = [r for r in kept if r.at >= cutoff]
+                return len(stale)
+            if kind == "snapshots":
+                snaps = self._snapshots.get(rollout, {})
+                old_at = [at for at in snaps if at < cutoff]
+                if not dry_run:
+                    for at in old_at:
+                        del snaps[at]
+                return len(old_at)
+            if kind == "telemetry":
+                def aged(key: _Key) -> bool:
+                    return (key[0] == rollout and key[5] < cutoff
+                            and (stages_before is None or key[1] < stages_before))
+                gone_keys = [key for key in self._telemetry if aged(key)]
+                old_seqs = {d.seq for d in self._decisions.get(rollout, []) if d.at < cutoff}
+                inputs = [ik for ik in self._inputs if ik[0] == rollout and ik[1] in old_seqs]
+                if not dry_run:
+                    touched = {key[1] for key in gone_keys}
+                    for key in gone_keys:
+                        del self._telemetry[key]
+                    for stage in touched:  # the stage's totals again, from what is left
+                        totals: dict[_Key, TelemetryRow] = {}
+                        for key, row in self._telemetry.items():
+                            if key[0] == rollout and key[1] == stage:
+                                _add(totals, replace(row, window=0))
+                        self._totals[(rollout, stage)] = totals
+                    for ik in inputs:
+                        del self._inputs[ik]
+                return len(gone_keys) + len(inputs)
+            raise ValueError(f"unknown record kind {kind!r}")
+
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
         with self._lock:
             current = self._leases.get(name)

@@ -754,6 +754,43 @@ class SQLStore:
             result = conn.execute(requests.delete().where(requests.c.expires_at <= now))
             return int(result.rowcount or 0)
 
+    def purge_before(self, rollout: str, kind: str, cutoff: float, *,
+                     stages_before: int | None = None, dry_run: bool = False) -> int:
+        def run(conn: Connection, table: sa.Table, *conds: Any) -> int:
+            if dry_run:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(table)
+                                        .where(*conds)).scalar() or 0)
+            return int(conn.execute(table.delete().where(*conds)).rowcount or 0)
+
+        with self.engine.begin() as conn:
+            if kind == "requests":
+                conds = (requests.c.rollout == rollout, requests.c.created_at < cutoff)
+                if not dry_run:
+                    old = sa.select(requests.c.id).where(*conds)
+                    conn.execute(feedback.delete().where(feedback.c.request_id.in_(old)))
+                return run(conn, requests, *conds)
+            if kind == "reports":
+                t = report_texts_t
+                return run(conn, t, t.c.rollout == rollout, t.c.at < cutoff)
+            if kind == "snapshots":
+                t = snapshots_t
+                return run(conn, t, t.c.rollout == rollout, t.c.at < cutoff)
+            if kind == "telemetry":
+                def aged(table: sa.Table) -> list[Any]:
+                    conds = [table.c.rollout == rollout, table.c["window"] < cutoff]
+                    if stages_before is not None:
+                        conds.append(table.c.stage < stages_before)
+                    return conds
+
+                n = run(conn, telemetry, *aged(telemetry))
+                if not dry_run:
+                    conn.execute(histograms.delete().where(*aged(histograms)))
+                old_decisions = sa.select(decisions_t.c.seq).where(
+                    decisions_t.c.rollout == rollout, decisions_t.c.at < cutoff)
+                return n + run(conn, inputs_t, inputs_t.c.rollout == rollout,
+                               inputs_t.c.seq.in_(old_decisions))
+            raise ValueError(f"unknown record kind {kind!r}")
+
     def acquire_lease(self, name: str, holder: str, ttl: float, now: float) -> bool:
         with self.engine.begin() as conn:
             stmt = self._insert(leases).values(name=name, holder=holder, expires_at=now + ttl)
