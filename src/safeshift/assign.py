@@ -38,6 +38,7 @@ class Reason(StrEnum):
     EXCLUDED = "excluded"  # never_candidate rule
     ANONYMOUS = "anonymous"  # no unit id
     INACTIVE = "inactive"  # rollout not running a stage (pending, rolled back, promoted)
+    NO_CONSENT = "no_consent"  # the plan's consent attribute does not grant consent
 
 
 def bucket(salt: str, unit: str) -> int:
@@ -95,7 +96,8 @@ class Assignment:
 class Assigner:
     """Applies a plan's targeting and hashing to (unit, context) for a given :class:`Split`."""
 
-    __slots__ = ("_always", "_anon_random", "_never", "_prefix", "_pseudonyms", "_unit_key")
+    __slots__ = ("_always", "_anon_random", "_consent", "_never", "_prefix", "_pseudonyms",
+                 "_unit_key")
 
     def __init__(self, plan: Plan, *, seed: str = "") -> None:
         # rollouts registered before seeds existed have none: their units stay where they are
@@ -104,6 +106,9 @@ class Assigner:
         self._always = {k: frozenset(map(str, v)) for k, v in plan.targeting.always_candidate.items()}
         self._never = {k: frozenset(map(str, v)) for k, v in plan.targeting.never_candidate.items()}
         self._anon_random = plan.targeting.anonymous == "random"
+        consent = plan.consent
+        self._consent = None if consent is None else (
+            consent.attribute, frozenset(v.lower() for v in consent.granted))
         # rules on personal attributes (and, when they list pseudonyms, on the unit) match a
         # value by its pseudonym under the current or the previous key
         hashed = set(plan.personal)
@@ -155,6 +160,12 @@ class Assigner:
         if not split.active and not split.serve_candidate_to_all:
             return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
                               False, Reason.INACTIVE)
+        if self._consent is not None and split.active:
+            attr, granted = self._consent
+            given = (context or {}).get(attr)
+            if given is None or str(given).lower() not in granted:
+                return Assignment(BASELINE, split.baseline_version, split.stage,
+                                  split.stage_index, False, Reason.NO_CONSENT)
         if self._never and self._matches(self._never, unit, context):
             return Assignment(BASELINE, split.baseline_version, split.stage, split.stage_index,
                               False, Reason.EXCLUDED)

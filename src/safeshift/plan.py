@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PrivateAttr,
+    StringConstraints,
     Tag,
     ValidationError,
     WithJsonSchema,
@@ -623,6 +624,17 @@ class Serving(_Strict):
                                       description="how often replicas re-read the stage")
 
 
+class Consent(_Strict):
+    """Which units may take part: those whose context ``attribute`` is one of ``granted``. The
+    others are served by the baseline while a stage runs, never mirrored to the candidate, and
+    counted in a cohort of their own that no comparison or split check reads."""
+
+    attribute: SegmentName = Field(description="the context attribute that carries consent")
+    granted: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(
+        default_factory=lambda: ["true", "yes", "1"], min_length=1,
+        description="values (compared without case) that mean consent given")
+
+
 class Retention(_Strict):
     """How long the store keeps each kind of record of the rollout (unset: as long as the
     store lives; request records also expire with the label window). The controller applies it
@@ -662,6 +674,8 @@ class Plan(_Strict):
         description="context attributes whose values are personal (e-mail, customer id): "
                     "replaced by a keyed pseudonym before anything is stored, logged or shown; "
                     "plan rules on them list pseudonyms (safeshift pseudonym ATTR VALUE)")
+    consent: Consent | None = Field(
+        default=None, description="only units that consented take part in the comparison")
     targeting: Targeting = Field(default_factory=Targeting)
     stages: list[Stage] = Field(min_length=1)
     guardrails: list[Guardrail] = Field(default_factory=list)

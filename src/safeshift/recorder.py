@@ -14,7 +14,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from safeshift.assign import BASELINE, Assignment
+from safeshift.assign import BASELINE, Assignment, Reason
 from safeshift.clock import Clock
 from safeshift.feedback import same_answer
 from safeshift.models import ModelResult
@@ -101,7 +101,8 @@ class Recorder:
         self.aggregator.observe(key, values, hist=True)
         if result.ok:
             self._observe_predictions(key, result)
-        if keep and request_id is not None:
+        if keep and request_id is not None and a.reason is not Reason.NO_CONSENT:
+            # without consent, nothing is kept that labels or reports could join to
             self._keep(request_id, a, key, {arm: result.outputs} if result.ok else {})
 
     def record_request_fault(self, a: Assignment, *,
