@@ -120,3 +120,32 @@ def test_cli_purge(tmp_path: Path) -> None:
     assert "nothing (no retention)" in cli("--dry-run").stdout
     bad = cli("--older-than", "soon")
     assert bad.returncode == 2 and "--older-than" in bad.stderr
+
+
+def test_privacy_report_lists_what_the_store_holds(store: Store) -> None:
+    clock = VirtualClock()
+    plan = Plan.from_dict(plan_dict(segments=["country", "email"], personal=["email"],
+                                    consent={"attribute": "analytics"},
+                                    retention={"reports": "30d"},
+                                    guardrails=[{"metric": "error_rate", "tolerance": 0.02},
+                                                {"metric": "report_rate", "tolerance": 0.5}]))
+    rollout = make(plan, store, clock, candidate=FakeModel(output=1))
+    ids = [rollout.predict({"x": 1}, unit=f"u{i}", context={
+        "country": "BR", "email": f"p{i}@example.org", "analytics": "yes"}).id for i in range(30)]
+    rollout.flush()
+    rollout.report(ids[0], "wrong", "")
+    clock.advance(60)
+    rollout.tick()
+    [report] = ops.privacy_report(store, rollout=plan.rollout)
+    assert report["attributes"] == [
+        {"attribute": "country", "pseudonymised": False,
+         "stored_as": "as sent (cut to 64 characters)"},
+        {"attribute": "email", "pseudonymised": True, "stored_as": "keyed pseudonym (p:…)"}]
+    assert report["consent"]["attribute"] == "analytics"
+    records = report["records"]
+    assert records["requests"]["count"] == 30 and records["telemetry"]["count"] > 0
+    assert records["decisions"]["count"] >= 1 and records["audit"]["count"] >= 1
+    assert records["requests"]["oldest"] is not None
+    assert report["retention"]["reports"] == 30 * DAY
+    assert report["retention"]["requests"] == plan.serving.label_window
+    assert "example.org" not in str(report)

@@ -60,6 +60,8 @@ app.add_typer(store_app, name="store")
 app.add_typer(token_app, name="token")
 notify_app = typer.Typer(help="Webhook notifications: the store's outbox.", no_args_is_help=True)
 app.add_typer(notify_app, name="notify")
+privacy_app = typer.Typer(help="What the store holds about people.", no_args_is_help=True)
+app.add_typer(privacy_app, name="privacy")
 
 out = Console(highlight=False, soft_wrap=True, emoji=False,
               width=None if sys.stdout.isatty() else 120)
@@ -688,6 +690,42 @@ def purge(
     for name, kinds in counts.items():
         said = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items()) or "nothing (no retention)"
         out.print(f"{printable(name)}: {verb} {said}", markup=False)
+
+
+@privacy_app.command("report")
+def privacy_report(
+    rollout: Annotated[str | None, typer.Argument(help="one rollout (default: every one)")] = None,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The data inventory per rollout: which attributes are kept and how, each kind of record
+    with its count and oldest time, and the retention that applies."""
+    from datetime import UTC, datetime
+
+    from safeshift._units import format_duration
+
+    rows = _read(None, None, store, lambda st: ops.privacy_report(st, rollout=rollout))
+    if json_out:
+        out.print_json(data=rows)
+        return
+    for r in rows:
+        out.print(f"{printable(r['rollout'])} ({r['phase']})", markup=False)
+        out.print(f"  unit {r['unit']['attribute']}: stored {r['unit']['stored']}", markup=False)
+        for a in r["attributes"]:
+            out.print(f"  segment {a['attribute']}: {a['stored_as']}", markup=False)
+        consent = r["consent"]
+        out.print(f"  consent: {'attribute ' + consent['attribute'] if consent else 'not asked'}",
+                  markup=False)
+        out.print(f"  request ids: {r['request_ids']}; report text: {r['report_text']}",
+                  markup=False)
+        for kind, info in r["records"].items():
+            oldest = ("-" if info["oldest"] is None else
+                      datetime.fromtimestamp(info["oldest"], UTC).strftime("%Y-%m-%d %H:%M UTC"))
+            keep = r["retention"].get(kind)
+            kept = f", kept {format_duration(keep)}" if keep else (
+                ", kept for good" if kind in ("decisions", "audit") else "")
+            out.print(f"  {kind:10} {info['count']:>10,.0f}  oldest {oldest}{kept}",
+                      markup=False)
 
 
 AllowUnkeyedOpt = Annotated[bool, typer.Option(

@@ -41,7 +41,8 @@ from safeshift.store.base import Store
 from safeshift.telemetry import Summary, TelemetryRow
 
 __all__ = ["ACTION_ROLES", "LOCAL", "Status", "act", "audit_events", "create", "create_token",
-           "denials", "export_audit", "history", "list_rollouts", "list_tokens", "purge", "register",
+           "denials", "export_audit", "history", "list_rollouts", "list_tokens", "privacy_report",
+           "purge", "register",
            "release_notes", "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
            "verify_audit"]
 
@@ -406,6 +407,37 @@ def purge(store: Store, clock: Clock, *, older_than: float | None = None,
             counts[kind] = store.purge_before(name, kind, now - age, stages_before=before,
                                               dry_run=dry_run)
         out[name] = counts
+    return out
+
+
+def privacy_report(store: Store, *, rollout: str | None = None,
+                   principal: Principal = LOCAL) -> list[dict[str, Any]]:
+    """What the store holds per rollout, for a privacy reviewer: the attributes it keeps (and
+    whether each is pseudonymised), the unit (never stored), consent, each kind of record with
+    its count and oldest time, and the retention that applies."""
+    require(principal, READ_ROLE, "reading the data inventory")
+    names = [rollout] if rollout is not None else [s.name for s in list_rollouts(store)]
+    out = []
+    for name in names:
+        plan = stored_plan(store, name)
+        personal = set(plan.personal)
+        from safeshift.plan import RETENTION_KINDS
+
+        retention = {kind: getattr(plan.retention, kind) for kind in RETENTION_KINDS}
+        retention["requests"] = retention["requests"] or plan.serving.label_window
+        out.append({
+            "rollout": name, "phase": str(store.get_state(name).phase),
+            "unit": {"attribute": plan.unit, "stored": "never (a salted hash's bucket only)"},
+            "attributes": [{"attribute": a, "pseudonymised": a in personal,
+                            "stored_as": "keyed pseudonym (p:…)" if a in personal
+                            else "as sent (cut to 64 characters)"} for a in plan.segments],
+            "consent": None if plan.consent is None else plan.consent.model_dump(),
+            "request_ids": "HMAC (r:…), never as sent",
+            "report_text": "redacted (e-mail, card, IP, phone, long numbers), once per unit "
+                           "and stage",
+            "records": store.inventory(name),
+            "retention": retention,
+        })
     return out
 
 

@@ -30,7 +30,7 @@ from safeshift.feedback import FeedbackJoiner, FeedbackResult, RecentRequestIds
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.models.base import validate_result
 from safeshift.ops import Status
-from safeshift.plan import Plan
+from safeshift.plan import Plan, Retention
 from safeshift.recorder import Recorder
 from safeshift.serving import INPUTS, Serving, failed, run_sync
 from safeshift.state import Action, Decision, Phase, RolloutState
@@ -259,7 +259,7 @@ class Rollout:
         now = self.clock.now()
         if now - self._purged_at >= PURGE_EVERY:
             self.store.purge_expired(now)  # request records past their label window
-            if any(v is not None for v in self.plan.retention.model_dump().values()):
+            if self.plan.retention != Retention():
                 from safeshift.ops import purge
 
                 purge(self.store, self.clock, rollout=self.plan.rollout)  # the plan's retention

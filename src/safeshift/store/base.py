@@ -102,6 +102,11 @@ class Store(Protocol):
 
     def purge_expired(self, now: float) -> int: ...
 
+    def inventory(self, rollout: str) -> dict[str, dict[str, float | None]]:
+        """Per kind of record the store holds for the rollout (requests, labels, reports,
+        telemetry, snapshots, decisions, audit), how many and when the oldest was written."""
+        ...
+
     def purge_before(self, rollout: str, kind: str, cutoff: float, *,
                      stages_before: int | None = None, dry_run: bool = False) -> int:
         """Delete (or, with ``dry_run``, count) the rollout's records of ``kind`` — requests,

@@ -211,6 +211,24 @@ class MemoryStore:
                               if f[0] in self._requests or f[0].startswith("unit:")}
             return len(expired)
 
+    def inventory(self, rollout: str) -> dict[str, dict[str, float | None]]:
+        with self._lock:
+            records = [r for r in self._requests.values() if r.rollout == rollout]
+            ids = {r.id for r in records}
+            times: dict[str, list[float]] = {
+                "requests": [r.created_at for r in records],
+                "labels": [0.0 for (rid, _) in self._feedback if rid in ids],
+                "reports": [r.at for r in self._report_texts.get(rollout, [])],
+                "telemetry": [float(k[5]) for k in self._telemetry if k[0] == rollout],
+                "snapshots": list(self._snapshots.get(rollout, {})),
+                "decisions": [d.at for d in self._decisions.get(rollout, [])],
+                "audit": [e.at for e in self._audit.get(rollout, [])],
+            }
+        # the memory store does not keep when a label came: its count, without a time
+        return {kind: {"count": float(len(ts)),
+                       "oldest": (min(ts) if ts and kind != "labels" else None)}
+                for kind, ts in times.items()}
+
     def purge_before(self, rollout: str, kind: str, cutoff: float, *,
                      stages_before: int | None = None, dry_run: bool = False) -> int:
         with self._lock:

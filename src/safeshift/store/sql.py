@@ -754,6 +754,26 @@ class SQLStore:
             result = conn.execute(requests.delete().where(requests.c.expires_at <= now))
             return int(result.rowcount or 0)
 
+    def inventory(self, rollout: str) -> dict[str, dict[str, float | None]]:
+        kinds: list[tuple[str, sa.Table, Any, Any]] = [
+            ("requests", requests, requests.c.created_at, requests.c.rollout == rollout),
+            ("labels", feedback, feedback.c.at, feedback.c.request_id.in_(
+                sa.select(requests.c.id).where(requests.c.rollout == rollout))),
+            ("reports", report_texts_t, report_texts_t.c.at, report_texts_t.c.rollout == rollout),
+            ("telemetry", telemetry, telemetry.c["window"], telemetry.c.rollout == rollout),
+            ("snapshots", snapshots_t, snapshots_t.c.at, snapshots_t.c.rollout == rollout),
+            ("decisions", decisions_t, decisions_t.c.at, decisions_t.c.rollout == rollout),
+            ("audit", audit_t, audit_t.c.at, audit_t.c.rollout == rollout),
+        ]
+        out: dict[str, dict[str, float | None]] = {}
+        with self.engine.connect() as conn:
+            for kind, table, at, where in kinds:
+                n, oldest = conn.execute(sa.select(sa.func.count(), sa.func.min(at))
+                                         .select_from(table).where(where)).one()
+                out[kind] = {"count": float(n or 0),
+                             "oldest": None if oldest is None else float(oldest)}
+        return out
+
     def purge_before(self, rollout: str, kind: str, cutoff: float, *,
                      stages_before: int | None = None, dry_run: bool = False) -> int:
         def run(conn: Connection, table: sa.Table, *conds: Any) -> int:
