@@ -728,6 +728,49 @@ def privacy_report(
                       markup=False)
 
 
+@app.command()
+def lineage(
+    decision: Annotated[str, typer.Argument(help="ROLLOUT#SEQ (SEQ as in safeshift history)")],
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """What a decision was computed from — which plan, which models (each artifact's digest
+    checked against the file as it is now), which code, which data — exit 0 if everything
+    still matches, 1 if an artifact or the plan changed."""
+    from datetime import UTC, datetime
+
+    from safeshift.lineage import trace
+
+    rollout, _, number = decision.rpartition("#")
+    if not rollout or not number.isdigit():
+        fail(f"{decision!r}: write ROLLOUT#SEQ, e.g. checkout-v2#3 (safeshift history lists "
+             "the numbers)")
+    t = _read(None, None, store, lambda st: trace(st, rollout, int(number)))
+    if json_out:
+        out.print_json(data=t.to_json())
+    else:
+        when = datetime.fromtimestamp(t.at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        out.print(f"decision {t.seq} of {printable(t.rollout)}: {t.action} "
+                  f"({t.from_stage or '-'} -> {t.to_stage or '-'}) at {when}", markup=False)
+        held = ("the stored plan still has this hash" if t.plan_ok else
+                "CHANGED: the stored plan no longer has this hash")
+        out.print(f"plan     {t.plan_hash} ({held})", markup=False)
+        out.print(f"code     safeshift {t.code or '(not recorded)'} (this is {t.code_now})",
+                  markup=False)
+        for m in t.models:
+            where = m["path"] or m["model"] or "-"
+            status = {"match": "matches the artifact", "changed": "CHANGED: the artifact now "
+                      f"has {str(m.get('sha256_now'))[:16]}", "missing": "MISSING: the artifact "
+                      "is not there", "reference": "served elsewhere: the reference is all "
+                      "there is to check"}[m["status"]]
+            out.print(f"model    {m['arm']} {m['version']} sha256 {str(m['sha256'])[:16]} "
+                      f"{printable(where)}: {status}", markup=False)
+        for key, value in t.data.items():
+            out.print(f"data     {key}: {value}", markup=False)
+    if not t.ok:
+        raise typer.Exit(1)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]

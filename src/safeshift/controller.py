@@ -33,6 +33,7 @@ from safeshift.experiment import (
     new_allocation,
     variant_split,
 )
+from safeshift.lineage import record
 from safeshift.notify import ask_confirm, confirm_body, display_url, outbox_entries
 from safeshift.plan import Approval, Confirm, Experiment, Plan, Stage
 from safeshift.snapshots import (
@@ -439,7 +440,9 @@ class Controller:
         if self._snapshot_at is None:
             self._snapshot_at = self.store.last_snapshot_at(self.plan.rollout) or -math.inf
         if decided or ctx.now - self._snapshot_at >= SNAPSHOT_EVERY:
-            self.store.put_snapshot(snapshot_of(self.plan.rollout, ctx.analysis, ctx.now))
+            self.store.put_snapshot(snapshot_of(
+                self.plan.rollout, ctx.analysis, ctx.now,
+                lineage=record(ctx.state.plan_hash, ctx.state.artifacts)))
             self._snapshot_at = ctx.now
 
     def _decide(self, ctx: TickContext) -> Decision | None:
@@ -501,7 +504,9 @@ class Controller:
             new.pending_stage = None
         if intent.phase in (Phase.PROMOTED, Phase.WATCHING):
             new.pending_stage = None
-        evidence = intent.evidence
+        # what it was decided with: the plan, the models' fingerprints, the code (audited with
+        # the evidence: safeshift.lineage)
+        evidence = {**intent.evidence, "lineage": record(state.plan_hash, state.artifacts)}
         stored = []
         if inputs is not None:  # the evidence names them, so the audit chain covers them
             evidence = {**evidence, "inputs": {"format": INPUTS_FORMAT, "bytes": len(inputs),

@@ -140,7 +140,8 @@ def _differences(decision: Decision, got: Rederived) -> list[str]:
     # a confirm hook's answer is appended to the reason after the steps decide
     if not decision.reason.startswith(i.reason):
         out.append(f"reason: stored {decision.reason!r}, re-derived {i.reason!r}")
-    stored_ev = {k: v for k, v in decision.evidence.items() if k != "inputs"}
+    # what the commit adds to the steps' evidence: the inputs' digest and the lineage
+    stored_ev = {k: v for k, v in decision.evidence.items() if k not in ("inputs", "lineage")}
     derived_ev = _plain(i.evidence)
     if stored_ev != derived_ev:
         keys = sorted(set(stored_ev) | set(derived_ev))

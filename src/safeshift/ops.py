@@ -132,11 +132,14 @@ def register(store: Store, plan: Plan, clock: Clock, *, principal: Principal = L
     creator) and the assignment seed (:func:`assignment_seed`, or ``salt_seed``: simulations
     pass their own, to be reproducible anywhere)."""
     require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")
+    from safeshift.lineage import artifacts
+
     now = clock.now()
     state = store.create_rollout(
         plan.canonical(), RolloutState(plan.rollout, plan.hash, created_at=now, updated_at=now,
                                        created_by=principal.actor,
-                                       salt_seed=salt_seed or assignment_seed(plan)))
+                                       salt_seed=salt_seed or assignment_seed(plan),
+                                       artifacts=artifacts(plan)))
     if state.plan_hash != plan.hash:
         raise RolloutError(
             f"rollout {plan.rollout!r} already exists in {store.url} with a different plan "

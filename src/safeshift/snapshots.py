@@ -55,8 +55,10 @@ def _row(v: Verdict) -> list[Any]:
             _num(v.harm), v.relative, v.rate, v.bound]
 
 
-def snapshot_of(rollout: str, analysis: StageAnalysis, at: float) -> Snapshot:
-    """The compact snapshot of one analysis (rows in :data:`SNAPSHOT_FIELDS` order)."""
+def snapshot_of(rollout: str, analysis: StageAnalysis, at: float, *,
+                lineage: dict[str, Any] | None = None) -> Snapshot:
+    """The compact snapshot of one analysis (rows in :data:`SNAPSHOT_FIELDS` order), with the
+    plan, models and code it was computed with (:func:`safeshift.lineage.record`)."""
     full = analysis.to_json()
     drift = analysis.drift
     body: dict[str, Any] = {
@@ -69,6 +71,7 @@ def snapshot_of(rollout: str, analysis: StageAnalysis, at: float) -> Snapshot:
         "drift": None if drift is None else {
             "kind": drift.get("kind"), "psi": _num(float(drift.get("psi", math.nan))),
             "n_baseline": drift.get("n_baseline"), "n_candidate": drift.get("n_candidate")},
+        "lineage": lineage,
     }
     return Snapshot(rollout, analysis.stage_index, at, body)
 

@@ -68,7 +68,7 @@ _EXTRA_FIELDS = {
     "audit_head": "audit.head", "audit_key_id": "audit.key_id",
     "audit_state_mac": "audit.mac", "seq": "seq", "paused_from": "paused_from",
     "approvals": "approvals", "allocation": "allocation", "winner": "winner",
-    "dropped": "dropped", "srm_min_p": "srm_min_p",
+    "dropped": "dropped", "srm_min_p": "srm_min_p", "artifacts": "artifacts",
 }
 """The keys of the stores' ``extra`` JSON that :class:`RolloutState` types, and the field
 each is (in the order they are written)."""
@@ -102,6 +102,8 @@ class RolloutState:
     winner: str | None = None
     dropped: list[str] = field(default_factory=list)
     srm_min_p: float | None = None  # the sample-ratio check's running minimum p-value
+    # arm -> the fingerprint of its model artifact at registration (safeshift.lineage)
+    artifacts: dict[str, dict[str, Any]] | None = None
     audit: AuditSeal = field(default_factory=AuditSeal)
     # keys of a stored ``extra`` this release does not know (written by a newer one), kept to
     # be written back unchanged
@@ -116,6 +118,7 @@ class RolloutState:
                                                                     list(approvals.by)),
             allocation=None if self.allocation is None else dict(self.allocation),
             dropped=list(self.dropped),
+            artifacts=copy.deepcopy(self.artifacts) if self.artifacts is not None else None,
             unknown_extra=copy.deepcopy(self.unknown_extra) if self.unknown_extra else {})
 
     def extra_json(self) -> dict[str, Any]:
@@ -147,6 +150,8 @@ class RolloutState:
             out["dropped"] = list(self.dropped)
         if self.srm_min_p is not None:
             out["srm_min_p"] = self.srm_min_p
+        if self.artifacts is not None:
+            out["artifacts"] = copy.deepcopy(self.artifacts)
         for key, value in self.unknown_extra.items():
             if key in _EXTRA_FIELDS:
                 raise ValueError(f"{key!r} in the unknown_extra of rollout {self.name!r} is "
@@ -180,6 +185,7 @@ class RolloutState:
             winner=_typed(extra, "winner", str),
             dropped=_strings(extra, "dropped", "dropped"),
             srm_min_p=_number(extra, "srm_min_p"),
+            artifacts=_typed(extra, "artifacts", dict),
             audit=AuditSeal(_typed(extra, "audit_seq", int), _typed(extra, "audit_head", str),
                             _typed(extra, "audit_key_id", str),
                             _typed(extra, "audit_state_mac", str)),

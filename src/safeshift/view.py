@@ -146,7 +146,8 @@ def _verdicts(status: ops.Status, decisions: Sequence[Decision],
         return status.analysis.to_json(), "live"
     for d in reversed(decisions):
         if isinstance(d.evidence.get("verdicts"), list):
-            return {k: v for k, v in d.evidence.items() if k != "inputs"}, f"decision {d.seq}"
+            return ({k: v for k, v in d.evidence.items() if k not in ("inputs", "lineage")},
+                    f"decision {d.seq}")
     if snapshots:
         last = snapshots[-1]
         body = dict(last.body)
