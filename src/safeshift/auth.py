@@ -107,6 +107,11 @@ class Principal:
     attributes: frozenset[str] | None = None
     # whether its labels and outcomes count (a labelling pipeline's token; not an app's)
     labels: bool = True
+    # the review roles it may sign off (privacy, product, ...); None: every one (local access)
+    reviews: frozenset[str] | None = None
+
+    def may_review(self, role: str) -> bool:
+        return self.reviews is None or role in self.reviews
 
     @property
     def actor(self) -> str:
@@ -147,7 +152,8 @@ class TokenRecord:
         attributes = None if self.role is Role.ADMIN else frozenset(
             str(a) for a in self.rights.get("attributes", []))
         labels = self.role is Role.ADMIN or bool(self.rights.get("labels", False))
-        return Principal(self.name, self.role, self.id, attributes, labels)
+        reviews = frozenset(str(r) for r in self.rights.get("reviews", []))
+        return Principal(self.name, self.role, self.id, attributes, labels, reviews)
 
     def to_json(self) -> dict[str, Any]:
         """Public fields (never the digest)."""

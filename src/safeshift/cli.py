@@ -370,7 +370,15 @@ def _render_status(s: dict[str, Any]) -> None:
     if s["reason"]:
         out.print(f"  {printable(s['reason'])}", markup=False)
     approval = s.get("approval")
-    if approval is not None:
+    for r in (approval or {}).get("reviews", []):
+        note = f" ({printable(r['note'])})" if r.get("note") else ""
+        state = (f"signed by {printable(r['signed_by'])}" if r["signed_by"] else
+                 f"waiting: safeshift review {printable(s['rollout'])} --as {r['role']} "
+                 "--reason …")
+        out.print(f"  {r['role']} review{note}: {state}", markup=False)
+    if approval is not None and approval.get("role") is None:
+        pass  # reviews only: said above
+    elif approval is not None:
         who = (f"{approval['needed']} more approver(s) with role {approval['role']} or higher"
                if approval["approvers"] > 1 else f"an approver with role {approval['role']} or "
                "higher")
@@ -518,6 +526,35 @@ def history(rollout: str, store: StoreOpt = None, url: UrlOpt = None,
         when = datetime.fromtimestamp(d["at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
         out.print(f"{d['seq']:3} {when} {printable(d['actor']):12} {d['action']:15} → "
                   f"{d['phase']:18} {printable(d['reason'])}", markup=False)
+
+
+@app.command()
+def review(
+    rollout: str,
+    role: Annotated[str, typer.Option("--as", help="the review role you sign off, e.g. privacy")],
+    reason: ReasonOpt,
+    store: StoreOpt = None,
+    url: UrlOpt = None,
+    actor: ActorOpt = None,
+) -> None:
+    """Sign off a review the stage awaiting it needs (your token must hold that review role:
+    safeshift token create --reviews ROLE); the last one starts the stage, unless it also needs
+    an approval."""
+    from safeshift.clock import SystemClock
+
+    if url:
+        d = _remote(url, lambda c: c.review(rollout, role, reason))
+    else:
+        st = _open(store)
+        try:
+            d = ops.review(st, rollout, role, SystemClock(), reason=reason,
+                           actor=_actor(actor)).to_json()
+        except SafeshiftError as exc:
+            fail(str(exc))
+        finally:
+            st.close()
+    out.print(f"{printable(d['rollout'])}: {d['action']} → {d['phase']}: "
+              f"{printable(d['reason'])}", markup=False)
 
 
 @app.command()
@@ -856,6 +893,9 @@ def token_create(
     labels: Annotated[bool, typer.Option(
         "--labels", help="its labels and outcomes may count (a labelling pipeline's client "
         "token; an app's needs none)")] = False,
+    reviews: Annotated[str | None, typer.Option(
+        "--reviews", help="review roles it may sign off, comma-separated, e.g. privacy,legal "
+        "(a stage's reviews: in the plan)")] = None,
     store: StoreOpt = None,
     url: UrlOpt = None,
     json_out: JsonOpt = False,
@@ -870,16 +910,18 @@ def token_create(
         expires_in = None if expires is None else parse_duration(expires)
     except (SafeshiftError, ValueError) as exc:
         fail(str(exc))
+    review_roles = sorted({r.strip() for r in (reviews or "").split(",") if r.strip()})
     if url:
         result = _remote(url, lambda c: c.create_token(name, str(parsed), expires=expires,
                                                        attributes=attribute or [],
-                                                       labels=labels))
+                                                       labels=labels, reviews=review_roles))
     else:
         st = _open(store)
         try:
             token, record = ops.create_token(
                 st, SystemClock(), name=name, role=parsed, expires_in=expires_in,
-                rights=_rights(attribute, labels))
+                rights={**_rights(attribute, labels),
+                        **({"reviews": review_roles} if review_roles else {})})
         except SafeshiftError as exc:
             fail(str(exc))
         result = {"token": token, **record.to_json()}

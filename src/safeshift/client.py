@@ -109,16 +109,21 @@ class Client:
                                             json={"reason": reason})
         return result
 
+    def review(self, rollout: str, role: str, reason: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call(
+            "POST", f"/v1/rollouts/{_seg(rollout)}/reviews/{_seg(role)}", json={"reason": reason})
+        return result
+
     def tokens(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", "/v1/tokens")
         return result
 
     def create_token(self, name: str, role: str, *, expires: str | None = None,
-                     attributes: list[str] | None = None, labels: bool = False
-                     ) -> dict[str, Any]:
+                     attributes: list[str] | None = None, labels: bool = False,
+                     reviews: list[str] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/v1/tokens", json={
             "name": name, "role": role, "expires": expires, "attributes": attributes or [],
-            "labels": labels})
+            "labels": labels, "reviews": reviews or []})
         return result
 
     def revoke_token(self, token_id: str) -> dict[str, Any]:

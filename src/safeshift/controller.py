@@ -44,7 +44,15 @@ from safeshift.snapshots import (
     inputs_digest,
     snapshot_of,
 )
-from safeshift.state import Action, Decision, DecisionInputs, Phase, RolloutState, StageApprovals
+from safeshift.state import (
+    Action,
+    Decision,
+    DecisionInputs,
+    Phase,
+    RolloutState,
+    StageApprovals,
+    StageReviews,
+)
 from safeshift.store.base import Store
 from safeshift.telemetry import Summary
 
@@ -112,7 +120,7 @@ def next_stage(plan: Plan, current: int) -> tuple[int, Action]:
     if nxt >= len(plan.stages):
         return current, Action.PROMOTE
     stage = plan.stages[nxt]
-    if stage.approval_rule is not None:
+    if stage.gated:  # an approval, or reviews, come first
         return nxt, Action.AWAIT_APPROVAL
     if stage.is_full:
         return nxt, Action.PROMOTE
@@ -127,11 +135,46 @@ def approvals_of(state: RolloutState, stage: int) -> list[str]:
     return list(recorded.by)
 
 
+def reviews_of(state: RolloutState, stage: int) -> dict[str, str]:
+    """The reviews signed so far for stage ``stage``: review role -> who signed."""
+    recorded = state.reviews
+    if recorded is None or recorded.stage != stage:
+        return {}
+    return dict(recorded.by)
+
+
+def missing_reviews(plan: Plan, state: RolloutState, stage: int) -> list[str]:
+    """The review roles stage ``stage`` still waits for."""
+    signed = reviews_of(state, stage)
+    return [r.role for r in plan.stages[stage].reviews if r.role not in signed]
+
+
 def _record_approvals(votes: StageApprovals | None) -> StateUpdate:
-    """Record the votes so far on a stage (None: forget them, the stage is approved)."""
+    """Record the votes so far on a stage (None: forget them and the reviews: it starts)."""
     def update(state: RolloutState) -> None:
         state.approvals = votes
+        if votes is None:
+            state.reviews = None
     return update
+
+
+def _record_reviews(signed: StageReviews | None) -> StateUpdate:
+    """Record the reviews signed so far (None: forget them, the stage starts)."""
+    def update(state: RolloutState) -> None:
+        state.reviews = signed
+        if signed is None:
+            state.approvals = None
+    return update
+
+
+def gate_reason(stage: Stage) -> str:
+    """What a gated stage waits for, in words."""
+    parts = []
+    if stage.reviews:
+        parts.append("reviews (" + ", ".join(r.role for r in stage.reviews) + ")")
+    if stage.approval_rule is not None:
+        parts.append("approval")
+    return " and ".join(parts)
 
 
 def _drop_arm(arm: str) -> StateUpdate:
@@ -187,9 +230,9 @@ def step_start(ctx: TickContext) -> None:
     if ctx.state.phase is not Phase.PENDING:
         return
     first = ctx.plan.stages[0]
-    if first.approval_rule is not None:
-        ctx.want(Intent(Action.AWAIT_APPROVAL, f"stage {first.name!r} needs approval to start",
-                        0, Phase.AWAITING_APPROVAL))
+    if first.gated:
+        ctx.want(Intent(Action.AWAIT_APPROVAL, f"stage {first.name!r} needs "
+                        f"{gate_reason(first)} to start", 0, Phase.AWAITING_APPROVAL))
     else:
         ctx.want(Intent(Action.START, f"rollout started in stage {first.name!r}", 0,
                         Phase.RUNNING))
@@ -523,8 +566,10 @@ class Controller:
 
     # -- operator actions -------------------------------------------------------------
 
-    def act(self, action: Action, *, actor: str, reason: str = "") -> Decision:
-        """Apply an operator action, or raise :class:`InvalidTransitionError` saying why not."""
+    def act(self, action: Action, *, actor: str, reason: str = "",
+            review: str | None = None) -> Decision:
+        """Apply an operator action (``review``: the review role a REVIEW signs off), or raise
+        :class:`InvalidTransitionError` saying why not."""
         state = self.store.get_state(self.plan.rollout)
         now = self.clock.now()
         phase = state.phase
@@ -532,12 +577,22 @@ class Controller:
         if phase.terminal:
             raise InvalidTransitionError(
                 f"rollout {self.plan.rollout!r} is already {phase}; start a new rollout instead")
-        if action is Action.APPROVE:
+        if action is Action.REVIEW:
+            intent = self._review(state, actor=actor, review=review, why=why)
+        elif action is Action.APPROVE:
             if phase is not Phase.AWAITING_APPROVAL or state.pending_stage is None:
                 raise InvalidTransitionError(
                     f"rollout {self.plan.rollout!r} is {phase}, not awaiting approval")
             to = state.pending_stage
             stage = self.plan.stages[to]
+            unsigned = missing_reviews(self.plan, state, to)
+            if unsigned:
+                raise InvalidTransitionError(
+                    f"stage {stage.name!r} waits for its reviews first ({', '.join(unsigned)}): "
+                    "each is signed off by someone holding that review role (safeshift review)")
+            if stage.approval_rule is None:
+                raise InvalidTransitionError(
+                    f"stage {stage.name!r} needs reviews, not an approval")
             rule = stage.approval_rule or Approval()
             votes = approvals_of(state, to)
             if actor in votes:
@@ -593,3 +648,39 @@ class Controller:
         decision = self._commit(state, intent, actor, now)
         assert decision is not None  # operator actions are never quiet
         return decision
+
+    def _review(self, state: RolloutState, *, actor: str, review: str | None,
+                why: str) -> Intent:
+        """A review role's sign-off on the stage awaiting it; the last one starts the stage,
+        unless an approval is still needed."""
+        if state.phase is not Phase.AWAITING_APPROVAL or state.pending_stage is None:
+            raise InvalidTransitionError(
+                f"rollout {self.plan.rollout!r} is {state.phase}: no stage awaits a review")
+        to = state.pending_stage
+        stage = self.plan.stages[to]
+        roles = [r.role for r in stage.reviews]
+        if review not in roles:
+            wanted = ", ".join(roles) or "none"
+            raise InvalidTransitionError(
+                f"stage {stage.name!r} has no {review} review (its reviews: {wanted})")
+        signed = reviews_of(state, to)
+        if review in signed:
+            raise InvalidTransitionError(
+                f"the {review} review of stage {stage.name!r} was signed by {signed[review]} "
+                "already")
+        signed[review] = actor
+        said = f"{actor} signed off the {review} review of stage {stage.name!r}{why}"
+        missing = [r for r in roles if r not in signed]
+        if missing:
+            return Intent(Action.REVIEW, f"{said}; waiting for {', '.join(missing)}", to,
+                          Phase.AWAITING_APPROVAL, update=_record_reviews(StageReviews(to, signed)))
+        if stage.approval_rule is not None:
+            return Intent(Action.REVIEW, f"{said}; every review signed, waiting for approval",
+                          to, Phase.AWAITING_APPROVAL,
+                          update=_record_reviews(StageReviews(to, signed)))
+        said += "; every review signed"
+        if stage.is_full:
+            return Intent(Action.PROMOTE, _with_watch(self.plan, to, said), to,
+                          promoted_phase(self.plan, to), update=_record_reviews(None))
+        return Intent(Action.REVIEW, f"{said}: the stage starts", to, Phase.RUNNING,
+                      update=_record_reviews(None))

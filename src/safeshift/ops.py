@@ -31,7 +31,7 @@ from safeshift.audit import (
 )
 from safeshift.auth import LOCAL, AuthError, Denial, Principal, Role, TokenRecord, allows, new_token
 from safeshift.clock import Clock
-from safeshift.controller import Controller, approvals_of, split_for
+from safeshift.controller import Controller, approvals_of, reviews_of, split_for
 from safeshift.errors import RolloutError, SafeshiftError, UnknownTokenError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
@@ -42,9 +42,8 @@ from safeshift.telemetry import Summary, TelemetryRow
 
 __all__ = ["ACTION_ROLES", "LOCAL", "Status", "act", "audit_events", "create", "create_token",
            "denials", "export_audit", "history", "list_rollouts", "list_tokens", "privacy_report",
-           "purge", "register",
-           "release_notes", "require", "revoke_token", "stage_analysis", "status", "statuses", "stored_plan",
-           "verify_audit"]
+           "purge", "register", "release_notes", "require", "review", "revoke_token",
+           "stage_analysis", "status", "statuses", "stored_plan", "verify_audit"]
 
 ACTION_ROLES: dict[Action, Role] = {
     Action.PAUSE: Role.OPERATOR, Action.RESUME: Role.OPERATOR, Action.ROLLBACK: Role.OPERATOR,
@@ -218,15 +217,22 @@ def _watch(plan: Plan, state: RolloutState, now: float) -> dict[str, float] | No
 def _approval(plan: Plan, state: RolloutState) -> dict[str, Any] | None:
     if state.pending_stage is None or state.phase is not Phase.AWAITING_APPROVAL:
         return None
-    rule = plan.stages[state.pending_stage].approval_rule
-    if rule is None:
+    stage = plan.stages[state.pending_stage]
+    rule = stage.approval_rule
+    if rule is None and not stage.reviews:
         return None
+    signed = reviews_of(state, state.pending_stage)
+    reviews = [{"role": r.role, "note": r.note, "signed_by": signed.get(r.role)}
+               for r in stage.reviews]
+    if rule is None:
+        return {"stage": stage.name, "role": None, "approvers": 0, "approved_by": [],
+                "needed": 0, "excluded_creator": None, "reviews": reviews}
     votes = approvals_of(state, state.pending_stage)
-    return {"stage": plan.stages[state.pending_stage].name, "role": rule.role,
+    return {"stage": stage.name, "role": rule.role,
             "approvers": rule.approvers, "approved_by": votes,
             "needed": max(rule.approvers - len(votes), 0),
             "excluded_creator": (None if rule.creator_may_approve
-                                 else state.created_by)}
+                                 else state.created_by), "reviews": reviews}
 
 
 def status(store: Store, rollout: Plan | str, clock: Clock, *,
@@ -333,6 +339,26 @@ def act(store: Store, name: str, action: Action, clock: Clock, *, reason: str,
                              "--reason 'error budget spent'")
     who = principal.actor if not actor else f"{principal.actor}:{actor}"
     return Controller(plan, store, clock).act(action, actor=who, reason=reason.strip())
+
+
+def review(store: Store, name: str, role: str, clock: Clock, *, reason: str,
+           principal: Principal = LOCAL, actor: str | None = None) -> Decision:
+    """Sign off the ``role`` review of the stage rollout ``name`` awaits, as ``principal``,
+    whose token must hold that review role (``safeshift token create --reviews ROLE``); the
+    last review starts the stage unless it also needs an approval."""
+    require(principal, READ_ROLE, f"the {role} review of rollout {name!r}")
+    if not principal.may_review(role):
+        held = ", ".join(sorted(principal.reviews or ())) or "none"
+        raise AuthError(403, f"the {role} review needs a token holding the {role} review role; "
+                             f"{principal.name} holds {held}: an admin creates one with "
+                             f"safeshift token create --reviews {role}")
+    if not reason.strip():
+        raise SafeshiftError("a review needs a reason (it is recorded in the audit log), e.g. "
+                             "--reason 'data collection checked'")
+    plan = stored_plan(store, name)
+    who = principal.actor if not actor else f"{principal.actor}:{actor}"
+    return Controller(plan, store, clock).act(Action.REVIEW, actor=who, reason=reason.strip(),
+                                              review=role)
 
 
 # -- tokens and access ------------------------------------------------------------------------

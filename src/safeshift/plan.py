@@ -368,6 +368,15 @@ class Approval(_Strict):
         default=True, description="whether whoever created the rollout may be one of them")
 
 
+class Review(_Strict):
+    """A sign-off a stage needs before it starts, by a principal whose token holds the review
+    role (``safeshift token create --reviews privacy``), e.g. privacy, product, legal."""
+
+    role: Name = Field(description="the review role, e.g. privacy")
+    note: str | None = Field(default=None, max_length=200,
+                             description="what the reviewer checks, e.g. copy checked")
+
+
 class Stage(_Strict):
     """One step of the rollout."""
 
@@ -401,6 +410,10 @@ class Stage(_Strict):
             "description": "whether people must approve before this stage starts: required "
                            "(one approver), or who and how many"}),
     ] = "none"
+    reviews: list[Review] = Field(
+        default_factory=list, max_length=8,
+        description="sign-offs by role needed before this stage starts (it waits; it never "
+                    "skips), e.g. [{role: privacy}, {role: product, note: copy checked}]")
     experiment: Experiment | None = Field(
         default=None, description="split the candidate traffic among the candidate and the "
         "plan's challengers with a bandit, and pick a winner")
@@ -427,6 +440,11 @@ class Stage(_Strict):
         if isinstance(self.approval, Approval):
             return self.approval
         return Approval() if self.approval == "required" else None
+
+    @property
+    def gated(self) -> bool:
+        """Whether people must act (approve, or sign off reviews) before the stage starts."""
+        return self.approval_rule is not None or bool(self.reviews)
 
     @property
     def is_shadow(self) -> bool:
@@ -735,6 +753,9 @@ class Plan(_Strict):
         for later in ("notifications", "personal", "retention"):  # added later: absent unless used
             if not data.get(later):
                 data.pop(later, None)
+        for stage in data["stages"]:
+            if not stage.get("reviews"):
+                stage.pop("reviews", None)
         for section, defaults in _LATER_DEFAULTS.items():
             for name, default in defaults.items():
                 if data[section].get(name) == default:
@@ -1071,6 +1092,7 @@ def semantic_problems(plan: Plan) -> list[Problem]:
             if not key:
                 problems.append(Problem(f"targeting.{kind}", "empty attribute name"))
     problems += _segment_problems(plan)
+    problems += _review_problems(plan)
     return problems
 
 
@@ -1184,6 +1206,17 @@ def _duplicate_guardrails(plan: Plan) -> list[Problem]:
                                         f"judge {g.key} the same way in {where}; remove one, or "
                                         "give them stage lists that do not overlap"))
                 break
+    return problems
+
+
+def _review_problems(plan: Plan) -> list[Problem]:
+    problems = []
+    for i, stage in enumerate(plan.stages):
+        roles = [r.role for r in stage.reviews]
+        for k, role in enumerate(roles):
+            if role in roles[:k]:
+                problems.append(Problem(f"stages.{i}.reviews.{k}", f"the {role} review is "
+                                        "listed twice; a review is signed once"))
     return problems
 
 

@@ -41,6 +41,7 @@ class Action(StrEnum):
     END_WATCH = "end_watch"  # the watch after promotion ended with no regression proven
     DROP_ARM = "drop_arm"  # an experiment arm with proven harm leaves the experiment
     REALLOCATE = "reallocate"  # bandit allocation update (state only, not a decision)
+    REVIEW = "review"  # a review role signed off the stage awaiting it
 
 
 @dataclass(slots=True)
@@ -63,12 +64,21 @@ class StageApprovals:
     by: list[str] = field(default_factory=list)  # the approvers' actors, in order
 
 
+@dataclass(slots=True)
+class StageReviews:
+    """The reviews signed so far for the stage awaiting them: review role -> who signed."""
+
+    stage: int
+    by: dict[str, str] = field(default_factory=dict)
+
+
 _EXTRA_FIELDS = {
     "created_by": "created_by", "salt_seed": "salt_seed", "audit_seq": "audit.seq",
     "audit_head": "audit.head", "audit_key_id": "audit.key_id",
     "audit_state_mac": "audit.mac", "seq": "seq", "paused_from": "paused_from",
     "approvals": "approvals", "allocation": "allocation", "winner": "winner",
     "dropped": "dropped", "srm_min_p": "srm_min_p", "artifacts": "artifacts",
+    "reviews": "reviews",
 }
 """The keys of the stores' ``extra`` JSON that :class:`RolloutState` types, and the field
 each is (in the order they are written)."""
@@ -96,6 +106,7 @@ class RolloutState:
     seq: int = 0  # decisions made so far: the number of the last one
     paused_from: Phase | None = None  # the phase the last pause left, where resume returns
     approvals: StageApprovals | None = None  # votes so far on the stage awaiting approval
+    reviews: StageReviews | None = None  # sign-offs so far on the stage awaiting them
     # an experiment stage's (safeshift.experiment): the share of the candidate traffic per
     # arm (None: equal shares), the arm it chose, and the arms removed for harm
     allocation: dict[str, float] | None = None
@@ -112,10 +123,12 @@ class RolloutState:
     def copy(self) -> RolloutState:
         """A copy that shares nothing mutable with this state (the stores hand out copies)."""
         approvals = self.approvals
+        reviews = self.reviews
         return replace(
             self, audit=replace(self.audit),
             approvals=None if approvals is None else StageApprovals(approvals.stage,
                                                                     list(approvals.by)),
+            reviews=None if reviews is None else StageReviews(reviews.stage, dict(reviews.by)),
             allocation=None if self.allocation is None else dict(self.allocation),
             dropped=list(self.dropped),
             artifacts=copy.deepcopy(self.artifacts) if self.artifacts is not None else None,
@@ -142,6 +155,8 @@ class RolloutState:
             out["paused_from"] = str(self.paused_from)
         if self.approvals is not None:
             out["approvals"] = {"stage": self.approvals.stage, "by": list(self.approvals.by)}
+        if self.reviews is not None:
+            out["reviews"] = {"stage": self.reviews.stage, "by": dict(self.reviews.by)}
         if self.allocation is not None:
             out["allocation"] = dict(self.allocation)
         if self.winner is not None:
@@ -170,6 +185,7 @@ class RolloutState:
         if not isinstance(extra, Mapping):
             raise TypeError(f"extra is an object, not {type(extra).__name__}")
         approvals = _typed(extra, "approvals", dict)
+        reviews = _typed(extra, "reviews", dict)
         paused_from = _typed(extra, "paused_from", str)
         return cls(
             name, plan_hash, phase, stage_index, stage_started_at, pending_stage, version,
@@ -181,6 +197,9 @@ class RolloutState:
             approvals=None if approvals is None else StageApprovals(
                 _required(approvals, "approvals.stage", "stage", int),
                 _strings(approvals, "approvals.by", "by")),
+            reviews=None if reviews is None else StageReviews(
+                _required(reviews, "reviews.stage", "stage", int),
+                {str(k): str(v) for k, v in _required(reviews, "reviews.by", "by", dict).items()}),
             allocation=_shares(extra),
             winner=_typed(extra, "winner", str),
             dropped=_strings(extra, "dropped", "dropped"),

@@ -242,8 +242,15 @@ def _waiting_for(status: ops.Status, stages: list[dict[str, Any]],
     phase = status.phase
     if phase is Phase.AWAITING_APPROVAL and status.approval:
         a = status.approval
-        return (f"approval of stage {a['stage']!r} by {a['needed']} more {a['role']}"
-                + (f" (approved by {', '.join(a['approved_by'])})" if a["approved_by"] else ""))
+        parts = [f"the {r['role']} review" for r in a.get("reviews", []) if not r["signed_by"]]
+        if a.get("role") is not None:
+            parts.append(f"approval by {a['needed']} more {a['role']}"
+                         + (f" (approved by {', '.join(a['approved_by'])})"
+                            if a["approved_by"] else ""))
+        signed = [f"{r['role']} by {r['signed_by']}" for r in a.get("reviews", [])
+                  if r["signed_by"]]
+        return (f"stage {a['stage']!r}: " + "; ".join(parts)
+                + (f" (signed: {', '.join(signed)})" if signed else ""))
     if phase is Phase.PAUSED:
         return "a person to resume or roll back"
     if phase.terminal:

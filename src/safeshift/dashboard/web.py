@@ -165,10 +165,21 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         for action in _phase_actions(phase):
             need = ops.ACTION_ROLES[action]
             if action is Action.APPROVE and view.get("approval"):
+                if view["approval"]["role"] is None:
+                    continue  # reviews only: no approval to give
                 need = Role(view["approval"]["role"])
             if allows(p.role, need):
                 label, confirm = _ACTIONS[action]
                 actions.append({"name": str(action), "label": label, "confirm": confirm})
+        approval = view.get("approval") or {}
+        if phase is Phase.AWAITING_APPROVAL:
+            for r in approval.get("reviews", []):
+                if not r["signed_by"] and p.may_review(r["role"]):
+                    actions.insert(0, {"name": "review", "review": r["role"],
+                                       "label": f"Sign off the {r['role']} review",
+                                       "confirm": f"you reviewed stage {approval['stage']!r} as "
+                                                  f"{r['role']}" + (f" ({r['note']})"
+                                                                    if r.get("note") else "")})
         return render("_rollout.html", v=view, charts=charts_for(view), actions=actions,
                       report=False, may_reveal=allows(p.role, REVEAL_ROLE), revealed=revealed,
                       reveal_note=reveal_note, **page_context(request, p))
@@ -313,7 +324,7 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         try:
             action = Action(form.get("action", ""))
         except ValueError:
-            return message(request, p, 422, "Unknown action", "actions are "
+            return message(request, p, 422, "Unknown action", "actions are review, "
                            + ", ".join(str(a) for a in ops.ACTION_ROLES))
         if form.get("confirm") != "yes":
             return message(request, p, 422, "Not confirmed", f"tick the box to confirm the "
@@ -321,6 +332,9 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         reason = form.get("reason", "")
 
         def do() -> Any:
+            if action is Action.REVIEW:
+                return ops.review(ctx.store, name, form.get("review", ""), ctx.clock,
+                                  reason=reason, principal=p)
             return ops.act(ctx.store, name, action, ctx.clock, reason=reason, principal=p)
 
         try:

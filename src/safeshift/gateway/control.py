@@ -12,6 +12,8 @@ route                                      role       what
 ``GET /v1/rollouts/{name}/audit``          viewer     the audit log and whether it verifies
 ``POST /v1/rollouts/{name}/{action}``      operator,  approve, pause, resume, rollback, promote,
                                            approver   each with a required ``reason``
+``POST /v1/rollouts/{name}/reviews/{role}`` review    sign off a stage's review (the token holds
+                                           role       the review role), with a ``reason``
 ``GET|POST /v1/tokens``,                   admin      list, create (the token is in the answer,
 ``DELETE /v1/tokens/{id}``                            once), revoke
 ``GET /v1/denials[?limit=]``               admin      the latest refused requests
@@ -70,6 +72,9 @@ _TOKEN_BODY = {"requestBody": {"required": True, "content": {"application/json":
             "type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
             "description": "targeting attributes this client may assert"},
         "labels": {"type": "boolean", "description": "its labels and outcomes count"},
+        "reviews": {"type": "array", "maxItems": 16, "items": {
+            "type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
+            "description": "review roles it may sign off (privacy, product, ...)"},
     }}}}}}
 _PLAN_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
     "type": "object", "description": "a plan (see safeshift schema)"}}}}}
@@ -187,6 +192,24 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
                                for e in events]}
         return await run(request, fn)
 
+    @router.post("/rollouts/{name}/reviews/{review}", summary="Sign off a review",
+                 responses={**_ROLLOUT, 409: {"model": ErrorBody, "description":
+                                              "no stage awaits this review"},
+                            422: {"model": ErrorBody, "description": "no reason given"}},
+                 openapi_extra=_REASON_BODY)
+    async def sign_review(request: Request, name: str, review: str) -> Any:
+        doc = await body_of(request, '{"reason": "why"}', ("reason",))
+        reason = doc.get("reason")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
+            raise HTTPError(422, "give a reason (at most 2000 characters): it is recorded in "
+                                 "the audit log", field="reason")
+
+        def fn(p: Principal) -> Any:
+            decision = ops.review(gw.store, name, review, gw.clock, reason=reason, principal=p)
+            gw.refresh(name)
+            return decision.to_json()
+        return await run(request, fn)
+
     @router.post("/rollouts/{name}/{action}", summary="Act on a rollout",
                  responses={**_ROLLOUT, 409: {"model": ErrorBody, "description":
                                               "the action does not fit the rollout's phase"},
@@ -221,9 +244,14 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
         openapi_extra=_TOKEN_BODY)
     async def create_token(request: Request) -> Any:
         doc = await body_of(request, '{"name": "alice", "role": "viewer", "expires": "30d"}',
-                            ("name", "role", "expires", "attributes", "labels"))
+                            ("name", "role", "expires", "attributes", "labels", "reviews"))
         name, role, expires = doc.get("name"), doc.get("role"), doc.get("expires")
         attributes = doc.get("attributes", [])
+        reviews = doc.get("reviews", [])
+        if (not isinstance(reviews, list) or len(reviews) > 16
+                or not all(isinstance(r, str) and _ATTRIBUTE.fullmatch(r) for r in reviews)):
+            raise HTTPError(422, "reviews must be a list of at most 16 review roles (letters, "
+                                 "digits, _ . -)", field="reviews")
         labels = doc.get("labels", False)
         if not isinstance(labels, bool):
             raise HTTPError(422, "labels must be true or false", field="labels")
@@ -245,7 +273,8 @@ def build_control(gw: Gateway, api: FastAPI) -> None:
                 gw.store, gw.clock, name=name, role=parsed_role, expires_in=expires_in,
                 principal=p, rights={**({"attributes": sorted(set(attributes))}
                                         if attributes else {}),
-                                     **({"labels": True} if labels else {})})
+                                     **({"labels": True} if labels else {}),
+                                     **({"reviews": sorted(set(reviews))} if reviews else {})})
             return {"token": token, **record.to_json()}
         return JSONResponse(await run(request, fn), 201)
 

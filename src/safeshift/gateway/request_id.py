@@ -3,9 +3,9 @@
 Each HTTP request gets an id: the client's ``X-Request-ID`` when it is a sane token, otherwise
 a new one (``scope["state"]["request_id_given"]`` says which). It is echoed in the
 ``X-Request-ID`` response header, available to handlers through ``scope["state"]["request_id"]``
-and to every log line through a context variable, and ends up in one access-log line per
-request (method, path, status, duration and what the handlers annotated: endpoint, arm,
-version, fallback).
+and to every log line through a context variable (an id the client chose as its HMAC, ``r:…``,
+like the store keeps it), and ends up in one access-log line per request (method, path,
+status, duration and what the handlers annotated: endpoint, arm, version, fallback).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from safeshift._units import client_address
 from safeshift.gateway._http import ASGIApp, Message, Receive, Scope, Send
 from safeshift.gateway.logs import access_log, request_id_var
+from safeshift.pseudonym import request_key
 
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -50,7 +51,10 @@ class RequestIdMiddleware:
         state["request_id"] = rid
         state["request_id_given"] = given  # the client's: it may repeat (see request_ids.py)
         state["log"] = fields
-        token = request_id_var.set(rid)
+        # an id the client chose may carry anything (an order number, a phone number): logs
+        # keep its HMAC, as the store does (safeshift.pseudonym.request_key); ours as they are
+        logged = request_key(rid) if given else rid
+        token = request_id_var.set(logged)
         status = 500
         start = time.perf_counter()
         rid_header = (b"x-request-id", rid.encode())
@@ -68,7 +72,7 @@ class RequestIdMiddleware:
             if self.access_log and access_log.enabled():
                 client = scope.get("client")
                 fields.update(
-                    request_id=rid, method=scope["method"], path=scope["path"], status=status,
+                    request_id=logged, method=scope["method"], path=scope["path"], status=status,
                     duration_ms=round((time.perf_counter() - start) * 1000, 3),
                     client=client_address(client[0]) if client else None)
                 access_log.write(fields)
