@@ -157,3 +157,41 @@ def test_personal_segments_show_pseudonyms_and_an_operator_finds_one(tmp_path: P
                         assert f"is email={pseudonym} in the grid" in found.text
     finally:
         store.close()
+
+
+def test_a_reviewer_signs_off_on_the_dashboard(tmp_path: Path) -> None:
+    from tests.gateway.gateway_helpers import running
+
+    from safeshift import Rollout
+
+    clock = VirtualClock()
+    store = SQLStore(sqlite_url(tmp_path / "s.db"))
+    stages = [{"name": "canary", "traffic": "10%", "reviews": [{"role": "privacy"}]},
+              {"name": "full", "traffic": "100%"}]
+    plan = Plan.from_dict(plan_dict(stages=stages))
+    Rollout.from_plan(plan, store=store, clock=clock, models={
+        "baseline": FakeModel(output=1), "candidate": FakeModel(output=1)})
+    pat, _ = ops.create_token(store, clock, name="pat", role=Role.VIEWER, expires_in=None,
+                              rights={"reviews": ["privacy"]})
+    vic, _ = ops.create_token(store, clock, name="vic", role=Role.VIEWER, expires_in=None)
+    try:
+        with running(create_dashboard_app(store, clock=clock, access_log=False)) as url:
+            with httpx.Client(base_url=url, cookies={"safeshift_session": vic}) as c:
+                page = c.get(f"/ui/rollouts/{plan.rollout}")
+                assert "the privacy review" in page.text  # what it waits for
+                assert "Sign off the privacy review" not in page.text
+            with httpx.Client(base_url=url, cookies={"safeshift_session": pat}) as c:
+                page = c.get(f"/ui/rollouts/{plan.rollout}")
+                assert "Sign off the privacy review" in page.text
+                csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+                assert csrf is not None
+                done = c.post(f"/ui/rollouts/{plan.rollout}/act", data={
+                    "csrf": csrf.group(1), "action": "review", "review": "privacy",
+                    "reason": "data collection checked", "confirm": "yes"},
+                    headers={"accept": "application/json"})
+                assert done.status_code == 200, done.text
+                assert "review → running by pat" in done.json()["message"]
+        assert store.get_state(plan.rollout).stage_index == 0
+        assert [d.actor for d in store.decisions(plan.rollout)][-1] == "pat"
+    finally:
+        store.close()
