@@ -77,6 +77,7 @@ class Recorder:
         self._report_signal = any(g.metric == "report_rate" for g in plan.guardrails)
         self._buckets = plan.analysis.unit_buckets
         self._label_window = plan.serving.label_window
+        self._flushing = threading.Lock()
 
     def cell(self, a: Assignment, arm: str, context: Mapping[str, Any] | None) -> CellKey:
         """The telemetry cell a call of ``arm`` for assignment ``a`` counts in, now."""
@@ -164,7 +165,13 @@ class Recorder:
     def flush(self, store: Store) -> int:
         """Write buffered telemetry and request records to ``store``; returns rows written.
         On a store error what was not written is kept for the next flush (telemetry is bounded
-        by its cells, request records by :data:`MAX_BUFFERED_RECORDS`) and the error raised."""
+        by its cells, request records by :data:`MAX_BUFFERED_RECORDS`) and the error raised.
+        Flushes run one at a time: a flush that returns has seen everything buffered before it
+        written, also what a concurrent flush (the background task) had taken."""
+        with self._flushing:
+            return self._flush(store)
+
+    def _flush(self, store: Store) -> int:
         rows = self.aggregator.drain()
         records = self.buffer.take()
         written = 0

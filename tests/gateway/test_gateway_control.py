@@ -278,7 +278,8 @@ def test_two_person_approval_refuses_a_second_vote_and_the_creator(server: Any) 
         assert r.status_code == 201 and r.json()["phase"] == "awaiting_approval"
         need = r.json()["approval"]
         assert need == {"stage": "canary", "role": "approver", "approvers": 2,
-                        "approved_by": [], "needed": 2, "excluded_creator": "admin-1"}
+                        "approved_by": [], "needed": 2, "excluded_creator": "admin-1",
+                        "reviews": []}
         r = c.post(path, json=why, headers=h[Role.APPROVER])
         assert r.status_code == 200 and r.json()["phase"] == "awaiting_approval"
         assert "1 of 2 approvals" in r.json()["reason"] and "1 more needed" in r.json()["reason"]
