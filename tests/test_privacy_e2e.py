@@ -4,9 +4,7 @@ then the database, every log line, the webhook payloads and every export hold no
 
 from __future__ import annotations
 
-import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import httpx
 import pytest
 import yaml
 from tests.notify_receiver import Receiver
+from tests.serve_process import serve_process
 
 from safeshift import ops
 from safeshift.auth import Role
@@ -69,28 +68,9 @@ def test_no_raw_personal_value_survives_a_rollout(tmp_path: Path) -> None:
         operator, _ = ops.create_token(st, SystemClock(), name="olga", role=Role.OPERATOR,
                                        expires_in=None)
         st.close()
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         log = tmp_path / "serve.log"
-        env = {**os.environ, "SAFESHIFT_FLUSH_INTERVAL": "0.1", "SAFESHIFT_NOTIFY_INTERVAL": "0.1"}
-        with log.open("w") as sink:
-            proc = subprocess.Popen([sys.executable, "-m", "safeshift.cli", "serve",
-                                     str(tmp_path / "plan.yaml"), "--store", store, "--port",
-                                     str(port), "--tick", "0.2"], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=sink)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, log.read_text()[-2000:]
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        with serve_process([tmp_path / "plan.yaml"], store=store, log=log,
+                           env={"SAFESHIFT_NOTIFY_INTERVAL": "0.1"}) as url:
             rng = random.Random(9)
             auth = {"authorization": f"Bearer {client}"}
             ids = []
@@ -121,9 +101,6 @@ def test_no_raw_personal_value_survives_a_rollout(tmp_path: Path) -> None:
             while len(receiver.requests) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
             assert len(receiver.requests) >= 2  # the start and the rollback
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
         webhooks = b"".join(r.body for r in receiver.requests)
     # what the reviewer would export
     export = tmp_path / "audit.jsonl"

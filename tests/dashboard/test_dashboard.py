@@ -3,7 +3,6 @@ port, SQLite store, real tokens) while traffic drives its rollouts."""
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import yaml
 from playwright.sync_api import Page, expect
 from tests.dashboard.browser import axe_violations, format_violations, screenshot
+from tests.serve_process import serve_process
 
 from safeshift import ops
 from safeshift.auth import Role
@@ -86,38 +86,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tokens[role.value], _ = ops.create_token(st, SystemClock(), name=name, role=role,
                                                  expires_in=None)
     st.close()
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "SAFESHIFT_FLUSH_INTERVAL": "0.1"}
-    log = tmp / "serve.log"  # a file, not a pipe: the access log would fill a pipe and block
-    with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "safeshift.cli", "serve", *plans,
-                                 "--store", store, "--port", str(port), "--tick", "0.2"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=sink, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "safeshift serve did not start"
-            time.sleep(0.1)
+    log = tmp / "serve.log"
+    with serve_process(plans, store=store, log=log) as url:
         yield Server(url, store, {"client": tokens["client"], "viewer": tokens["viewer"],
                                   "operator": tokens["operator"]})
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
     stderr = log.read_text()
     assert "Traceback" not in stderr, stderr[-3000:]
     # the tokens never reached a log line (they travel in a form body and a cookie only)
