@@ -199,7 +199,7 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         form = await _form(request)
         token = (form.get("token") or "").strip()
         try:
-            p = await run(lambda: _authenticate(ctx.authenticator, token))
+            await run(lambda: _authenticate(ctx.authenticator, token))  # refuses a bad token
         except AuthError as exc:
             ctx.record_denial(request, 401, f"dashboard sign-in: {exc}", "-")
             return _html(render("login.html", error=f"Sign-in refused: {exc}",
@@ -207,7 +207,6 @@ def build_dashboard(ctx: DashboardContext) -> APIRouter:
         response = RedirectResponse("/", status_code=303, headers={"cache-control": "no-store"})
         response.set_cookie(COOKIE, token, max_age=SESSION_SECONDS, httponly=True,
                             samesite="strict", secure=request.url.scheme == "https", path="/")
-        del p
         return response
 
     @router.post("/ui/logout")
