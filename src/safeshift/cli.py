@@ -808,6 +808,27 @@ def lineage(
         raise typer.Exit(1)
 
 
+@app.command()
+def grafana(
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="the file to write (default: standard output)")] = None,
+) -> None:
+    """The Grafana dashboard for the gateway's /metrics (import it in Grafana, choosing your
+    Prometheus data source): traffic and split, stage, latency, fallbacks and request faults,
+    breaker, decisions, feedback, buffers, access errors, notifications."""
+    from importlib import resources
+
+    text = resources.files("safeshift").joinpath("data", "grafana-dashboard.json").read_text()
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}; choose a writable path with -o")
+    err.print(f"wrote {output}", markup=False)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]
