@@ -164,7 +164,7 @@ def validate(
     """Check a plan: every problem at once, each with its field path; exit 2 if any. Model
     references are checked without running anything they name unless --load is given."""
     from safeshift.models import check_models
-    from safeshift.plan import Plan, tolerance_warnings
+    from safeshift.plan import Plan, plan_warnings
 
     p: Plan | None = None
     try:
@@ -186,7 +186,7 @@ def validate(
             for pr in problems:
                 err.print(f"  {pr}", markup=False)
         raise typer.Exit(2)
-    warnings = tolerance_warnings(p)
+    warnings = plan_warnings(p)
     if json_out:
         out.print_json(data={"valid": True, "rollout": p.rollout, "hash": p.hash,
                              "warnings": warnings})

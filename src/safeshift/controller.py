@@ -14,6 +14,7 @@ is the safe direction); a sample-ratio mismatch blocks every advance and pauses 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from safeshift.analysis import StageAnalysis, analyse, describe_harm, unexcluded
 from safeshift.assign import Split
 from safeshift.audit import decision_event
 from safeshift.clock import Clock
-from safeshift.errors import ConcurrencyError, InvalidTransitionError
+from safeshift.errors import ConcurrencyError, InvalidTransitionError, RegistryError
 from safeshift.experiment import (
     allocation,
     best_arm,
@@ -59,6 +60,11 @@ from safeshift.telemetry import Summary
 _PRIORITY = {Action.ROLLBACK: 0, Action.DROP_ARM: 1, Action.PAUSE: 2, Action.PROMOTE: 3,
              Action.END_WATCH: 3, Action.AWAIT_APPROVAL: 4, Action.ADVANCE: 5, Action.START: 6,
              Action.REALLOCATE: 7}
+
+REGISTRY_RETRY = 30.0
+"""Seconds between attempts to move a promotion's registry alias while the registry fails."""
+
+log = logging.getLogger(__name__)
 
 _JUDGING = (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING)
 """The phases in which the guardrails run: a stage, or the watch after promotion."""
@@ -446,6 +452,8 @@ class Controller:
         self.steps = steps
         self.lease = lease
         self._snapshot_at: float | None = None  # the last verdict snapshot's time (None: ask)
+        self._registry_done = False  # the promotion's registry alias has moved (or never will)
+        self._registry_tried: float | None = None  # the last failed attempt to move it
 
     def holds_lease(self) -> bool:
         """Whether this controller may decide now: always without a lease, else while it holds
@@ -474,7 +482,53 @@ class Controller:
         ctx = self.evaluate()
         decision = self._decide(ctx)
         self._snapshot(ctx, decided=decision is not None)
-        return decision
+        moved = self.move_registry_alias()  # at once when this tick promoted for good
+        return decision or moved
+
+    def move_registry_alias(self) -> Decision | None:
+        """Once the rollout is promoted for good (after any watch), point the plan's
+        ``registry.promote_alias`` at the promoted model's registry version, once, recorded as a
+        REGISTRY decision (so in the audit log). A registry that cannot be reached is tried again
+        every :data:`REGISTRY_RETRY` seconds by later ticks; a rollback never moves the alias."""
+        reg = self.plan.registry
+        if reg is None or reg.promote_alias is None or self._registry_done:
+            return None
+        state = self.store.get_state(self.plan.rollout)
+        now = self.clock.now()
+        if state.phase is not Phase.PROMOTED or (
+                self._registry_tried is not None and now - self._registry_tried < REGISTRY_RETRY):
+            return None
+        if any(d.action is Action.REGISTRY for d in self.store.decisions(self.plan.rollout)):
+            self._registry_done = True
+            return None
+        from safeshift.models import registry  # the mlflow extra, only for plans that use it
+
+        promoted = "candidate" if state.winner is None else state.winner
+        model = self.plan.variant(promoted).model
+        if not registry.is_registry_ref(model):
+            log.warning("rollout %s promoted %s (%s), not a registry model: alias %r not moved",
+                        self.plan.rollout, promoted, model, reg.promote_alias)
+            self._registry_done = True
+            return None
+        ref = registry.parse_ref(model)
+        assert ref.version is not None  # the plan was pinned when the rollout was created
+        try:
+            before = registry.move_alias(reg.uri, ref.name, reg.promote_alias, ref.version)
+        except RegistryError as exc:
+            self._registry_tried = now
+            log.warning("rollout %s: %s; trying again in %.0f s", self.plan.rollout, exc,
+                        REGISTRY_RETRY)
+            return None
+        was = "a new alias" if before is None else f"version {before} before"
+        intent = Intent(Action.REGISTRY, f"moved alias {reg.promote_alias!r} of registry model "
+                        f"{ref.name!r} to the promoted version {ref.version} ({was})",
+                        state.stage_index, Phase.PROMOTED,
+                        evidence={"registry": {"model": ref.name, "alias": reg.promote_alias,
+                                               "version": ref.version, "previous": before}})
+        self._registry_done = True
+        with contextlib.suppress(ConcurrencyError):  # another replica recorded it meanwhile
+            return self._commit(state, intent, "controller", now)
+        return None
 
     def _snapshot(self, ctx: TickContext, *, decided: bool) -> None:
         """Keep the tick's verdicts (one snapshot a minute, and one at each decision)."""
@@ -647,6 +701,7 @@ class Controller:
             raise InvalidTransitionError(f"{action} is not an operator action")
         decision = self._commit(state, intent, actor, now)
         assert decision is not None  # operator actions are never quiet
+        self.move_registry_alias()
         return decision
 
     def _review(self, state: RolloutState, *, actor: str, review: str | None,

@@ -6,6 +6,8 @@
     ├── PlanError                  a plan file is missing, unreadable or invalid
     │   └── PlanValidationError    carries every problem, each with its field path
     ├── ModelLoadError             a model reference cannot be loaded
+    │   └── RegistryError          the model registry cannot be reached, lacks what a
+    │                              reference names, or refuses to move an alias
     ├── StoreError                 the store cannot be read or written
     │   ├── ConcurrencyError       another controller changed the rollout first
     │   ├── DamagedStoreError      a value safeshift cannot have written (edited by hand)
@@ -63,6 +65,11 @@ class PlanValidationError(PlanError):
 
 class ModelLoadError(SafeshiftError):
     """A model reference cannot be resolved or loaded."""
+
+
+class RegistryError(ModelLoadError):
+    """The MLflow model registry cannot be reached, does not hold what a ``models:/``
+    reference names, or refuses to move an alias."""
 
 
 class StoreError(SafeshiftError):

@@ -2,7 +2,8 @@
 
 When a rollout is registered, each arm's model artifact is fingerprinted (:func:`artifacts`):
 the SHA-256 of a ``joblib:`` file, of the source file of a ``python:`` module (found without
-importing it), or — for models served elsewhere (``oip:``, ``mlflow:``, ``fake:``) — of the
+importing it), the registry's record of a ``models:/`` version (its run and artifact source), or
+— for models served elsewhere (``oip:``, ``mlflow-server:``, ``fake:``) — of the
 reference itself, which names the model but cannot vouch for what answers behind it. The
 fingerprints live in the rollout's state; every decision's evidence then carries a
 :func:`record` of them with the plan hash and the safeshift version, so the audit chain (which
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +52,24 @@ def _module_file(module: str, base_dir: Path) -> Path | None:
     return Path(origin).resolve() if origin and Path(origin).is_file() else None
 
 
-def artifact_of(spec: ModelSpec, base_dir: Path) -> dict[str, Any]:
-    """The fingerprint of one arm's model: its version, reference, kind (file, module or
-    reference), the file it came from (when there is one) and the SHA-256."""
+_NO_REGISTRY: Any = object()
+
+
+def _registry_artifact(ref: str, uri: str | None) -> dict[str, Any]:
+    """A registered model version: the registry's record of it (its run and the source of its
+    artifacts); the digest covers that record, so a version re-registered elsewhere differs."""
+    from safeshift.models.registry import parse_ref, resolve
+
+    mv = resolve(parse_ref(ref), uri)
+    record = {"name": mv.name, "version": mv.version, "run_id": mv.run_id, "source": mv.source}
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+    return {"kind": "registry", "registry": record, "sha256": digest}
+
+
+def artifact_of(spec: ModelSpec, base_dir: Path, registry_uri: Any = _NO_REGISTRY) -> dict[str, Any]:
+    """The fingerprint of one arm's model: its version, reference, kind (file, module,
+    registry or reference), the file it came from (when there is one) and the SHA-256. A
+    registry model is looked up given ``registry_uri`` (None: MLflow's environment)."""
     ref = spec.model
     scheme, _, rest = ref.partition(":")
     out: dict[str, Any] = {"version": spec.version, "model": ref, "path": None}
@@ -63,6 +80,8 @@ def artifact_of(spec: ModelSpec, base_dir: Path) -> dict[str, Any]:
     elif scheme == "python":
         path = _module_file(rest.partition(":")[0], base_dir)
         out["kind"] = "module"
+    elif scheme == "models" and registry_uri is not _NO_REGISTRY:
+        return {**out, **_registry_artifact(ref, registry_uri)}
     if path is not None and path.is_file():
         out["path"] = str(path)
         out["sha256"] = _sha256_file(path)
@@ -75,7 +94,8 @@ def artifact_of(spec: ModelSpec, base_dir: Path) -> dict[str, Any]:
 def artifacts(plan: Plan) -> dict[str, dict[str, Any]]:
     """Every arm's fingerprint: the baseline, the candidate and any challengers."""
     arms = ["baseline", *plan.variants]
-    return {arm: artifact_of(plan.variant(arm), plan.base_dir) for arm in arms}
+    uri = plan.registry.uri if plan.registry else None
+    return {arm: artifact_of(plan.variant(arm), plan.base_dir, uri) for arm in arms}
 
 
 def record(plan_hash: str, fingerprints: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -134,6 +154,19 @@ def _data(store: Any, rollout: str, seq: int, meta: Any) -> dict[str, Any]:
             "populations": len(populations), "requests": requests}
 
 
+def _registry_status(plan: Plan, fp: dict[str, Any],
+                     claimed: dict[str, Any]) -> tuple[str, str | None]:
+    """A registry model's version as the registry describes it now: ``match``, ``changed``
+    (re-registered from another run or source) or ``missing`` (deleted, or unreachable)."""
+    from safeshift.errors import ModelLoadError
+
+    try:
+        now = _registry_artifact(fp["model"], plan.registry.uri if plan.registry else None)
+    except ModelLoadError:
+        return "missing", None
+    return ("match" if now["sha256"] == claimed.get("sha256") else "changed"), now["sha256"]
+
+
 def trace(store: Any, rollout: str, seq: int) -> Trace:
     """The lineage of decision ``seq`` of ``rollout``, each digest checked against the
     artifact as it is now."""
@@ -164,6 +197,8 @@ def trace(store: Any, rollout: str, seq: int) -> Trace:
                  "model": fp.get("model"), "path": fp.get("path"), "kind": fp.get("kind")}
         if fp.get("kind") == "reference":
             entry["status"] = "reference"  # served elsewhere: nothing local to check
+        elif fp.get("kind") == "registry":
+            entry["status"], entry["sha256_now"] = _registry_status(plan, fp, claimed)
         elif not fp.get("path") or not Path(fp["path"]).is_file():
             entry["status"] = "missing"
         else:

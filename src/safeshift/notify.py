@@ -71,7 +71,8 @@ def event_of(decision: Decision) -> str | None:
     return {Action.START: "stage_change", Action.ADVANCE: "stage_change",
             Action.DROP_ARM: "stage_change", Action.AWAIT_APPROVAL: "awaiting_approval",
             Action.ROLLBACK: "rollback", Action.PAUSE: "pause", Action.RESUME: "pause",
-            Action.PROMOTE: "promotion", Action.END_WATCH: "promotion"}.get(action)
+            Action.PROMOTE: "promotion", Action.END_WATCH: "promotion",
+            Action.REGISTRY: "promotion"}.get(action)
 
 
 # -- payloads ---------------------------------------------------------------------------------
@@ -154,6 +155,7 @@ _HEADLINE = {
     "rollback": "rolled back", "pause": "paused in stage {frm}", "resume": "resumed in stage {frm}",
     "promote": "promoted", "end_watch": "the watch after promotion ended",
     "drop_arm": "an experiment arm was dropped in stage {frm}",
+    "registry": "the registry alias now points at the promoted model",
 }
 _EMOJI = {"stage_change": ":arrow_forward:", "awaiting_approval": ":raised_hand:",
           "rollback": ":rotating_light:", "pause": ":double_vertical_bar:",

@@ -32,7 +32,7 @@ from safeshift.audit import (
 from safeshift.auth import LOCAL, AuthError, Denial, Principal, Role, TokenRecord, allows, new_token
 from safeshift.clock import Clock
 from safeshift.controller import Controller, approvals_of, reviews_of, split_for
-from safeshift.errors import RolloutError, SafeshiftError, UnknownTokenError
+from safeshift.errors import RolloutError, SafeshiftError, UnknownRolloutError, UnknownTokenError
 from safeshift.experiment import allocation, current_variants
 from safeshift.plan import Plan
 from safeshift.recorder import REQUEST_FAULT
@@ -116,6 +116,21 @@ def stored_plan(store: Store, name: str) -> Plan:
     return Plan.from_dict(store.get_plan(name), source=f"stored plan of {name}")
 
 
+def pinned(store: Store, plan: Plan) -> Plan:
+    """``plan`` with its registry aliases pinned to versions: those its rollout in ``store``
+    was pinned to, when the store has this plan already, else those they point at now
+    (:func:`safeshift.models.registry.pin`)."""
+    from safeshift.models.registry import has_registry_refs, pin
+
+    if not has_registry_refs(plan):
+        return plan
+    try:
+        stored = store.get_plan(plan.rollout)
+    except UnknownRolloutError:
+        stored = None
+    return pin(plan, stored=stored)
+
+
 def assignment_seed(plan: Plan) -> str:
     """The secret that salts a new rollout's assignment hash, so that unit ids cannot be
     chosen to land on one arm: derived from the deployment's audit key (held outside the
@@ -149,7 +164,10 @@ def register(store: Store, plan: Plan, clock: Clock, *, principal: Principal = L
 def create(store: Store, plan: Plan, clock: Clock, *, start: bool = True,
            principal: Principal = LOCAL) -> RolloutState:
     """Register ``plan`` and, with ``start``, begin its first stage (or wait for its
-    approval). Creating the same plan again changes nothing."""
+    approval). Creating the same plan again changes nothing. A registry alias is pinned to the
+    version it points at now (:func:`safeshift.models.registry.pin`)."""
+    require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")
+    plan = pinned(store, plan)
     state = register(store, plan, clock, principal=principal)
     if start and state.phase is Phase.PENDING:
         Controller(plan, store, clock).tick()

@@ -32,6 +32,7 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from safeshift._units import (
@@ -187,18 +188,45 @@ class _Strict(BaseModel):
                               allow_inf_nan=False)
 
 
+_REGISTRY_REF = re.compile(r"^models:/([^/@\s]+)(?:/([1-9][0-9]*)|@([A-Za-z0-9_-]+))$")
+
+
+def _version_optional_for_registry(schema: dict[str, Any]) -> None:
+    """JSON Schema of a side: ``version`` may be left out of a ``models:/`` side only."""
+    schema["required"] = [r for r in schema.get("required", []) if r != "version"]
+    schema["if"] = {"properties": {"model": {"not": {"pattern": "^models:"}}}}
+    schema["then"] = {"required": ["version"]}
+
+
 class ModelSpec(_Strict):
     """One side of the comparison: a version label and where its model comes from."""
 
-    version: str = Field(min_length=1, description="the version label reported to clients")
+    model_config = ConfigDict(json_schema_extra=_version_optional_for_registry)
+
+    version: str = Field(
+        min_length=1, description="the version label reported to clients (a models:/ "
+        "reference may leave it out: the registry's NAME/VERSION)")
     model: str = Field(
         min_length=1,
         description="model reference: joblib:PATH, python:MODULE:CALLABLE, fake:NAME, "
-        "oip:URL#MODEL or mlflow:URL (paths relative to the plan file)",
+        "oip:URL#MODEL, mlflow-server:URL, or a registry model models:/NAME/VERSION or "
+        "models:/NAME@ALIAS (paths relative to the plan file)",
     )
     timeout: PositiveDuration | None = Field(
         default=None, description="per-call timeout (defaults to serving.candidate_timeout)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_label(cls, data: Any) -> Any:
+        # a registry side's label defaults to NAME/VERSION (an alias: NAME@ALIAS, until it is
+        # pinned to the version it points at when the rollout is registered)
+        if isinstance(data, dict) and "version" not in data and isinstance(data.get("model"), str):
+            m = _REGISTRY_REF.match(data["model"])
+            if m is not None:
+                label = f"{m.group(1)}/{m.group(2)}" if m.group(2) else f"{m.group(1)}@{m.group(3)}"
+                data = {**data, "version": label}
+        return data
 
     @field_validator("model")
     @classmethod
@@ -209,10 +237,36 @@ class ModelSpec(_Strict):
                 f"unknown model reference {value!r}; start it with one of "
                 + ", ".join(f"{s}:" for s in MODEL_SCHEMES)
             )
+        if scheme == "models" and not _REGISTRY_REF.match(value):
+            raise ValueError(f"{value!r}: write a registry model as models:/NAME/VERSION (a "
+                             "version number) or models:/NAME@ALIAS")
         return value
 
 
-MODEL_SCHEMES = ("joblib", "python", "fake", "oip", "mlflow")
+MODEL_SCHEMES = ("joblib", "python", "fake", "oip", "mlflow-server", "models", "mlflow")
+"""``mlflow`` is ``mlflow-server``'s older name (validate warns)."""
+
+
+class Registry(_Strict):
+    """The MLflow model registry the plan's ``models:/`` references live in, and what a
+    promotion does there."""
+
+    uri: str | None = Field(
+        default=None, min_length=1, description="the registry (tracking) URI, e.g. "
+        "sqlite:////abs/path/mlflow.db or http://mlflow:5000; default: MLflow's "
+        "MLFLOW_REGISTRY_URI / MLFLOW_TRACKING_URI")
+    promote_alias: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_-]{1,255}$",
+        description="on promotion, point this alias (e.g. champion) at the candidate's version; "
+        "a rollback leaves it")
+
+    @field_validator("promote_alias")
+    @classmethod
+    def _not_reserved(cls, value: str | None) -> str | None:
+        if value is not None and (value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value)):
+            raise ValueError(f"alias {value!r} is reserved by MLflow (latest, or v and a "
+                             "number); choose another, e.g. champion")
+        return value
 
 
 class Challenger(ModelSpec):
@@ -702,6 +756,9 @@ class Plan(_Strict):
     notifications: list[Webhook] = Field(
         default_factory=list, description="webhooks told of the rollout's decisions")
     retention: Retention = Field(default_factory=Retention)
+    registry: Registry | None = Field(
+        default=None, description="the MLflow model registry of models:/ references, and the "
+        "alias a promotion moves")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -1033,6 +1090,11 @@ def semantic_problems(plan: Plan) -> list[Problem]:
             problems.append(
                 Problem(f"{where}.traffic", "traffic must not shrink from one stage to the next")
             )
+    if plan.registry is not None and plan.registry.promote_alias is not None \
+            and not plan.candidate.model.startswith("models:"):
+        problems.append(Problem("registry.promote_alias", "only a registry model has an alias "
+                                "to move: make candidate.model models:/NAME@ALIAS or "
+                                "models:/NAME/VERSION, or remove promote_alias"))
     if plan.stages and plan.stages[-1].is_full and plan.stages[-1].min_samples:
         problems.append(Problem(f"stages.{len(names) - 1}.min_samples",
                                 "a 100% stage has no baseline to compare with; remove min_samples"))
@@ -1281,6 +1343,20 @@ def tolerance_warnings(plan: Plan) -> list[str]:
     for i, s in enumerate(plan.stages):
         if s.max_duration is None and plan.analysis.on_inconclusive != "hold" and not s.is_full:
             warnings.append(f"stages.{i}: no max_duration, so on_inconclusive never applies")
+    return warnings
+
+
+def plan_warnings(plan: Plan) -> list[str]:
+    """Everything ``safeshift validate`` warns of: :func:`tolerance_warnings`, and references
+    written the old way."""
+    warnings = tolerance_warnings(plan)
+    sides = [("baseline", plan.baseline), ("candidate", plan.candidate)]
+    sides += [(f"challengers.{i}", c) for i, c in enumerate(plan.challengers)]
+    for where, spec in sides:
+        if spec.model.startswith("mlflow:"):
+            warnings.append(f"{where}.model: mlflow: is the older name of mlflow-server: (an "
+                            "MLflow scoring server); write mlflow-server:URL (a registry model is "
+                            "models:/NAME@ALIAS)")
     return warnings
 
 

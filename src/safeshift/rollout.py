@@ -88,6 +88,7 @@ class Rollout:
             plan = Plan.load(plan)
         if store is None or isinstance(store, str | Path):
             store = open_store(store)
+        plan = ops.pinned(store, plan)  # a registry alias: the version it pointed at, for good
         clock = clock or SystemClock()
         state = ops.register(store, plan, clock, salt_seed=salt_seed)
         rollout = cls(plan, store, clock=clock, models=models)
@@ -101,7 +102,9 @@ class Rollout:
         """The backend for ``arm``, loaded on first use."""
         m = self._models.get(arm)
         if m is None:
-            m = self._models[arm] = load_model(self.plan.variant(arm).model, self.plan.base_dir)
+            m = self._models[arm] = load_model(
+                self.plan.variant(arm).model, self.plan.base_dir,
+                registry_uri=self.plan.registry.uri if self.plan.registry else None)
         return m
 
     def load_models(self) -> None:

@@ -42,6 +42,7 @@ class Action(StrEnum):
     DROP_ARM = "drop_arm"  # an experiment arm with proven harm leaves the experiment
     REALLOCATE = "reallocate"  # bandit allocation update (state only, not a decision)
     REVIEW = "review"  # a review role signed off the stage awaiting it
+    REGISTRY = "registry"  # after promotion, the plan's registry alias moved to the candidate
 
 
 @dataclass(slots=True)

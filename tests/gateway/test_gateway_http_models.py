@@ -97,9 +97,10 @@ def test_oip_backend_sync_and_async(upstream: str) -> None:
         model.close()
 
 
-def test_mlflow_backend(upstream: str) -> None:
-    model = load_model(f"mlflow:{upstream}")
-    assert isinstance(model, MLflowModel)
+@pytest.mark.parametrize("scheme", ["mlflow-server", "mlflow"])  # and its older name
+def test_mlflow_backend(upstream: str, scheme: str) -> None:
+    model = load_model(f"{scheme}:{upstream}")
+    assert isinstance(model, MLflowModel) and model.name == f"{scheme}:{upstream}"
     try:
         assert model.predict([{"a": 1, "b": 2}, {"a": 3, "b": 4}]).outputs == ["a=1", "a=3"]
         assert CALLS[-1] == {"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2], [3, 4]]}}
@@ -160,6 +161,7 @@ def test_loading_does_not_connect_and_bad_references_fail_clearly() -> None:
                         ("oip:ftp://x#m", r"http\(s\) URL"),
                         ("oip:http://h:1?tmeout=1#m", "unknown option"),
                         ("oip:http://h:1?timeout=-1#m", "not valid"),
+                        ("mlflow-server:http://h:1#m", "one model"),
                         ("mlflow:http://h:1#m", "one model")]:
         with pytest.raises(ModelLoadError, match=needle):
             load_model(ref)
@@ -168,7 +170,7 @@ def test_loading_does_not_connect_and_bad_references_fail_clearly() -> None:
 def test_http_loaders_register_lazily_in_a_fresh_interpreter() -> None:
     code = ("import sys; from safeshift.models import load_model; "
             "assert 'safeshift.models.http' not in sys.modules; "
-            "m = load_model('mlflow:http://127.0.0.1:9'); print(type(m).__name__)")
+            "m = load_model('mlflow-server:http://127.0.0.1:9'); print(type(m).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "MLflowModel"

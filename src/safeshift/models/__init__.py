@@ -1,7 +1,9 @@
 """Model backends behind one protocol, chosen by the scheme of a model reference.
 
-``joblib:PATH`` (scikit-learn), ``python:MODULE:CALLABLE``, ``fake:NAME?options``; HTTP
-upstreams register ``oip:`` and ``mlflow:``. An unknown scheme raises; it never falls back.
+``joblib:PATH`` (scikit-learn), ``python:MODULE:CALLABLE``, ``fake:NAME?options``, an MLflow
+registry's ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS`` (:mod:`safeshift.models.registry`);
+HTTP upstreams register ``oip:`` and ``mlflow-server:`` (``mlflow:``, its older name, still
+loads). An unknown scheme raises; it never falls back.
 """
 
 from __future__ import annotations
@@ -32,9 +34,16 @@ def register_loader(scheme: str, loader: Loader) -> None:
     _LOADERS[scheme] = loader
 
 
-def load_model(ref: str, base_dir: Path | str = ".") -> ModelBackend:
-    """Load the model that ``ref`` names; paths are relative to ``base_dir``."""
+def load_model(ref: str, base_dir: Path | str = ".", *,
+               registry_uri: str | None = None) -> ModelBackend:
+    """Load the model that ``ref`` names; paths are relative to ``base_dir``, ``models:/``
+    references are looked up in the MLflow registry at ``registry_uri`` (None: MLflow's
+    environment)."""
     scheme, sep, spec = ref.partition(":")
+    if scheme == "models" and sep:
+        from safeshift.models import registry
+
+        return registry.load_ref(ref, registry_uri)
     if not sep or scheme not in _LOADERS:
         _ensure_http_loaders()
     if not sep or scheme not in _LOADERS:
@@ -49,11 +58,12 @@ def check_models(plan: Plan, *, load: bool = False) -> list[Problem]:
     sides = [("baseline", plan.baseline), ("candidate", plan.candidate)]
     sides += [(f"challengers.{i}", c) for i, c in enumerate(plan.challengers)]
     return check_model_refs([(f"{where}.model", spec.model) for where, spec in sides],
-                            plan.base_dir, load=load)
+                            plan.base_dir, load=load,
+                            registry_uri=plan.registry.uri if plan.registry else None)
 
 
 def check_model_refs(refs: Sequence[tuple[str, str]], base_dir: Path, *,
-                     load: bool = False) -> list[Problem]:
+                     load: bool = False, registry_uri: str | None = None) -> list[Problem]:
     """Check each ``(field path, model reference)`` and report those that are wrong.
 
     Without ``load`` nothing the reference names is run: a ``joblib:`` file must exist and be
@@ -65,7 +75,7 @@ def check_model_refs(refs: Sequence[tuple[str, str]], base_dir: Path, *,
     for where, ref in refs:
         try:
             if load:
-                load_model(ref, base_dir).close()
+                load_model(ref, base_dir, registry_uri=registry_uri).close()
             else:
                 inspect_model_ref(ref, base_dir)
         except ModelLoadError as exc:
@@ -113,9 +123,16 @@ def _inspect_python(spec: str, base_dir: Path) -> None:
                          "it)")
 
 
+def _inspect_registry(spec: str, base_dir: Path) -> None:
+    from safeshift.models.registry import parse_ref
+
+    parse_ref(f"models:{spec}")
+
+
 _INSPECTORS: dict[str, Loader | Callable[[str, Path], None]] = {
-    "joblib": _inspect_joblib, "python": _inspect_python}
-"""Schemes whose loading would run code the reference names, checked without running it."""
+    "joblib": _inspect_joblib, "python": _inspect_python, "models": _inspect_registry}
+"""Schemes whose loading would run code the reference names (a registry model is unpickled),
+checked without running it."""
 
 
 def inspect_model_ref(ref: str, base_dir: Path | str = ".") -> None:
@@ -131,7 +148,7 @@ def inspect_model_ref(ref: str, base_dir: Path | str = ".") -> None:
 
 def _ensure_http_loaders() -> None:
     with contextlib.suppress(ImportError):
-        import safeshift.models.http  # noqa: F401  (registers oip: and mlflow:)
+        import safeshift.models.http  # noqa: F401  (registers oip:, mlflow-server:, mlflow:)
 
 
 __all__ = [

@@ -1,10 +1,12 @@
 """Upstream model servers over HTTP: ``oip:`` (Open Inference Protocol / KServe V2 — Triton,
-MLServer, KServe, safeshift's own gateway) and ``mlflow:`` (MLflow's ``/invocations``).
+MLServer, KServe, safeshift's own gateway) and ``mlflow-server:`` (MLflow's scoring server,
+``/invocations``; ``mlflow:`` is its older name, still accepted, and ``safeshift validate`` warns:
+it read as if it named a registry model, which is ``models:/``, :mod:`safeshift.models.registry`).
 
 References::
 
     oip:http://127.0.0.1:8080#churn            model "churn" on an OIP server
-    mlflow:http://127.0.0.1:5000               an MLflow scoring server
+    mlflow-server:http://127.0.0.1:5000        an MLflow scoring server
     oip:http://models:8080?timeout=2&retries=3#churn
 
 Options (URL query): ``timeout`` seconds per attempt (default 5), ``retries`` after a failure
@@ -310,13 +312,13 @@ class MLflowModel(HTTPModel):
     path = "/invocations"
 
     @classmethod
-    def parse(cls, spec: str) -> MLflowModel:
-        base, query, fragment = _split(spec, f"mlflow:{spec}")
+    def parse(cls, spec: str, scheme: str = "mlflow-server") -> MLflowModel:
+        base, query, fragment = _split(spec, f"{scheme}:{spec}")
         if fragment:
-            raise ModelLoadError(f"mlflow:{spec}: an MLflow server serves one model; drop "
+            raise ModelLoadError(f"{scheme}:{spec}: an MLflow server serves one model; drop "
                                  f"'#{fragment}'")
-        opts = _Options(query, f"mlflow:{spec}")
-        return cls(base, name=f"mlflow:{base}", timeout=opts.timeout, retries=opts.retries,
+        opts = _Options(query, f"{scheme}:{spec}")
+        return cls(base, name=f"{scheme}:{base}", timeout=opts.timeout, retries=opts.retries,
                    backoff=opts.backoff)
 
     def encode(self, rows: Rows) -> dict[str, Any]:
@@ -345,11 +347,16 @@ def _load_oip(spec: str, base_dir: Path) -> OIPModel:
     return OIPModel.parse(spec)
 
 
-def _load_mlflow(spec: str, base_dir: Path) -> MLflowModel:
+def _load_mlflow_server(spec: str, base_dir: Path) -> MLflowModel:
     return MLflowModel.parse(spec)
 
 
+def _load_mlflow_old(spec: str, base_dir: Path) -> MLflowModel:
+    return MLflowModel.parse(spec, scheme="mlflow")
+
+
 register_loader("oip", _load_oip)
-register_loader("mlflow", _load_mlflow)
+register_loader("mlflow-server", _load_mlflow_server)
+register_loader("mlflow", _load_mlflow_old)  # the older name: validate warns (plan_warnings)
 
 __all__ = ["HTTPModel", "MLflowModel", "OIPModel"]
