@@ -539,6 +539,10 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                              min_n=plan.analysis.segment_min_samples, several=several)
             verdict.protected = where in protected
             out.verdicts.append(verdict)
+    if plan.probes:  # golden inputs: their own verdicts, no test (safeshift.probes)
+        from safeshift.probes import probe_verdicts
+
+        out.verdicts += probe_verdicts(plan, summary, variants)
     if not stage.is_shadow and 0 < stage.served < BASIS_POINTS:
         # the split is by unit, so units are counted (first sightings per process); telemetry
         # written without them falls back to requests, whose share wanders more because a

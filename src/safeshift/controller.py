@@ -452,6 +452,7 @@ class Controller:
         self.steps = steps
         self.lease = lease
         self._snapshot_at: float | None = None  # the last verdict snapshot's time (None: ask)
+        self.held = False  # whether the last tick held the lease (so decided)
         self._registry_done = False  # the promotion's registry alias has moved (or never will)
         self._registry_tried: float | None = None  # the last failed attempt to move it
 
@@ -477,7 +478,8 @@ class Controller:
         """Evaluate and commit the most important intent, if any. Idempotent: a tick that
         finds nothing to do writes nothing; without the lease (another replica decides) it does
         nothing at all."""
-        if not self.holds_lease():
+        self.held = self.holds_lease()
+        if not self.held:
             return None
         ctx = self.evaluate()
         decision = self._decide(ctx)

@@ -247,6 +247,94 @@ MODEL_SCHEMES = ("joblib", "python", "fake", "oip", "mlflow-server", "models", "
 """``mlflow`` is ``mlflow-server``'s older name (validate warns)."""
 
 
+MAX_PROBES = 20
+MAX_PROBE_INPUTS = 100
+
+
+class Monotonic(_Strict):
+    """The model's answer must move one way as one input feature grows."""
+
+    feature: str = Field(min_length=1, description="the input feature (rows are mappings)")
+    direction: Literal["increasing", "decreasing"] = Field(
+        default="increasing", description="how the score (or numeric output) must move as the "
+        "feature grows; equal answers are allowed")
+
+
+class Probe(_Strict):
+    """Golden inputs sent to the candidate on a schedule, never to users, with what its answers
+    must be: exactly ``expect``, within ``range``, in ``classes``, or ``monotonic`` in a
+    feature (several checks: all must hold). A probe that fails ``max_failures`` times in a
+    stage proves harm: the rollout is rolled back; each stage waits for every probe to pass
+    at least once."""
+
+    name: Name = Field(description="unique among the probes")
+    inputs: list[Any] = Field(min_length=1, max_length=MAX_PROBE_INPUTS,
+                              description="the golden input rows, as a request's inputs")
+    expect: list[Any] | None = Field(
+        default=None, description="the expected output of each input row, in order")
+    tolerance: float = Field(default=0.0, ge=0, description="with expect: how far a numeric "
+                             "output may be from the expected value")
+    range: Annotated[
+        tuple[float, float] | None,
+        WithJsonSchema({"anyOf": [{"type": "array", "minItems": 2, "maxItems": 2,
+                                   "items": {"type": "number"}}, {"type": "null"}]}),
+    ] = Field(default=None, description="[low, high]: every score (or numeric output) within")
+    classes: list[str | int | bool] | None = Field(
+        default=None, min_length=1, description="every output is one of these")
+    monotonic: Monotonic | None = None
+    every: PositiveDuration = Field(default=60.0, description="how often it is sent")
+    max_failures: int = Field(default=1, ge=1, le=1000, description="failed runs in one stage "
+                              "that prove harm (more than 1 for a model that may time out)")
+
+    @field_validator("range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] <= value[1]:
+            raise ValueError(f"the range's low end ({value[0]:g}) must not be above its high "
+                             f"end ({value[1]:g})")
+        return value
+
+    @model_validator(mode="after")
+    def _checks(self) -> Probe:
+        if self.expect is None and self.range is None and self.classes is None \
+                and self.monotonic is None:
+            raise ValueError("a probe needs something to check: expect, range, classes or "
+                             "monotonic")
+        if self.expect is not None and len(self.expect) != len(self.inputs):
+            raise ValueError(f"expect has {len(self.expect)} outputs for {len(self.inputs)} "
+                             "inputs: give one expected output per input row")
+        if self.monotonic is not None:
+            feature = self.monotonic.feature
+            values = [row.get(feature) if isinstance(row, dict) else None for row in self.inputs]
+            if len(values) < 2 or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                          for v in values):
+                raise ValueError(f"monotonic in {feature!r} needs at least two input rows, each "
+                                 f"a mapping with a number for {feature!r}")
+            if len(set(values)) < 2:
+                raise ValueError(f"monotonic in {feature!r}: the rows must differ in {feature!r}")
+        return self
+
+    @property
+    def signal(self) -> str:
+        """The telemetry signal of its runs (n: runs, sum: failed runs)."""
+        return f"probe:{self.name}"
+
+    def describe(self) -> str:
+        checks = []
+        if self.expect is not None:
+            near = f" (±{self.tolerance:g})" if self.tolerance else ""
+            checks.append(f"answers as expected{near}")
+        if self.range is not None:
+            checks.append(f"within [{self.range[0]:g}, {self.range[1]:g}]")
+        if self.classes is not None:
+            checks.append(f"in classes {{{', '.join(map(str, self.classes))}}}")
+        if self.monotonic is not None:
+            checks.append(f"{self.monotonic.direction} in {self.monotonic.feature}")
+        n = len(self.inputs)
+        return f"probe {self.name}: {n} golden input{'s' if n != 1 else ''}, " \
+            f"{' and '.join(checks)}"
+
+
 class Registry(_Strict):
     """The MLflow model registry the plan's ``models:/`` references live in, and what a
     promotion does there."""
@@ -759,6 +847,9 @@ class Plan(_Strict):
     registry: Registry | None = Field(
         default=None, description="the MLflow model registry of models:/ references, and the "
         "alias a promotion moves")
+    probes: list[Probe] = Field(
+        default_factory=list, max_length=MAX_PROBES, description="golden inputs sent to the "
+        "candidate on a schedule in every stage, never to users; a failing probe rolls back")
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
@@ -807,7 +898,7 @@ class Plan(_Strict):
         covers. Fields added after plans were first stored are left out at their defaults, so
         a plan that does not use them keeps the hash it was registered with."""
         data = self.model_dump(mode="json", exclude_none=True)
-        for later in ("notifications", "personal", "retention"):  # added later: absent unless used
+        for later in ("notifications", "personal", "retention", "probes"):  # added later: absent unless used
             if not data.get(later):
                 data.pop(later, None)
         for stage in data["stages"]:
@@ -1063,6 +1154,11 @@ def semantic_problems(plan: Plan) -> list[Problem]:
     and that no stage can pass, nor a guardrail go quiet, without anything being judged."""
     problems: list[Problem] = []
     names = [s.name for s in plan.stages]
+    probe_names = [p.name for p in plan.probes]
+    for i, name in enumerate(probe_names):
+        if name in probe_names[:i]:
+            problems.append(Problem(f"probes.{i}.name", f"probe name {name!r} is used twice; "
+                                    "name each probe once"))
     last = len(plan.stages) - 1
     for i, stage in enumerate(plan.stages):
         where = f"stages.{i}"

@@ -93,6 +93,11 @@ def _markdown(v: dict[str, Any]) -> str:
         lines.append(f"| {_md(g['label'])} | {g['class']} | {_measure(x)} | {_band(x)} | "
                      f"{_tolerance(x)} | {_count(x and x['n_baseline'])} / "
                      f"{_count(x and x['n_candidate'])} |")
+    if v.get("probes"):
+        lines += ["", "## Probes", ""]
+        lines += [f"- {_md(p['label'])}: {p['class']}"
+                  + (f" — {_md(p['latest']['sentence'])}" if p["latest"] else "")
+                  for p in v["probes"]]
     worst = [(row["segment"], cell) for row in v["grid"]["rows"] for cell in row["cells"]
              if cell and cell["class"] in ("harm", "suspected")]
     if worst:

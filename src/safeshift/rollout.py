@@ -26,11 +26,14 @@ from safeshift.assign import BASELINE, Assigner, Assignment, Split
 from safeshift.clock import Clock, SystemClock
 from safeshift.controller import Controller, split_for
 from safeshift.errors import RejectedInputError, RolloutError
+from safeshift.experiment import current_variants
 from safeshift.feedback import FeedbackJoiner, FeedbackResult, RecentRequestIds
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.models.base import validate_result
 from safeshift.ops import Status
 from safeshift.plan import Plan, Retention
+from safeshift.probes import COHORT as PROBE_COHORT
+from safeshift.probes import ProbeRunner
 from safeshift.recorder import Recorder
 from safeshift.serving import INPUTS, Serving, failed, run_sync
 from safeshift.state import Action, Decision, Phase, RolloutState
@@ -75,6 +78,8 @@ class Rollout:
         self._purged_at = 0.0
         self._shadow: _ShadowWorker | None = None
         self.serving = Serving(self)  # the serving steps and the candidates' protection
+        self.probes = ProbeRunner(plan, self._call_candidate, self._observe_probe) \
+            if plan.probes else None
 
     # -- construction -----------------------------------------------------------------
 
@@ -199,6 +204,22 @@ class Rollout:
         result = guard.pool.run(self.model(variant).predict, rows, guard.timeout)
         return validate_result(result, len(rows))
 
+    def _probe(self) -> None:
+        """Send the plan's probes that are due to the running stage's candidates (by the
+        process that decides: the lease holder), and write their runs at once."""
+        assert self.probes is not None
+        state = self.state()
+        if state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING) \
+                or state.stage_index < 0:
+            return
+        if self.probes.run_due(state.stage_index, current_variants(self.plan, state),
+                               self.clock.now()):
+            self.flush()
+
+    def _observe_probe(self, stage: int, variant: str, signal: str, failed: float) -> None:
+        agg = self.recorder.aggregator
+        agg.observe(agg.key(stage, variant, PROBE_COHORT, "", self.clock.now()), {signal: failed})
+
     def _shadow_worker(self) -> _ShadowWorker:
         if self._shadow is None:
             self._shadow = _ShadowWorker(self)
@@ -258,6 +279,8 @@ class Rollout:
             self._shadow.drain()
         self.flush()
         decision = self.controller.tick()
+        if self.probes is not None and self.controller.held:
+            self._probe()
         self.refresh()  # also after quiet updates such as a bandit re-allocation
         now = self.clock.now()
         if now - self._purged_at >= PURGE_EVERY:

@@ -404,11 +404,12 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
     # synthetic traffic: the plan's models are not loaded; labels arrive within minutes, so
     # request records need not be kept for the plan's (days-long) label window
     window = min(plan.serving.label_window, max(3600.0, 20 * scenario.label_delay))
-    # and a simulated promotion moves no registry alias
+    # a simulated promotion moves no registry alias, and the synthetic models answer no probe
     plan = plan.model_copy(update={
         "rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}",
         "serving": plan.serving.model_copy(update={"label_window": window}),
         "registry": plan.registry and plan.registry.model_copy(update={"promote_alias": None}),
+        "probes": [],
     })
     try:
         store.get_state(plan.rollout)

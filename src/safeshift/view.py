@@ -185,6 +185,20 @@ def _guardrails(plan: Plan, analysis: dict[str, Any] | None,
     return out
 
 
+def _probes(plan: Plan, analysis: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Each probe's latest verdict (of the first candidate variant that has one)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for v in (analysis or {}).get("verdicts", []):
+        if v.get("test") == "probe":
+            latest.setdefault(v["guardrail"], v)
+    out = []
+    for p in plan.probes:
+        v = latest.get(p.signal)
+        out.append({"key": p.signal, "label": p.describe(), "every": p.every,
+                    "latest": v, "class": verdict_class(v) if v else "unjudged"})
+    return out
+
+
 def _grid(plan: Plan, analysis: dict[str, Any] | None) -> dict[str, Any]:
     verdicts = [v for v in (analysis or {}).get("verdicts", []) if v.get("segment")]
     keys = [g.key for g in plan.guardrails if any(v["guardrail"] == g.key for v in verdicts)]
@@ -329,6 +343,7 @@ def rollout_view(store: Store, name: str, clock: Clock) -> dict[str, Any]:
         "verdicts_from": source,
         "analysis": analysis,
         "guardrails": _guardrails(plan, analysis, snapshots),
+        "probes": _probes(plan, analysis),
         "grid": _grid(plan, analysis),
         "srm": (analysis or {}).get("srm"),
         "drift": (analysis or {}).get("drift"),
