@@ -42,6 +42,7 @@ __all__ = ["GENESIS", "KEY_ENV", "KEY_FILE_ENV", "MIN_KEY_CHARS", "AuditEvent", 
 
 
 GENESIS = "0" * 64
+_DRILL = "~drill-"  # safeshift.plan.DRILL_MARK (audit imports nothing of the plan)
 
 KEY_FILE_ENV = "SAFESHIFT_AUDIT_KEY_FILE"
 """A file holding the audit key (the same file on every replica that writes or verifies)."""
@@ -630,5 +631,7 @@ def decision_event(decision: Decision, *, plan_hash: str, from_phase: Phase) -> 
     and a digest of the evidence, so that the decision record can be checked against it."""
     detail = _decision_fields(decision, plan_hash)
     detail["from_phase"] = str(from_phase)
+    if _DRILL in decision.rollout:  # a drill's sandboxed copy (safeshift drill): say so
+        detail["drill"] = True
     return AuditEvent(decision.rollout, 0, decision.at, decision.actor, str(decision.action),
                       detail)

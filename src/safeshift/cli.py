@@ -291,6 +291,57 @@ def simulate(
 
 
 @app.command()
+def drill(
+    plan: Annotated[Path, typer.Argument(help="plan file")],
+    fault: Annotated[str, typer.Option(
+        "--fault", help="errors, latency, wrong-segment, hang or all")] = "all",
+    store: Annotated[str | None, typer.Option(
+        "--store", help="store URL or SQLite path for the drill copies (default: temporary)")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rehearse the rollback path on a sandboxed copy of the rollout: inject faults into the
+    candidate, drive traffic, report fault → decision, → last candidate answer, user errors."""
+    from safeshift.drill import FAULTS, FaultReport, run_drill
+    from safeshift.errors import ModelLoadError
+    from safeshift.plan import Plan
+
+    faults = list(FAULTS) if fault == "all" else [fault]
+
+    def told(r: FaultReport) -> None:
+        if json_out:
+            return
+        if r.skipped:
+            out.print(f"{r.fault:14} skipped: {r.skipped}", markup=False)
+            return
+        def s(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f} s"
+        out.print(f"{r.fault:14} {'rolled back' if r.rolled_back else 'NOT rolled back'}: "
+                  f"fault → decision {s(r.decision_s)}, → last candidate answer "
+                  f"{s(r.last_candidate_s)}, user-visible errors {r.user_errors}, "
+                  f"{r.requests} requests ({r.candidate_answers} candidate answers, "
+                  f"{r.fallbacks} fallbacks); caught by {r.caught_by or '-'}; audit: {r.audit}"
+                  + (f"; rolled back BEFORE the fault: {r.early}" if r.early else ""),
+                  markup=False)
+
+    try:
+        p = Plan.load(plan)
+        report = run_drill(p, faults, store=store, seed=seed, on_fault=told)
+    except (PlanError, ModelLoadError) as exc:
+        fail(str(exc))
+    except SafeshiftError as exc:
+        fail(str(exc), 1)
+    if json_out:
+        out.print_json(data=report.to_json())
+    else:
+        out.print(f"drill of {report.plan} in stage {report.stage!r} "
+                  f"({report.traffic:.0%} candidate traffic), store {report.store}: "
+                  + ("passed" if report.ok else "FAILED"), markup=False)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def serve(
     plans: Annotated[list[Path], typer.Argument(help="one or more plan files")],
     store: StoreOpt = None,

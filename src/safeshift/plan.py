@@ -150,6 +150,22 @@ def _check_name(value: str) -> str:
 
 Name = Annotated[str, BeforeValidator(lambda v: _check_name(v) if isinstance(v, str) else v)]
 
+DRILL_MARK = "~drill-"
+"""What marks a drill's sandboxed copy of a rollout (``NAME~drill-<when>``, made only by
+:mod:`safeshift.drill`): a plan file or a control API request cannot use it (``~`` is not in
+names), a stored drill plan reads back, and its audit events say it was a drill."""
+_DRILL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}~drill-[a-z0-9-]{1,32}$")
+
+
+def _check_rollout_name(value: str) -> str:
+    if DRILL_MARK in value and _DRILL_NAME.match(value) and len(value) <= 64:
+        return value
+    return _check_name(value)
+
+
+RolloutName = Annotated[str, BeforeValidator(
+    lambda v: _check_rollout_name(v) if isinstance(v, str) else v)]
+
 
 def _segment_schema(limit: int) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "maxLength": limit, "pattern": r"^[^|=]+$"}
@@ -817,7 +833,7 @@ RETENTION_KINDS = ("requests", "reports", "telemetry", "snapshots")
 class Plan(_Strict):
     """A whole rollout plan. Build one with :meth:`Plan.load` or :meth:`Plan.from_dict`."""
 
-    rollout: Name = Field(description="the rollout's unique name")
+    rollout: RolloutName = Field(description="the rollout's unique name")
     endpoint: Name = Field(description="the logical model name clients call")
     baseline: ModelSpec
     candidate: ModelSpec
@@ -968,6 +984,10 @@ class Plan(_Strict):
             raise PlanValidationError([*duplicates, *exc.problems], source) from None
         if duplicates:
             raise PlanValidationError(duplicates, source)
+        if DRILL_MARK in plan.rollout:
+            raise PlanValidationError([Problem("rollout", f"{DRILL_MARK!r} names are kept for "
+                                               "the copies safeshift drill makes; use "
+                                               "another name")], source)
         return plan
 
 
