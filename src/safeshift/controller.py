@@ -484,7 +484,9 @@ class Controller:
         ctx = self.evaluate()
         decision = self._decide(ctx)
         self._snapshot(ctx, decided=decision is not None)
-        moved = self.move_registry_alias()  # at once when this tick promoted for good
+        promoted = ctx.state.phase is Phase.PROMOTED or (
+            decision is not None and decision.phase is Phase.PROMOTED)
+        moved = self.move_registry_alias() if promoted else None  # at once when it promoted
         return decision or moved
 
     def move_registry_alias(self) -> Decision | None:

@@ -51,7 +51,7 @@ from safeshift.assign import BASELINE
 from safeshift.errors import PlanError, SafeshiftError
 from safeshift.models import ModelBackend, ModelResult, load_model
 from safeshift.models.base import Rows
-from safeshift.plan import DRILL_MARK, Plan
+from safeshift.plan import DRILL_MARK, Plan, Source
 from safeshift.rollout import Rollout
 from safeshift.state import Action, Phase
 from safeshift.store import Store, open_store
@@ -255,7 +255,7 @@ def _latency_delay(plan: Plan, timeout: float) -> tuple[float | None, str]:
 
 
 def _label_guardrail(plan: Plan) -> bool:
-    return any(g.metric == "accuracy" and str(g.info.source) == "feedback" for g in plan.guardrails)
+    return any(g.metric == "accuracy" and g.info.source is Source.FEEDBACK for g in plan.guardrails)
 
 
 class _Driver:

@@ -52,9 +52,6 @@ def _module_file(module: str, base_dir: Path) -> Path | None:
     return Path(origin).resolve() if origin and Path(origin).is_file() else None
 
 
-_NO_REGISTRY: Any = object()
-
-
 def _registry_artifact(ref: str, uri: str | None) -> dict[str, Any]:
     """A registered model version: the registry's record of it (its run and the source of its
     artifacts); the digest covers that record, so a version re-registered elsewhere differs."""
@@ -66,7 +63,7 @@ def _registry_artifact(ref: str, uri: str | None) -> dict[str, Any]:
     return {"kind": "registry", "registry": record, "sha256": digest}
 
 
-def artifact_of(spec: ModelSpec, base_dir: Path, registry_uri: Any = _NO_REGISTRY) -> dict[str, Any]:
+def artifact_of(spec: ModelSpec, base_dir: Path, registry_uri: str | None = None) -> dict[str, Any]:
     """The fingerprint of one arm's model: its version, reference, kind (file, module,
     registry or reference), the file it came from (when there is one) and the SHA-256. A
     registry model is looked up given ``registry_uri`` (None: MLflow's environment)."""
@@ -80,7 +77,7 @@ def artifact_of(spec: ModelSpec, base_dir: Path, registry_uri: Any = _NO_REGISTR
     elif scheme == "python":
         path = _module_file(rest.partition(":")[0], base_dir)
         out["kind"] = "module"
-    elif scheme == "models" and registry_uri is not _NO_REGISTRY:
+    elif scheme == "models":
         return {**out, **_registry_artifact(ref, registry_uri)}
     if path is not None and path.is_file():
         out["path"] = str(path)
@@ -94,8 +91,7 @@ def artifact_of(spec: ModelSpec, base_dir: Path, registry_uri: Any = _NO_REGISTR
 def artifacts(plan: Plan) -> dict[str, dict[str, Any]]:
     """Every arm's fingerprint: the baseline, the candidate and any challengers."""
     arms = ["baseline", *plan.variants]
-    uri = plan.registry.uri if plan.registry else None
-    return {arm: artifact_of(plan.variant(arm), plan.base_dir, uri) for arm in arms}
+    return {arm: artifact_of(plan.variant(arm), plan.base_dir, plan.registry_uri) for arm in arms}
 
 
 def record(plan_hash: str, fingerprints: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
@@ -161,7 +157,7 @@ def _registry_status(plan: Plan, fp: dict[str, Any],
     from safeshift.errors import ModelLoadError
 
     try:
-        now = _registry_artifact(fp["model"], plan.registry.uri if plan.registry else None)
+        now = _registry_artifact(fp["model"], plan.registry_uri)
     except ModelLoadError:
         return "missing", None
     return ("match" if now["sha256"] == claimed.get("sha256") else "changed"), now["sha256"]

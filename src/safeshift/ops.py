@@ -166,7 +166,7 @@ def create(store: Store, plan: Plan, clock: Clock, *, start: bool = True,
     """Register ``plan`` and, with ``start``, begin its first stage (or wait for its
     approval). Creating the same plan again changes nothing. A registry alias is pinned to the
     version it points at now (:func:`safeshift.models.registry.pin`)."""
-    require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")
+    require(principal, CREATE_ROLE, f"creating rollout {plan.rollout!r}")  # before the registry
     plan = pinned(store, plan)
     state = register(store, plan, clock, principal=principal)
     if start and state.phase is Phase.PENDING:

@@ -875,6 +875,11 @@ class Plan(_Strict):
         return self._base_dir
 
     @property
+    def registry_uri(self) -> str | None:
+        """The MLflow registry its ``models:/`` references live in (None: MLflow's environment)."""
+        return self.registry.uri if self.registry else None
+
+    @property
     def salt(self) -> str:
         """Per-rollout hashing salt: units are re-shuffled between rollouts."""
         return self.rollout

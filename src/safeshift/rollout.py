@@ -109,7 +109,7 @@ class Rollout:
         if m is None:
             m = self._models[arm] = load_model(
                 self.plan.variant(arm).model, self.plan.base_dir,
-                registry_uri=self.plan.registry.uri if self.plan.registry else None)
+                registry_uri=self.plan.registry_uri)
         return m
 
     def load_models(self) -> None:

@@ -59,7 +59,7 @@ def check_models(plan: Plan, *, load: bool = False) -> list[Problem]:
     sides += [(f"challengers.{i}", c) for i, c in enumerate(plan.challengers)]
     return check_model_refs([(f"{where}.model", spec.model) for where, spec in sides],
                             plan.base_dir, load=load,
-                            registry_uri=plan.registry.uri if plan.registry else None)
+                            registry_uri=plan.registry_uri)
 
 
 def check_model_refs(refs: Sequence[tuple[str, str]], base_dir: Path, *,

@@ -253,7 +253,7 @@ def pin(plan: Plan, *, stored: Mapping[str, Any] | None = None) -> Plan:
         kept = _pinned_as(plan, stored)
         if kept is not None:
             return kept
-    uri = plan.registry.uri if plan.registry else None
+    uri = plan.registry_uri
 
     def resolved(ref: RegistryRef, arm: int) -> RegistryRef:
         mv = resolve(ref, uri)
