@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck postgres browser bench bench-quick examples clean
+.PHONY: demo test lint typecheck postgres browser prometheus bench bench-quick examples clean
 
 # pip's own lines say what it fetches and installs (about 2 minutes on a fresh machine); once
 # installed, the stamp skips this step until pyproject.toml changes
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## set up and run the embedded demo
 	$(VENV)/bin/safeshift demo
 
-test: $(STAMP) lint postgres browser  ## set up, lint, type-check and run every test
+test: $(STAMP) lint postgres browser prometheus  ## set up, lint, type-check and run every test
 	$(PY) -m pytest
 
 # The store tests start a throwaway PostgreSQL of their own from the server binaries; as root
@@ -45,6 +45,18 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
 	  else \
 	    echo "the dashboard tests need Debian's Chromium: sudo apt-get install -y chromium" >&2; \
+	    exit 2; \
+	  fi; }
+
+# The Prometheus guardrail tests run a real Prometheus server scraping a real gateway; as root
+# (CI) it is installed when missing, otherwise the fix is named.
+prometheus:
+	@test -x /usr/bin/prometheus || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Prometheus for the Prometheus guardrail tests (apt-get install prometheus)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "the Prometheus guardrail tests need Prometheus: sudo apt-get install -y prometheus" >&2; \
 	    exit 2; \
 	  fi; }
 

@@ -318,18 +318,21 @@ def compare(g: Guardrail, b: Moments | Pooled, c: Moments | Pooled, *, n_star: f
 
 
 def compare_paired(g: Guardrail, d: Moments | Pooled, *, n_star: float, alpha_harm: float,
-                   alpha_pass: float, segment: str | None) -> Verdict:
+                   alpha_pass: float, segment: str | None, pseudo: bool = True,
+                   on: str = "the same inputs") -> Verdict:
     """Candidate against baseline on the *same* inputs (shadow, both answers labelled): a
-    one-sample confidence sequence on the mean paired difference. One discordant pair each
-    way is added to the variance so that perfect agreement on few labels is not certainty.
-    Pairs of one unit are correlated like its requests, so clustered telemetry gives the
+    one-sample confidence sequence on the mean paired difference. With ``pseudo``, one
+    discordant pair each way is added to the variance so that perfect agreement on few labels
+    is not certainty (for 0/1 labels; Prometheus values, paired by time, are judged as they
+    are). Pairs of one unit are correlated like its requests, so clustered telemetry gives the
     unit-level standard error."""
     d = _pooled(d)
     info = g.info
     tol = float(g.tolerance or 0.0)
     sign = 1.0 if info.bad is Direction.INCREASE else -1.0
     mean = d.s / d.n
-    _, iid_se = one_sample_mean(d.n + 2, d.s, d.ss + 2)
+    _, iid_se = (one_sample_mean(d.n + 2, d.s, d.ss + 2) if pseudo
+                 else one_sample_mean(d.n, d.s, d.ss))
     se, factor, clusters = _clustered_se(iid_se, (d,))
     n_eff = 2.0 * d.n * factor  # n pairs carry the information of 2n observations split evenly
     harm = Estimate(sign * mean, se, int(d.n), int(d.n), math.nan, math.nan, False)
@@ -339,7 +342,7 @@ def compare_paired(g: Guardrail, d: Moments | Pooled, *, n_star: float, alpha_ha
     status = _status(g, harm_lo, harm_hi, tol)
     where = f" for {segment}" if segment else ""
     sentence = _sentence(g, status, mean, lo, hi, tol, relative=False,
-                         where=f"{where} on the same inputs", sign=sign)
+                         where=f"{where} on {on}", sign=sign)
     return Verdict(g.key, segment, status, mean, lo, hi, tol, False, info.rate, d.n, d.n,
                    math.nan, math.nan, None, alpha_harm, alpha_pass,
                    _unit_level("one-sided normal-mixture confidence sequence on paired "
@@ -448,11 +451,14 @@ def drift_verdict(g: Guardrail, drift: dict[str, Any] | None, min_n: float) -> V
                    f"{limit:g}", value - limit)
 
 
-def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] | None,
-           n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
+def _judge(g: Guardrail, summary: Summary, *, stage: Stage, arm: str,
+           where: tuple[str, str] | None, n_star: float, alpha_harm: float, alpha_pass: float, min_n: float,
            several: bool) -> Verdict:
     signal = g.key
     segment = f"{where[0]}={where[1]}" if where else None
+    if g.prometheus is not None:  # interval values: their own minimum and time scale
+        min_n = float(g.prometheus.min_samples)
+        n_star = 2.0 * g.prometheus.expected_samples(stage)
     c = summary.pooled(arm, signal, where=where)
     if g.is_bound or g.info.source is Source.SHADOW:
         v = bound(g, c, n_star=n_star, alpha_harm=alpha_harm, alpha_pass=alpha_pass,
@@ -466,6 +472,15 @@ def _judge(g: Guardrail, summary: Summary, *, arm: str, where: tuple[str, str] |
         if paired.n >= min_n:
             v = compare_paired(g, paired, n_star=n_star, alpha_harm=alpha_harm,
                                alpha_pass=alpha_pass, segment=segment)
+    elif g.info.source is Source.PROMETHEUS and not g.is_bound \
+            and g.relative_tolerance is None:
+        # one value per arm read at the same instant: the difference removes what both arms
+        # share in that interval (load, time of day), so the pairs are judged
+        paired = summary.pooled(arm, f"{signal}:paired", where=where)
+        if paired.n >= min_n:
+            v = compare_paired(g, paired, n_star=n_star, alpha_harm=alpha_harm,
+                               alpha_pass=alpha_pass, segment=segment, pseudo=False,
+                               on="values read at the same instants")
     v.arm = arm
     if several:
         v.sentence = f"[{arm}] {v.sentence}"
@@ -507,7 +522,9 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
     several = len(variants) > 1
 
     seg_values = summary.segment_values()
-    segmented = [g for g in guardrails if g.segments and g.metric != "prediction_drift"]
+    # prediction drift is one number per arm; Prometheus series carry no safeshift segments
+    segmented = [g for g in guardrails if g.segments and g.metric != "prediction_drift"
+                 and g.prometheus is None]
     protected = {(attr, str(v)) for attr, vs in plan.analysis.protected.items() for v in vs}
     # a protected value is judged before it has data: its "no data" holds the promotion
     values = sorted({(attr, value) for attr in plan.segments for value in seg_values.get(attr, ())}
@@ -530,11 +547,12 @@ def analyse(plan: Plan, stage_index: int, summary: Summary,
                 verdict.arm = arm
                 out.verdicts.append(verdict)
                 continue
-            out.verdicts.append(_judge(g, summary, arm=arm, where=None, n_star=n_star,
+            out.verdicts.append(_judge(g, summary, stage=stage, arm=arm, where=None,
+                                       n_star=n_star,
                                        alpha_harm=alpha_global, alpha_pass=alpha,
                                        min_n=MIN_GLOBAL_SAMPLES, several=several))
         for g, where in judged:
-            verdict = _judge(g, summary, arm=arm, where=where, n_star=n_star,
+            verdict = _judge(g, summary, stage=stage, arm=arm, where=where, n_star=n_star,
                              alpha_harm=alpha_segment[where], alpha_pass=alpha,
                              min_n=plan.analysis.segment_min_samples, several=several)
             verdict.protected = where in protected

@@ -428,6 +428,10 @@ def confirm_gate(plan: Plan, state: RolloutState, intent: Intent) -> Confirm | N
     return plan.stages[intent.to_stage].confirm
 
 
+_FORWARD = frozenset({Action.ADVANCE, Action.AWAIT_APPROVAL, Action.PROMOTE, Action.END_WATCH})
+"""Decisions that move a rollout forward: what a blocker holds."""
+
+
 PIPELINE: tuple[Step, ...] = (step_start, step_analyse, step_experiment, step_harm, step_srm,
                               step_progress, step_watch, step_deadline)
 
@@ -455,6 +459,10 @@ class Controller:
         self.held = False  # whether the last tick held the lease (so decided)
         self._registry_done = False  # the promotion's registry alias has moved (or never will)
         self._registry_tried: float | None = None  # the last failed attempt to move it
+        # each says why the rollout may not move forward now (a measurement source that does
+        # not answer), or None; rollbacks and pauses are never held
+        self.blockers: list[Callable[[], str | None]] = []
+        self._blocked: tuple[str, str] | None = None  # (the hold said, the reason before it)
 
     def holds_lease(self) -> bool:
         """Whether this controller may decide now: always without a lease, else while it holds
@@ -482,7 +490,10 @@ class Controller:
         if not self.held:
             return None
         ctx = self.evaluate()
-        decision = self._decide(ctx)
+        blocked = self._blocker(ctx)
+        decision = self._decide(ctx, blocked)
+        if decision is None:
+            self._say_blocked(ctx, blocked)
         self._snapshot(ctx, decided=decision is not None)
         promoted = ctx.state.phase is Phase.PROMOTED or (
             decision is not None and decision.phase is Phase.PROMOTED)
@@ -546,10 +557,35 @@ class Controller:
                 lineage=record(ctx.state.plan_hash, ctx.state.artifacts)))
             self._snapshot_at = ctx.now
 
-    def _decide(self, ctx: TickContext) -> Decision | None:
+    def _blocker(self, ctx: TickContext) -> str | None:
+        """Why the rollout must not move forward this tick, while its guardrails run."""
+        if ctx.state.phase not in _JUDGING:
+            return None
+        for blocker in self.blockers:
+            why = blocker()
+            if why:
+                return why
+        return None
+
+    def _say_blocked(self, ctx: TickContext, blocked: str | None) -> None:
+        """Keep the state's reason saying why the rollout holds while a blocker holds it, and
+        put the reason before back once nothing does."""
+        if blocked is not None:
+            before = self._blocked[1] if self._blocked else ctx.state.reason
+            self._blocked = (blocked, before)
+            self._hold(ctx.state, blocked, ctx.now)
+        elif self._blocked is not None:
+            said, before = self._blocked
+            self._blocked = None
+            if ctx.state.reason == said:
+                self._hold(ctx.state, before, ctx.now)
+
+    def _decide(self, ctx: TickContext, blocked: str | None = None) -> Decision | None:
         if not ctx.intents:
             return None
         intent = min(ctx.intents, key=lambda i: _PRIORITY[i.action])
+        if blocked is not None and intent.action in _FORWARD:
+            return None  # the tick says why (_say_blocked); the next one tries again
         gate = confirm_gate(self.plan, ctx.state, intent)
         if gate is not None:
             go, said = ask_confirm(gate, confirm_body(

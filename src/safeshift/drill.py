@@ -204,8 +204,9 @@ def drill_plan(plan: Plan, name: str) -> tuple[Plan, str]:
     data["rollout"] = name
     data["stages"] = [held.model_dump(mode="json", exclude_none=True)]
     data["stages"][0].pop("reviews", None)
+    # Prometheus never scrapes a drill's in-process gateway: its guardrails would hold on no data
     data["guardrails"] = [g.model_dump(mode="json", exclude_none=True)
-                          for g in plan.guardrails if g.applies_to(held)]
+                          for g in plan.guardrails if g.applies_to(held) and g.prometheus is None]
     data.pop("notifications", None)  # a drill pages nobody
     # telemetry reaches the controller per closed window: a drill measures the rollback path
     # in seconds, so its windows are short (in production add up to one plan window)

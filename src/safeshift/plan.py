@@ -633,6 +633,7 @@ class Source(StrEnum):
     FEEDBACK = "feedback"  # labels and outcomes that arrive later
     SHADOW = "shadow"  # pairwise comparison of both answers to one input
     REPORT = "report"  # user issue reports per request
+    PROMETHEUS = "prometheus"  # one PromQL value per arm and interval (safeshift.promql)
 
 
 class MetricInfo(BaseModel):
@@ -662,6 +663,120 @@ OUTCOME_LIMIT = 1e9
 ±``OUTCOME_LIMIT`` unless a guardrail declares a narrower ``range``: the sequential tests keep
 running sums of squares, and one absurd value such as 1e308 would overflow them and freeze a
 guardrail (or swamp it)."""
+
+
+PROM_PLACEHOLDERS = ("arm", "version", "stage")
+"""What a Prometheus guardrail's query may name: ``{{arm}}`` (baseline, candidate or a
+challenger's name: the gateway's ``arm`` label), ``{{version}}`` (that arm's version label in
+the plan) and ``{{stage}}`` (the running stage's name)."""
+
+MIN_PROM_SAMPLES = 10
+"""Interval values per arm below which a Prometheus guardrail is not judged: each value is
+already an average over an interval's requests, so fewer are needed than requests, but the
+normal approximation of the test still needs some."""
+
+MAX_PROM_TIMEOUT = 30.0
+
+_PLACEHOLDER = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_PROM_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_PROM_RANGE = re.compile(r"\[\s*([^\]:]*?)\s*(?::[^\]]*)?\]")
+_PROM_DURATION = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
+_PROM_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0,
+              "y": 31536000.0}
+
+
+def prom_ranges(query: str) -> list[tuple[str, float]]:
+    """The range selectors (and subquery ranges) of a PromQL query, as written and in seconds,
+    string literals (where brackets mean regular expressions) left out."""
+    bare = _PROM_STRING.sub('""', _PLACEHOLDER.sub("x", query))
+    out = []
+    for m in _PROM_RANGE.finditer(bare):
+        text = m.group(1)
+        parts = _PROM_DURATION.findall(text)
+        if not text or "".join(n + u for n, u in parts) != text:
+            raise ValueError(f"[{text}] is not a PromQL duration: write it like 15s, 1m or 1m30s")
+        out.append((text, sum(int(n) * _PROM_UNIT[u] for n, u in parts)))
+    return out
+
+
+def _prom_timeout(seconds: float) -> float:
+    if seconds > MAX_PROM_TIMEOUT:
+        raise ValueError(f"at most {MAX_PROM_TIMEOUT:g}s: a Prometheus that takes longer is "
+                         "treated as unreachable (the rollout holds); 5s is typical")
+    return seconds
+
+
+def _prom_interval(seconds: float) -> float:
+    if seconds < 1.0:
+        raise ValueError("at least 1s: Prometheus scrapes every few seconds, so values read more "
+                         "often repeat the same scrapes")
+    return seconds
+
+
+class PrometheusQuery(_Strict):
+    """Where a guardrail's measurements come from when Prometheus has them: one PromQL instant
+    query per arm every ``interval``, each value one observation (see :mod:`safeshift.promql`
+    for what makes the test valid on such values)."""
+
+    url: WebhookUrl = Field(description="the Prometheus server, e.g. http://prometheus:9090")
+    query: str = Field(
+        min_length=1, max_length=4096,
+        description="PromQL returning one number for one arm, with {{arm}} (and optionally "
+        "{{version}}, {{stage}}) where the arm goes, e.g. 1000 * sum(rate(safeshift_model_"
+        "duration_seconds_sum{arm=\"{{arm}}\"}[15s])) / sum(rate(safeshift_model_duration_"
+        "seconds_count{arm=\"{{arm}}\"}[15s]))")
+    interval: Annotated[PositiveDuration, AfterValidator(_prom_interval)] = Field(
+        default=15.0, description="how often each arm's value is read: one observation per arm "
+        "and interval; no range selector in the query may be longer")
+    statistic: Literal["mean"] = Field(
+        default="mean", description="what the guardrail estimates from the interval values: "
+        "their mean over the stage, candidate against baseline")
+    min_samples: int = Field(
+        default=20, ge=MIN_PROM_SAMPLES, le=1_000_000,
+        description="interval values per arm before the guardrail is judged")
+    timeout: Annotated[PositiveDuration, AfterValidator(_prom_timeout)] = Field(
+        default=5.0, description="how long one query may take (at most 30s); an unanswered "
+        "query holds the rollout")
+    token_env: SecretEnv | None = Field(
+        default=None, description="environment variable holding a bearer token for Prometheus")
+
+    @field_validator("query")
+    @classmethod
+    def _template(cls, query: str) -> str:
+        names = _PLACEHOLDER.findall(query)
+        unknown = sorted({n for n in names if n not in PROM_PLACEHOLDERS})
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{{{unknown[0]}}}}}: the query may use "
+                             + ", ".join(f"{{{{{p}}}}}" for p in PROM_PLACEHOLDERS))
+        if not {"arm", "version"} & set(names):
+            raise ValueError("the query must tell the arms apart with {{arm}} (or {{version}}): "
+                             "without it both arms read the same series, and the comparison "
+                             "could never see a difference")
+        if any(ord(c) < 32 and c not in "\t\n\r" for c in query):
+            raise ValueError("the query has a control character; write it as plain text")
+        prom_ranges(query)  # a malformed range selector is named here
+        return query
+
+    @model_validator(mode="after")
+    def _windows(self) -> PrometheusQuery:
+        for text, seconds in prom_ranges(self.query):
+            if seconds > self.interval + 1e-9:
+                raise ValueError(
+                    f"the range [{text}] is longer than the interval "
+                    f"({format_duration(self.interval)}): consecutive values would share "
+                    "requests, so they are not independent and the test would be too sure; "
+                    f"make the range at most the interval (e.g. [{format_duration(self.interval)}])"
+                    " or the interval longer")
+        return self
+
+    def render(self, *, arm: str, version: str, stage: str) -> str:
+        """The query for one arm, its placeholders filled in."""
+        values = {"arm": arm, "version": version, "stage": stage}
+        return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.query)
+
+    def expected_samples(self, stage: Stage) -> float:
+        """Interval values per arm the stage is expected to give: the time scale of the test."""
+        return max(float(self.min_samples), stage.min_duration / self.interval)
 
 
 class Guardrail(_Strict):
@@ -700,6 +815,9 @@ class Guardrail(_Strict):
         default=None, description="outcome metrics sent as feedback only: the values an "
         f"outcome may take, [low, high] within ±{OUTCOME_LIMIT:g}; feedback outside is refused "
         f"(defaults to ±{OUTCOME_LIMIT:g})")
+    prometheus: PrometheusQuery | None = Field(
+        default=None, description="take the measurements from Prometheus (source: prometheus): "
+        "one PromQL value per arm and interval")
 
     @field_validator("range")
     @classmethod
@@ -722,7 +840,8 @@ class Guardrail(_Strict):
     @property
     def info(self) -> MetricInfo:
         builtin = BUILTIN_METRICS.get(self.metric)
-        source = self.source or (builtin.source if builtin else Source.FEEDBACK)
+        source = self.source or (Source.PROMETHEUS if self.prometheus is not None
+                                 else builtin.source if builtin else Source.FEEDBACK)
         bad = self.direction or (builtin.bad if builtin else Direction.INCREASE)
         rate = self.above is not None or (builtin.rate if builtin else False)
         return MetricInfo(source=source, bad=bad, rate=rate)
@@ -1270,6 +1389,7 @@ def semantic_problems(plan: Plan) -> list[Problem]:
             problems.append(Problem(where, _judges_nothing(plan, g)))
     problems += _duplicate_guardrails(plan)
     problems += _range_problems(plan)
+    problems += _prometheus_problems(plan)
     for kind in ("always_candidate", "never_candidate"):
         for key in getattr(plan.targeting, kind):
             if not key:
@@ -1371,6 +1491,40 @@ def _range_problems(plan: Plan) -> list[Problem]:
             problems.append(Problem(where, f"another guardrail on {g.metric!r} declares the range "
                                     f"[{low:g}, {high:g}]: an outcome has one range; give both "
                                     "the same"))
+    return problems
+
+
+def _prometheus_problems(plan: Plan) -> list[Problem]:
+    """A guardrail measured by Prometheus must be one whose test can be valid: its own metric
+    name (the gateway's built-in signals are measured per request), a mean of interval values
+    (no ``above``). It is judged on all traffic: Prometheus series carry no safeshift
+    segments."""
+    problems = []
+    sources: dict[str, set[Source]] = {}
+    for g in plan.guardrails:
+        sources.setdefault(g.metric, set()).add(g.info.source)
+    for i, g in enumerate(plan.guardrails):
+        where = f"guardrails.{i}"
+        if g.source is Source.PROMETHEUS and g.prometheus is None:
+            problems.append(Problem(f"{where}.prometheus", "required with source: prometheus: "
+                                    "{url: http://prometheus:9090, query: ...{{arm}}...}"))
+        if g.prometheus is None:
+            continue
+        if g.source is not None and g.source is not Source.PROMETHEUS:
+            problems.append(Problem(f"{where}.source", f"a guardrail with prometheus: takes its "
+                                    f"measurements from Prometheus, not from {g.source}; remove "
+                                    "source or write source: prometheus"))
+        if g.metric in BUILTIN_METRICS:
+            problems.append(Problem(f"{where}.metric", f"{g.metric!r} is measured by safeshift "
+                                    "itself, request by request; give the Prometheus "
+                                    "measurement a name of its own, e.g. p95_latency_ms"))
+        elif len(sources[g.metric]) > 1:
+            problems.append(Problem(f"{where}.metric", f"another guardrail measures {g.metric!r} "
+                                    "from another source; one name, one source: rename one"))
+        if g.above is not None:
+            problems.append(Problem(f"{where}.above", "a Prometheus value is judged as a mean of "
+                                    "interval values; write the share in PromQL instead (e.g. "
+                                    "the fraction of requests slower than 250ms) and compare it"))
     return problems
 
 

@@ -34,6 +34,7 @@ from safeshift.ops import Status
 from safeshift.plan import Plan, Retention
 from safeshift.probes import COHORT as PROBE_COHORT
 from safeshift.probes import ProbeRunner
+from safeshift.promql import PromSampler
 from safeshift.recorder import Recorder
 from safeshift.serving import INPUTS, Serving, failed, run_sync
 from safeshift.state import Action, Decision, Phase, RolloutState
@@ -80,6 +81,10 @@ class Rollout:
         self.serving = Serving(self)  # the serving steps and the candidates' protection
         self.probes = ProbeRunner(plan, self._call_candidate, self._observe_probe) \
             if plan.probes else None
+        self.promql: PromSampler | None = None  # guardrails measured by Prometheus
+        if any(g.prometheus is not None for g in plan.guardrails):
+            self.promql = PromSampler(plan, self._observe_value)
+            self.controller.blockers.append(self.promql.blocker)
 
     # -- construction -----------------------------------------------------------------
 
@@ -216,6 +221,22 @@ class Rollout:
                                self.clock.now()):
             self.flush()
 
+    def _sample(self) -> None:
+        """Read the Prometheus guardrails that are due (in the background; by the lease holder
+        only), and write the values read since the last tick at once."""
+        assert self.promql is not None
+        state = self.state()
+        if state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING) \
+                or state.stage_index < 0:
+            return
+        if self.promql.run_due(state.stage_index, current_variants(self.plan, state),
+                               self.clock.now()):
+            self.flush()
+
+    def _observe_value(self, stage: int, arm: str, signal: str, value: float) -> None:
+        agg = self.recorder.aggregator
+        agg.observe(agg.key(stage, arm, "hash", "", self.clock.now()), {signal: value})
+
     def _observe_probe(self, stage: int, variant: str, signal: str, failed: float) -> None:
         agg = self.recorder.aggregator
         agg.observe(agg.key(stage, variant, PROBE_COHORT, "", self.clock.now()), {signal: failed})
@@ -281,6 +302,8 @@ class Rollout:
         decision = self.controller.tick()
         if self.probes is not None and self.controller.held:
             self._probe()
+        if self.promql is not None and self.controller.held:
+            self._sample()
         self.refresh()  # also after quiet updates such as a bandit re-allocation
         now = self.clock.now()
         if now - self._purged_at >= PURGE_EVERY:
@@ -329,6 +352,8 @@ class Rollout:
     def close(self) -> None:
         if self._shadow is not None:
             self._shadow.stop()
+        if self.promql is not None:
+            self.promql.close()
         self.serving.close()
         self.flush()
         for m in self._models.values():

@@ -404,8 +404,10 @@ def simulate(plan: Plan, scenario: Scenario, *, seed: int = 1, rate: float = 20.
     # synthetic traffic: the plan's models are not loaded; labels arrive within minutes, so
     # request records need not be kept for the plan's (days-long) label window
     window = min(plan.serving.label_window, max(3600.0, 20 * scenario.label_delay))
-    # a simulated promotion moves no registry alias, and the synthetic models answer no probe
+    # a simulated promotion moves no registry alias, the synthetic models answer no probe, and
+    # no Prometheus measures them
     plan = plan.model_copy(update={
+        "guardrails": [g for g in plan.guardrails if g.prometheus is None],
         "rollout": f"{plan.rollout}-sim-{scenario.name}-{seed}",
         "serving": plan.serving.model_copy(update={"label_window": window}),
         "registry": plan.registry and plan.registry.model_copy(update={"promote_alias": None}),

@@ -128,6 +128,8 @@ class Gateway:
     def _close_all(self) -> int:
         written = 0
         for rollout in [*self.rollouts.values(), *self._foreign.values()]:
+            if rollout.promql is not None:
+                rollout.promql.close()
             try:
                 written += rollout.flush()
             except Exception as exc:
