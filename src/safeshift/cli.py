@@ -299,10 +299,15 @@ def drill(
         "--store", help="store URL or SQLite path for the drill copies (default: temporary)")
     ] = None,
     seed: Annotated[int, typer.Option("--seed")] = 1,
+    against: Annotated[str | None, typer.Option(
+        "--against", "--url", help="drill on this running safeshift serve (one replica's own "
+        "address; an admin token in $SAFESHIFT_TOKEN) instead of in this process")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Rehearse the rollback path on a sandboxed copy of the rollout: inject faults into the
-    candidate, drive traffic, report fault → decision, → last candidate answer, user errors."""
+    candidate, drive traffic, report fault → decision, → last candidate answer, user errors.
+    With --against, the copy runs on the server, on routes of its own: real users keep their
+    rollout and their assignment."""
     from safeshift.drill import FAULTS, FaultReport, run_drill
     from safeshift.errors import ModelLoadError
     from safeshift.plan import Plan
@@ -327,7 +332,15 @@ def drill(
 
     try:
         p = Plan.load(plan)
-        report = run_drill(p, faults, store=store, seed=seed, on_fault=told)
+        token = os.environ.get("SAFESHIFT_TOKEN")
+        if against is not None and store is not None:
+            fail("--store is for drills in this process; with --against the drill copy is in "
+                 "the server's store")
+        if against is not None and not token:
+            fail("--against needs an admin token in SAFESHIFT_TOKEN (an admin creates one with "
+                 "safeshift token create --role admin --name drills)")
+        report = run_drill(p, faults, store=store, seed=seed, on_fault=told, against=against,
+                           token=token)
     except (PlanError, ModelLoadError) as exc:
         fail(str(exc))
     except SafeshiftError as exc:

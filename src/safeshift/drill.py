@@ -41,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import httpx
 import numpy as np
 
 from safeshift import ops
@@ -50,10 +51,10 @@ from safeshift._units import BASIS_POINTS
 from safeshift.assign import BASELINE
 from safeshift.errors import PlanError, SafeshiftError
 from safeshift.models import ModelBackend, ModelResult, load_model
-from safeshift.models.base import Rows
+from safeshift.models.base import Rows, SyncBackend
 from safeshift.plan import DRILL_MARK, Plan, Source
 from safeshift.rollout import Rollout
-from safeshift.state import Action, Phase
+from safeshift.state import Action
 from safeshift.store import Store, open_store
 
 DRILL_WINDOW = 1.0
@@ -71,8 +72,10 @@ class Marked(dict[str, Any]):
     """A row of the faulted segment: the injector recognises it (models read it as a dict)."""
 
 
-class FaultInjector:
-    """A model backend wrapper that passes calls through until a fault is switched on."""
+class FaultInjector(SyncBackend):
+    """A model backend wrapper that passes calls through until a fault is switched on. It is
+    a synchronous backend, so a gateway runs it in the candidate's thread pool under its
+    timeout, as it would a scikit-learn model (a hang then ties up a thread, not the loop)."""
 
     def __init__(self, inner: ModelBackend) -> None:
         self.inner = inner
@@ -107,9 +110,6 @@ class FaultInjector:
         if fault == "latency":
             result.latency_ms = (time.perf_counter() - start) * 1000
         return result
-
-    async def apredict(self, rows: Rows) -> ModelResult:
-        return self.predict(rows)
 
     def close(self) -> None:
         self.release()
@@ -259,40 +259,227 @@ def _label_guardrail(plan: Plan) -> bool:
     return any(g.metric == "accuracy" and g.info.source is Source.FEEDBACK for g in plan.guardrails)
 
 
-class _Driver:
-    """Traffic from ``workers`` threads through ``Rollout.predict``, labels as feedback."""
+def fault_setup(copy: Plan, fault: str) -> tuple[float, str | None, str | None]:
+    """How ``fault`` is drilled on the drill copy: the latency fault's delay (seconds), the
+    segment attribute the wrong-segment fault hits, or why the fault cannot be drilled."""
+    timeout = copy.variant("candidate").timeout or copy.serving.candidate_timeout
+    if fault == "latency":
+        found, why = _latency_delay(copy, timeout)
+        return (0.0, None, why) if found is None else (found, None, None)
+    if fault == "wrong-segment":
+        if not copy.segments:
+            return 0.0, None, "the plan has no segments: a fault in one segment cannot be placed"
+        if not _label_guardrail(copy):
+            return 0.0, None, ("the plan has no accuracy guardrail fed by labels (source: "
+                               "feedback): wrong answers would not be seen")
+        return 0.0, copy.segments[0], None
+    return 0.0, None, None
 
-    def __init__(self, rollout: Rollout, rows: Sequence[dict[str, float]], truths: Sequence[Any],
-                 segment: str | None, rng: np.random.Generator, labels: bool) -> None:
-        self.rollout = rollout
+
+FAULTED_VALUE = "drill-1"
+"""The value of the faulted segment attribute in the drill's traffic (wrong-segment)."""
+
+
+def drill_context(plan: Plan, user: int) -> dict[str, str]:
+    """The drill traffic's context for ``user``: three values per segment attribute."""
+    return {attr: f"drill-{(user // (k + 1)) % 3}" for k, attr in enumerate(plan.segments)}
+
+
+def marked(rows: Sequence[Any], segment: str | None,
+           context: Mapping[str, Any] | None) -> list[Any]:
+    """``rows``, marked for the injector when they belong to the faulted segment."""
+    if segment is None or (context or {}).get(segment) != FAULTED_VALUE:
+        return list(rows)
+    return [Marked(r) if isinstance(r, dict) else r for r in rows]
+
+
+@dataclass(slots=True)
+class Answer:
+    """What one drill request got (a user-visible error raises instead)."""
+
+    arm: str
+    id: str
+    fallback: bool
+
+
+@dataclass(slots=True)
+class Finished:
+    """The drill copy at the end: its rollback (if any), the breaker, the audit log."""
+
+    rolled_back_at: float | None = None
+    reason: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    breaker_opened: bool = False
+    audit_ok: bool = False
+    audit: str = ""
+
+
+class Target(Protocol):
+    """Where a drill runs: in this process (:class:`LocalTarget`) or on a running gateway
+    (:class:`RemoteTarget`). The driving loop is the same."""
+
+    name: str
+
+    def predict(self, row: dict[str, Any], unit: str, context: dict[str, str]) -> Answer: ...
+
+    def feedback(self, items: list[dict[str, Any]]) -> None: ...
+
+    def inject(self) -> float: ...
+
+    def step(self) -> bool: ...
+
+    def finish(self) -> Finished: ...
+
+
+def finished(store: Store, name: str, *, breaker_opened: bool) -> Finished:
+    """The drill copy ``name``'s rollback and audit log, read from ``store``."""
+    back = [d for d in store.decisions(name)
+            if d.action is Action.ROLLBACK and d.actor == "controller"]
+    audit = ops.verify_audit(store, name)
+    events = ops.audit_events(store, name)
+    marked_ok = bool(events) and all(e.detail.get("drill") is True for e in events)
+    out = Finished(breaker_opened=breaker_opened, audit_ok=audit.ok and marked_ok,
+                   audit=audit.message if marked_ok else "audit events are not marked as a drill")
+    if back:
+        out.rolled_back_at, out.reason, out.evidence = back[0].at, back[0].reason, back[0].evidence
+    return out
+
+
+class LocalTarget:
+    """The drill copy in this process: the plan's real models, the candidate wrapped in a
+    :class:`FaultInjector`, served by :meth:`Rollout.predict` and decided by its ticks."""
+
+    def __init__(self, copy: Plan, fault: str, store: Store, *, seed: int) -> None:
+        self.name = copy.rollout
+        self.store = store
+        self.delay, self.segment, _ = fault_setup(copy, fault)
+        self.fault = fault
+        baseline = load_model(copy.baseline.model, copy.base_dir)
+        self.injector = FaultInjector(load_model(copy.candidate.model, copy.base_dir))
+        self.rollout = Rollout.from_plan(copy, store=store, models={
+            BASELINE: baseline, "candidate": self.injector}, salt_seed=f"drill-{seed}")
+
+    def predict(self, row: dict[str, Any], unit: str, context: dict[str, str]) -> Answer:
+        rows = marked([row], self.segment, context)
+        p = self.rollout.predict(rows[0], unit=unit, context=context)
+        return Answer(p.arm, p.id, p.fallback is not None)
+
+    def feedback(self, items: list[dict[str, Any]]) -> None:
+        self.rollout.flush()
+        with contextlib.suppress(SafeshiftError):  # past its window: nothing to join
+            self.rollout.feedback_many(items, source="drill")
+
+    def inject(self) -> float:
+        self.injector.inject(self.fault, delay=self.delay)
+        return time.time()
+
+    def step(self) -> bool:
+        decision = self.rollout.tick()
+        return decision is not None and decision.action is Action.ROLLBACK
+
+    def finish(self) -> Finished:
+        self.injector.release()
+        opened = self.rollout.serving.guards["candidate"].breaker.opened > 0
+        self.rollout.close()
+        return finished(self.store, self.name, breaker_opened=opened)
+
+
+class DrillServerError(SafeshiftError):
+    """The gateway refused or failed a drill request (exit 1; its message says why)."""
+
+
+def _answer(r: httpx.Response, what: str) -> Any:
+    if r.status_code >= 400:
+        try:
+            message = r.json().get("error", r.text)
+        except ValueError:
+            message = r.text
+        raise DrillServerError(f"{what}: HTTP {r.status_code}: {str(message)[:500]}")
+    return r.json()
+
+
+class RemoteTarget:
+    """A drill copy on a running gateway (:mod:`safeshift.gateway.drills`): made, served,
+    faulted and ended through its admin routes, decided by the gateway's own controller task.
+    Times are the caller's: the server's decision time is shifted by the difference between
+    the two clocks at the moment the fault went on."""
+
+    def __init__(self, client: httpx.Client, plan: Plan, fault: str, *, seed: int) -> None:
+        self.client = client
+        doc = _answer(client.post("/v1/drills", json={
+            "endpoint": plan.endpoint, "plan": plan.hash, "fault": fault, "seed": seed}),
+            f"starting a {fault} drill")
+        self.name: str = doc["rollout"]
+        self._offset = 0.0  # the caller's clock minus the server's
+
+    def predict(self, row: dict[str, Any], unit: str, context: dict[str, str]) -> Answer:
+        r = self.client.post(f"/v1/drills/{self.name}/predict",
+                             json={"unit": unit, "inputs": row, "context": context})
+        if r.status_code != 200:
+            raise DrillServerError(f"HTTP {r.status_code}")  # a user would see it
+        doc = r.json()
+        return Answer(doc["arm"], doc["id"], bool(doc["fallback"]))
+
+    def feedback(self, items: list[dict[str, Any]]) -> None:
+        for k in range(0, len(items), 1000):
+            _answer(self.client.post(f"/v1/drills/{self.name}/feedback",
+                                     json=items[k:k + 1000]), "sending the drill's labels")
+
+    def inject(self) -> float:
+        doc = _answer(self.client.post(f"/v1/drills/{self.name}/fault"), "injecting the fault")
+        now = time.time()
+        self._offset = now - float(doc["injected_at"])
+        return now
+
+    def step(self) -> bool:
+        doc = _answer(self.client.get(f"/v1/rollouts/{self.name}"), "reading the drill's status")
+        return bool(doc.get("phase") == "rolled_back")
+
+    def finish(self) -> Finished:
+        ended = _answer(self.client.delete(f"/v1/drills/{self.name}"), "ending the drill")
+        history = _answer(self.client.get(f"/v1/rollouts/{self.name}/history"),
+                          "reading the drill's decisions")
+        audit = _answer(self.client.get(f"/v1/rollouts/{self.name}/audit"),
+                        "reading the drill's audit log")
+        events = audit.get("events") or []
+        marked_ok = bool(events) and all((e.get("detail") or {}).get("drill") is True
+                                         for e in events)
+        out = Finished(breaker_opened=bool(ended.get("breaker_opened")),
+                       audit_ok=bool(audit.get("verified")) and marked_ok,
+                       audit=str(audit.get("message")) if marked_ok
+                       else "audit events are not marked as a drill")
+        back = [d for d in history if d["action"] == "rollback" and d["actor"] == "controller"]
+        if back:
+            out.rolled_back_at = float(back[0]["at"]) + self._offset
+            out.reason, out.evidence = back[0]["reason"], back[0].get("evidence") or {}
+        return out
+
+
+class _Driver:
+    """Traffic from ``workers`` threads through the target, labels sent as feedback."""
+
+    def __init__(self, target: Target, plan: Plan, rows: Sequence[dict[str, float]],
+                 truths: Sequence[Any], rng: np.random.Generator, labels: bool) -> None:
+        self.target = target
+        self.plan = plan
         self.rows = rows
         self.truths = truths
-        self.segment = segment
         self.labels = labels
         self.seeds = rng.integers(0, 2**31, size=64).tolist()
         self.lock = threading.Lock()
         self.pending: list[dict[str, Any]] = []
         self.requests = self.candidate = self.fallbacks = self.errors = 0
         self.last_candidate = 0.0
-        self.fault_at: float | None = None
         self.stop = threading.Event()
-
-    def context(self, user: int) -> dict[str, str]:
-        ctx = {}
-        for k, attr in enumerate(self.rollout.plan.segments):
-            ctx[attr] = f"drill-{(user // (k + 1)) % 3}"
-        return ctx
 
     def work(self, worker: int) -> None:
         rng = np.random.default_rng(self.seeds[worker % len(self.seeds)])
         while not self.stop.is_set():
             user = int(rng.integers(0, 5000))
             i = int(rng.integers(0, len(self.rows)))
-            ctx = self.context(user)
-            hit = self.segment is not None and ctx.get(self.segment) == "drill-1"
-            row = Marked(self.rows[i]) if hit else dict(self.rows[i])
             try:
-                p = self.rollout.predict(row, unit=f"drill-user-{user}", context=ctx)
+                p = self.target.predict(dict(self.rows[i]), f"drill-user-{user}",
+                                        drill_context(self.plan, user))
             except Exception:  # anything a user would see as a failed request
                 with self.lock:
                     self.requests += 1
@@ -314,97 +501,73 @@ class _Driver:
         with self.lock:
             due, self.pending = self.pending, []
         if due:
-            self.rollout.flush()
-            with contextlib.suppress(SafeshiftError):  # past its window: nothing to join
-                self.rollout.feedback_many(due, source="drill")
+            self.target.feedback(due)
 
 
-def drill_fault(plan: Plan, fault: str, store: Store, *, rows: Sequence[dict[str, float]],
-                truths: Sequence[Any], seed: int, warmup: float, bound: float,
-                tick_every: float = 0.25, workers: int = 4) -> FaultReport:
-    """Drill one fault on a fresh copy of ``plan`` in ``store``."""
-    name = drill_name(plan.rollout, fault, time.time())
-    copy, _ = drill_plan(plan, name)
-    report = FaultReport(fault, rollout=name)
-    timeout = copy.variant("candidate").timeout or copy.serving.candidate_timeout
-    delay = 0.0
-    segment = None
-    if fault == "latency":
-        found, why = _latency_delay(copy, timeout)
-        if found is None:
-            report.skipped = why
-            return report
-        delay = found
-    if fault == "wrong-segment":
-        if not copy.segments:
-            report.skipped = "the plan has no segments: a fault in one segment cannot be placed"
-            return report
-        if not _label_guardrail(copy):
-            report.skipped = ("the plan has no accuracy guardrail fed by labels (source: "
-                              "feedback): wrong answers would not be seen")
-            return report
-        segment = copy.segments[0]
-    baseline = load_model(copy.baseline.model, copy.base_dir)
-    injector = FaultInjector(load_model(copy.candidate.model, copy.base_dir))
-    rollout = Rollout.from_plan(copy, store=store, models={BASELINE: baseline,
-                                                           "candidate": injector},
-                                salt_seed=f"drill-{seed}")
-    driver = _Driver(rollout, rows, truths, segment, np.random.default_rng(seed),
+def drive(target: Target, copy: Plan, fault: str, *, rows: Sequence[dict[str, float]],
+          truths: Sequence[Any], seed: int, warmup: float, bound: float,
+          tick_every: float = 0.25, workers: int = 4) -> FaultReport:
+    """Drill one fault on ``target``: healthy traffic for ``warmup`` seconds, the fault, then
+    traffic until the copy is rolled back (or ``bound`` seconds pass)."""
+    report = FaultReport(fault, rollout=target.name)
+    driver = _Driver(target, copy, rows, truths, np.random.default_rng(seed),
                      labels=_label_guardrail(copy))
     pool = ThreadPoolExecutor(workers, thread_name_prefix="safeshift-drill")
     futures = [pool.submit(driver.work, w) for w in range(workers)]
+    injected: float | None = None
+    outcome = Finished()
     try:
         start = time.time()
-        injected: float | None = None
         while True:
             time.sleep(tick_every)
-            now = time.time()
-            if injected is None and now - start >= warmup:
-                injector.inject(fault, delay=delay)
-                injected = driver.fault_at = time.time()
+            if injected is None and time.time() - start >= warmup:
+                injected = target.inject()
                 with driver.lock:
                     driver.last_candidate = 0.0
             driver.feedback()
-            decision = rollout.tick()
-            if decision is not None and decision.action is Action.ROLLBACK:
-                if injected is None:
-                    report.early = decision.reason
-                break
-            if injected is not None and time.time() - injected >= bound:
+            if target.step() or (injected is not None and time.time() - injected >= bound):
                 break
         # keep driving a moment: the last candidate answer is measured after the decision too
         time.sleep(max(0.5, 2 * tick_every))
     finally:
         driver.stop.set()
-        injector.release()
         for f in futures:
             f.result()
         pool.shutdown()
         driver.feedback()
-        guard = rollout.serving.guards["candidate"]
-        report.breaker_opened = guard.breaker.opened > 0
-        rollout.close()
-    state = store.get_state(name)
-    decisions = store.decisions(name)
-    back = [d for d in decisions if d.action is Action.ROLLBACK]
+        outcome = target.finish()
+    report.breaker_opened = outcome.breaker_opened
     report.requests = driver.requests
     report.candidate_answers = driver.candidate
     report.fallbacks = driver.fallbacks
     report.user_errors = driver.errors
-    report.rolled_back = state.phase is Phase.ROLLED_BACK and injected is not None
-    if back and injected is not None:
-        report.decision_s = back[0].at - injected
-        report.reason = back[0].reason
-        report.caught_by = _caught_by(back[0].evidence, report.breaker_opened)
+    report.audit_ok, report.audit = outcome.audit_ok, outcome.audit
+    back = outcome.rolled_back_at
+    if back is not None and (injected is None or back < injected):
+        report.early = outcome.reason
+    elif back is not None and injected is not None:
+        report.rolled_back = True
+        report.decision_s = back - injected
+        report.reason = outcome.reason
+        report.caught_by = _caught_by(outcome.evidence, report.breaker_opened)
     if injected is not None:
         last = driver.last_candidate
         report.last_candidate_s = (last - injected) if last else 0.0
-    audit = ops.verify_audit(store, name)
-    events = ops.audit_events(store, name)
-    marked = bool(events) and all(e.detail.get("drill") is True for e in events)
-    report.audit_ok = audit.ok and marked
-    report.audit = audit.message if marked else "audit events are not marked as a drill"
     return report
+
+
+def drill_fault(plan: Plan, fault: str, store: Store, *, rows: Sequence[dict[str, float]],
+                truths: Sequence[Any], seed: int, warmup: float, bound: float,
+                tick_every: float = 0.25, workers: int = 4) -> FaultReport:
+    """Drill one fault on a fresh copy of ``plan`` in ``store``, in this process."""
+    name = drill_name(plan.rollout, fault, time.time())
+    copy, _ = drill_plan(plan, name)
+    _, _, skipped = fault_setup(copy, fault)
+    if skipped is not None:
+        return FaultReport(fault, rollout=name, skipped=skipped)
+    return drive(LocalTarget(copy, fault, store, seed=seed), copy, fault, rows=rows,
+                 truths=truths, seed=seed, warmup=warmup, bound=bound, tick_every=tick_every,
+                 workers=workers)
 
 
 def _caught_by(evidence: Mapping[str, Any], breaker: bool) -> str:
@@ -420,8 +583,10 @@ def _caught_by(evidence: Mapping[str, Any], breaker: bool) -> str:
 
 def run_drill(plan: Plan, faults: Sequence[str] = FAULTS, *, store: str | None = None,
               seed: int = 1, warmup: float = 2.0, bound: float = 30.0,
-              on_fault: Callable[[FaultReport], None] | None = None) -> DrillReport:
-    """Drill each of ``faults`` on its own copy of ``plan`` (see the module's docstring)."""
+              on_fault: Callable[[FaultReport], None] | None = None,
+              against: str | None = None, token: str | None = None) -> DrillReport:
+    """Drill each of ``faults`` on its own copy of ``plan`` (see the module's docstring): in
+    this process, or with ``against`` on the gateway at that URL (``token``: an admin's)."""
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
         raise DrillInputError(f"unknown fault {unknown[0]!r}; use one of {', '.join(FAULTS)} "
@@ -432,6 +597,9 @@ def run_drill(plan: Plan, faults: Sequence[str] = FAULTS, *, store: str | None =
         rows, truths = drill_inputs(baseline)
     finally:
         baseline.close()
+    if against is not None:
+        return _run_remote(plan, faults, against, token, stage=stage, rows=rows, truths=truths,
+                           seed=seed, warmup=warmup, bound=bound, on_fault=on_fault)
     tmp: tempfile.TemporaryDirectory[str] | None = None
     if store is None:
         tmp = tempfile.TemporaryDirectory(prefix="safeshift-drill-")
@@ -451,4 +619,27 @@ def run_drill(plan: Plan, faults: Sequence[str] = FAULTS, *, store: str | None =
         opened.close()
         if tmp is not None:
             tmp.cleanup()
+    return report
+
+
+def _run_remote(plan: Plan, faults: Sequence[str], url: str, token: str | None, *, stage: str,
+                rows: Sequence[dict[str, float]], truths: Sequence[Any], seed: int,
+                warmup: float, bound: float,
+                on_fault: Callable[[FaultReport], None] | None) -> DrillReport:
+    traffic = next(s.traffic for s in plan.stages if s.name == stage) / BASIS_POINTS
+    report = DrillReport(plan.rollout, f"{url} (the gateway's store)", stage, traffic)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0) as client:
+        for k, fault in enumerate(faults):
+            copy, _ = drill_plan(plan, drill_name(plan.rollout, fault, time.time()))
+            _, _, skipped = fault_setup(copy, fault)
+            if skipped is not None:
+                r = FaultReport(fault, skipped=skipped)
+            else:
+                target = RemoteTarget(client, plan, fault, seed=seed + k)
+                r = drive(target, copy, fault, rows=rows, truths=truths, seed=seed + k,
+                          warmup=warmup, bound=bound)
+            report.faults.append(r)
+            if on_fault is not None:
+                on_fault(r)
     return report

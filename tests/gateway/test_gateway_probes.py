@@ -38,6 +38,7 @@ def test_a_failing_probe_rolls_back_the_served_candidate(tmp_path: Path) -> None
         assert {c.post("/v1/endpoints/churn/predict", json={"unit": u, "inputs": {"x": 1}}
                        ).json()["arm"] for u in units} == {BASELINE}
         # the probe calls are not requests: every candidate request counted was a user's
+        app.gateway.flush_all()  # what the flush task has not written yet
         counted = sum(r.n for r in rollout.store.telemetry("churn-v2", 0)
                       if r.arm == CANDIDATE and r.signal == "requests")
         assert counted == answers.count(CANDIDATE)

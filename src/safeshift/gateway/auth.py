@@ -42,7 +42,7 @@ DASHBOARD: Final = "dashboard"
 sends the browser to sign in) and each page checks the role it needs."""
 _OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live",
                          "/v2/health/ready", "/openapi.json", "/docs", "/docs/oauth2-redirect"})
-_CONTROL = ("/v1/rollouts", "/v1/tokens", "/v1/denials")
+_CONTROL = ("/v1/rollouts", "/v1/tokens", "/v1/denials", "/v1/drills")
 _DASHBOARD_OPEN = ("/ui/static/", "/ui/login", "/favicon.ico")
 _SCOPE_KEY = "safeshift.principal"
 

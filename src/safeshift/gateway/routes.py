@@ -16,6 +16,7 @@ from safeshift.gateway import handlers, schemas
 from safeshift.gateway._http import BodyTooLarge, HTTPError, Scope, request_id
 from safeshift.gateway.bodies import MAX_DEPTH
 from safeshift.gateway.control import build_control
+from safeshift.gateway.drills import build_drills
 from safeshift.gateway.logs import gateway_logger
 from safeshift.gateway.metrics import CONTENT_TYPE
 from safeshift.gateway.runtime import Gateway
@@ -189,6 +190,7 @@ def build_api(gw: Gateway) -> FastAPI:
         return api.openapi_schema
 
     build_control(gw, api)
+    build_drills(gw, api)
     api.openapi = openapi  # type: ignore[method-assign]
     return api
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import threading
@@ -32,6 +33,7 @@ from safeshift.controller import Lease
 from safeshift.errors import SafeshiftError
 from safeshift.gateway._http import HTTPError
 from safeshift.gateway.auth import DenialLog
+from safeshift.gateway.drills import DRILL_TTL, ServedDrill
 from safeshift.gateway.logs import flush_logs, gateway_logger
 from safeshift.gateway.metrics import GatewayMetrics
 from safeshift.gateway.serving import Endpoint, cached_split
@@ -67,6 +69,7 @@ class Gateway:
             self.endpoints[ep.name] = ep
             self.rollouts[rollout.plan.rollout] = rollout
         self._foreign: dict[str, Rollout] = {}  # rollouts met only through feedback
+        self.drills: dict[str, ServedDrill] = {}  # drill copies served here (gateway.drills)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         lease = Lease(self.holder, max(settings.controller_lease, 3 * tick_interval))
         for rollout in rollouts:
@@ -127,6 +130,10 @@ class Gateway:
 
     def _close_all(self) -> int:
         written = 0
+        for drill in self.drills.values():
+            with contextlib.suppress(Exception):
+                drill.end("drill over: the gateway stopped")
+        self.drills.clear()
         for rollout in [*self.rollouts.values(), *self._foreign.values()]:
             if rollout.promql is not None:
                 rollout.promql.close()
@@ -220,7 +227,15 @@ class Gateway:
             flush_logs()
 
     async def tick(self) -> list[Decision]:
-        """One controller tick for every rollout (what the controller task runs)."""
+        """One controller tick for every rollout (what the controller task runs), drill
+        copies included (a drill older than its time to live is ended)."""
+        for name, drill in list(self.drills.items()):
+            if time.monotonic() - drill.started > DRILL_TTL:
+                del self.drills[name]
+                await self._run(functools.partial(
+                    drill.end, f"drill over: nobody ended it within {DRILL_TTL:.0f} s"))
+            else:
+                await self._run(drill.rollout.tick)
         decisions = []
         for ep in self.endpoints.values():
             decision = await self._run(ep.rollout.tick)
