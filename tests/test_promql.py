@@ -263,3 +263,18 @@ def test_the_reason_comes_back_when_prometheus_answers_again() -> None:
     rollout.promql.problems.clear()
     rollout.tick()
     assert rollout.state().reason == before
+
+
+def test_plan_duration_counts_interval_values_not_requests() -> None:
+    from safeshift.duration import estimate_durations
+
+    plan = prom_plan(guard(prometheus={"url": "http://p", "query": QUERY, "interval": "30s",
+                                       "min_samples": 20}),
+                     stages=[{"name": "canary", "traffic": "50%", "min_duration": "1m"},
+                             {"name": "full", "traffic": "100%"}])
+    fast, slow = (estimate_durations(plan, rate, {"p95_ms": (120.0, 3.0)}) for rate in (1000, 1))
+    est = [next(g for g in report.stages[0].guardrails if g.guardrail == "p95_ms")
+           for report in (fast, slow)]
+    # the request rate changes nothing: twenty values, one every 30 s, at the least
+    assert est[0].seconds == est[1].seconds == 600.0
+    assert est[0].n_candidate == 20

@@ -247,7 +247,8 @@ class _Model:
 
     def __init__(self, *, var_b: float, var_c: float, obs_b: float, obs_c: float,
                  margin: float, one_arm: bool, n_star: float, alpha: float,
-                 scale: float = 1.0) -> None:
+                 scale: float = 1.0, min_n: float = MIN_GLOBAL_SAMPLES) -> None:
+        self.min_n = min_n  # observations per arm before the engine judges at all
         self.var_b, self.var_c = var_b, var_c
         self.obs_b, self.obs_c = obs_b, obs_c
         self.margin = margin
@@ -277,9 +278,9 @@ class _Model:
         return self.margin / se - m
 
     def floor(self) -> float:
-        """Seconds until the engine judges at all (MIN_GLOBAL_SAMPLES per arm)."""
+        """Seconds until the engine judges at all (``min_n`` per arm)."""
         rates = [self.obs_c] if self.one_arm else [self.obs_b, self.obs_c]
-        return MIN_GLOBAL_SAMPLES / min(rates)
+        return self.min_n / min(rates)
 
 
 def _solve(models: list[_Model], power: float) -> float:
@@ -311,13 +312,18 @@ def _model(plan: Plan, stage: Stage, g: Guardrail, est: GuardrailEstimate, n_sta
     obs_b, obs_c = _arm_rates(stage, rate)
     if info.source is Source.FEEDBACK:
         obs_b, obs_c = obs_b * label_share, obs_c * label_share
+    min_n = float(MIN_GLOBAL_SAMPLES)
+    if g.prometheus is not None:  # one value per arm and interval, whatever the traffic
+        obs_b = obs_c = 1.0 / g.prometheus.interval
+        n_star = 2.0 * g.prometheus.expected_samples(stage)
+        min_n = float(g.prometheus.min_samples)
     if est.kind == "bound":
         upper = g.max is not None or (g.min is None and info.bad is Direction.INCREASE)
         limit = float(g.max if g.max is not None else g.min if g.min is not None
                       else g.tolerance or 0.0)
         est.margin = limit - level if upper else level - limit
         return _Model(var_b=var, var_c=var, obs_b=obs_b, obs_c=obs_c, margin=est.margin,
-                      one_arm=True, n_star=n_star, alpha=plan.analysis.alpha)
+                      one_arm=True, n_star=n_star, alpha=plan.analysis.alpha, min_n=min_n)
     scale = 1.0
     if g.relative_tolerance is not None:
         est.margin = g.relative_tolerance / BASIS_POINTS
@@ -328,7 +334,7 @@ def _model(plan: Plan, stage: Stage, g: Guardrail, est: GuardrailEstimate, n_sta
         est.margin = 0.0
     return _Model(var_b=var, var_c=var, obs_b=obs_b, obs_c=obs_c, margin=est.margin,
                   one_arm=False, n_star=n_star, alpha=plan.analysis.alpha,
-                  scale=scale if scale > 0 else 1.0)
+                  scale=scale if scale > 0 else 1.0, min_n=min_n)
 
 
 def _estimate_stage(plan: Plan, index: int, rate: float, baselines: Mapping[str, Level],
@@ -394,6 +400,9 @@ def _estimate_stage(plan: Plan, index: int, rate: float, baselines: Mapping[str,
         est.n_baseline = None if kind == "bound" else _ceil(n_b)
         if not math.isfinite(seconds):
             est.note = "needs more than ten years"
+        elif g.prometheus is not None:
+            est.note = (f"interval values from Prometheus, one per arm every "
+                        f"{format_duration(g.prometheus.interval)} (sd: of one value)")
         models[g.key] = model
     finite = [e for e in out.guardrails if e.seconds is not None]
     if finite:
