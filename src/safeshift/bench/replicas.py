@@ -17,8 +17,9 @@ sooner than that may reach a replica that cannot find the record yet, and gets a
 
 The rollout's stages are short (their ``min_duration`` a share of the window) so that the
 controller advances them during the load on its own evidence (error rate, a non-inferiority
-test); the third stage holds, and once it has run a while (or at 70 % of the window at the
-latest) an operator rolls the rollout back through the control API, through nginx.
+test); the third stage holds, and once it has run a while (or at 70 % of the window once a
+stage has advanced, 85 % at the latest) an operator rolls the rollout back through the control
+API, through nginx.
 
 Measured:
 
@@ -468,6 +469,7 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
     from safeshift.bench.gateway import train
     from safeshift.client import Client
     from safeshift.clock import SystemClock
+    from safeshift.state import Action
     from safeshift.store import SQLStore
 
     def say(text: str) -> None:
@@ -557,7 +559,8 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
             rss_start = {r.name: rss_mb(r.proc.pid) for r in reps}
         if not rss_mid and now - window_start >= warmup + (duration - warmup) / 2:
             rss_mid = {r.name: rss_mb(r.proc.pid) for r in reps}
-        for d in store.decisions(ROLLOUT):
+        decided = store.decisions(ROLLOUT)
+        for d in decided:
             if d.seq not in seen:
                 seen.add(d.seq)
                 if d.at >= window_start:
@@ -567,8 +570,10 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
         state = store.get_state(ROLLOUT)
         if state.stage_index == HELD_STAGE and held_since is None:
             held_since = now
+        advanced = any(d.action is Action.ADVANCE for d in decided)
+        elapsed = now - window_start
         due = (held_since is not None and now - held_since >= duration * 0.1) \
-            or now - window_start >= duration * 0.7
+            or (elapsed >= duration * 0.7 and advanced) or elapsed >= duration * 0.85
         if rolled_back_at is None and due and not state.phase.terminal:
             with Client(url, token=tokens["bench-operator"]) as operator:
                 operator.act(ROLLOUT, "rollback", reason="bench: an operator rolls back under load")
