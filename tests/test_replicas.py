@@ -24,7 +24,7 @@ from safeshift.bench._postgres import PostgresUnavailable
 
 def _require_nginx() -> None:
     try:
-        replicas._nginx()
+        replicas.find_nginx()
     except replicas.BenchError as exc:
         pytest.fail(str(exc))
 
@@ -87,13 +87,19 @@ def test_nginx_config_passes_client_address_and_request_id_and_skips_a_dead_repl
                                         "x-forwarded-for": "198.51.100.7"})
                 statuses.append(r.status_code)
                 assert r.headers["x-request-id"] == f"client-id-{i}"
+            # a body beyond nginx's memory buffer (16 KiB) goes through its temporary files,
+            # which its workers (nobody, when nginx runs as root) must be able to write
+            big = httpx.post(f"{front}/v1/endpoints/score/predict",
+                             json={"unit": "u-big", "inputs": [{"x": 1}] * 3000})
+            assert big.status_code == 200, (big.text, (tmp_path / "error.log").read_text())
+            assert len(big.json()["outputs"]) == 3000
             # the access log is written in batches; a stopped server has written it all
     assert statuses == [200] * 4
     access = [json.loads(line) for line in log.read_text().splitlines()
               if '"safeshift.access"' in line and "/predict" in line]
-    assert len(access) == 4
+    assert len(access) == 5
     # uvicorn believes X-Forwarded-For from nginx on loopback: the client's network is logged
     # (truncated to its /24), not nginx's address
-    assert {a["client"] for a in access} == {"198.51.100.0"}
+    assert {a["client"] for a in access[:4]} == {"198.51.100.0"}
     nginx_log = (tmp_path / "access.log").read_text()
     assert "id=client-id-3" in nginx_log  # nginx's line names the id the replica answered with

@@ -106,10 +106,12 @@ def render(replicas: Sequence[str], *, listen: str = "80", access_log: str = "/v
             .replace("__ACCESS_LOG__", access_log))
 
 
-def main_config(site: str, *, prefix: str) -> str:
+def main_config(site: str, *, prefix: str, temp: str | None = None) -> str:
     """A whole nginx.conf around a ``site`` file, for ``nginx -p PREFIX -c FILE`` run as a
-    process of its own (the benchmark, the tests): no daemon, pid, logs and temporary files
-    under ``prefix``, nothing of the system's nginx touched."""
+    process of its own (the benchmark, the tests): no daemon, pid and logs under ``prefix``,
+    the files nginx buffers bodies in under ``temp`` (default ``prefix``; as root its workers
+    run as ``nobody``, who must be able to reach it), nothing of the system's nginx touched."""
+    t = temp or prefix
     return f"""\
 daemon off;
 worker_processes 1;
@@ -117,11 +119,11 @@ pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
+    client_body_temp_path {t}/client_body;
+    proxy_temp_path {t}/proxy;
+    fastcgi_temp_path {t}/fastcgi;
+    uwsgi_temp_path {t}/uwsgi;
+    scgi_temp_path {t}/scgi;
     include {site};
 }}
 """

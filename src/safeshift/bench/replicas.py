@@ -70,6 +70,8 @@ LABEL_DELAY = 2.0
 """Seconds between an answer and its label."""
 LABEL_SHARE = 0.3
 """Share of the answers that get a label."""
+LABEL_BATCH = 200
+"""Labels sent in one request at most (those due at once)."""
 FLUSH_INTERVAL = 0.5
 """``SAFESHIFT_FLUSH_INTERVAL`` of the replicas: request records reach the store this soon."""
 LEASE = 5.0
@@ -78,6 +80,12 @@ TICK = 1.0
 """``--tick`` of the replicas."""
 QUICK = 15.0
 """The window of ``--quick`` (the test's)."""
+LAG_TARGET = 1.0
+"""Seconds within which every replica shows a stage change."""
+FAILOVER_TARGET = 10.0
+"""Seconds within which another replica holds the lease after the holder's SIGKILL."""
+RSS_FLAT = 0.02
+"""The most a replica's RSS may grow over the second half of the window, as a share."""
 UNITS = 20_000
 COUNTRIES = ("BR", "US", "DE", "FR", "IN")
 NGINX_HINT = "apt-get install -y nginx"
@@ -96,7 +104,7 @@ def _free_port() -> int:
     return free_port()
 
 
-def _nginx() -> str:
+def find_nginx() -> str:
     found = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
     if found is None:
@@ -156,27 +164,34 @@ def rss_mb(pid: int) -> float:
 def nginx_process(replicas: list[str], directory: Path, *, nginx: str | None = None
                   ) -> Iterator[str]:
     """nginx in front of ``replicas`` (``host:port``) with the configuration of
-    :func:`safeshift.nginx.render`, as a process of its own whose files are all in
-    ``directory`` (its access log ``access.log``); yields its URL once it answers, stops it."""
+    :func:`safeshift.nginx.render`, as a process of its own: its configuration and logs in
+    ``directory`` (the access log ``access.log``), the request bodies it buffers in a
+    directory of its own that its workers can reach (as root they run as ``nobody``, and
+    ``directory`` may be private), deleted at the end. Yields its URL once it answers."""
     from safeshift.nginx import main_config, render
 
-    binary = nginx or _nginx()
+    binary = nginx or find_nginx()
     site = directory / "safeshift-site.conf"
     port = _free_port()
     site.write_text(render(replicas, listen=f"127.0.0.1:{port}",
                            access_log=str(directory / "access.log")))
+    temp = Path(tempfile.mkdtemp(prefix="safeshift-nginx-"))
+    temp.chmod(0o711)  # the workers may pass through it to the directories nginx makes there
     conf = directory / "nginx.conf"
-    conf.write_text(main_config(str(site), prefix=str(directory)))
+    conf.write_text(main_config(str(site), prefix=str(directory), temp=str(temp)))
     log = directory / "nginx.out"
-    with log.open("w") as sink:
-        proc = subprocess.Popen([binary, "-p", str(directory), "-c", str(conf), "-e",
-                                 str(directory / "error.log")], stdout=sink, stderr=sink)
     try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_ready(url + "/readyz", proc, log, "nginx")
-        yield url
+        with log.open("w") as sink:
+            proc = subprocess.Popen([binary, "-p", str(directory), "-c", str(conf), "-e",
+                                     str(directory / "error.log")], stdout=sink, stderr=sink)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_ready(url + "/readyz", proc, log, "nginx")
+            yield url
+        finally:
+            _stop(proc)
     finally:
-        _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @dataclass
@@ -345,68 +360,127 @@ class Trickle:
 # -- the load (a process of its own) --------------------------------------------------------
 
 
-async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
-    import httpx
+class _Connection:
+    """One keep-alive HTTP/1.1 connection on asyncio streams: a request at a time, reopened
+    when the server closes it. Lean on purpose (httpx costs the load generator ~3 ms of CPU a
+    request, which the replicas, on the same cores, would pay for); it reads what nginx sends:
+    a status line, headers with ``Content-Length``, a body."""
 
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes, authorization: str) -> tuple[int, bytes]:
+        """Send one POST; returns (status, body). A connection that fails is dropped and the
+        error raised (:class:`OSError` or :class:`asyncio.IncompleteReadError`)."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                f"Authorization: {authorization}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            self.writer.write(head + body)
+            raw = await self.reader.readuntil(b"\r\n\r\n")
+            lines = raw.split(b"\r\n")
+            status = int(lines[0].split()[1])
+            length, close = 0, False
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection" and value.strip().lower() == b"close":
+                    close = True
+            payload = await self.reader.readexactly(length)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            self.close()
+            raise OSError("connection failed") from None
+        if close:
+            self.close()
+        return status, payload
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg["url"])
+    host, port = parts.hostname or "127.0.0.1", int(parts.port or 80)
     rows: list[dict[str, float]] = cfg["rows"]
     targets: list[int] = cfg["targets"]
-    app = {"authorization": f"Bearer {cfg['app_token']}"}
-    labeller = {"authorization": f"Bearer {cfg['label_token']}"}
+    app = f"Bearer {cfg['app_token']}"
+    labeller = f"Bearer {cfg['label_token']}"
     statuses: collections.Counter[int] = collections.Counter()
     label_statuses: collections.Counter[int] = collections.Counter()
     latencies: list[float] = []
     transport_errors = 0
     labels_accepted = 0
+    late = 0.0  # the most a label was sent after it was due
     pending: collections.deque[tuple[float, str, int]] = collections.deque()
     end = time.monotonic() + float(cfg["seconds"])
     predicting = True
-    limits = httpx.Limits(max_connections=int(cfg["concurrency"]) + 8,
-                          max_keepalive_connections=int(cfg["concurrency"]) + 8)
-    async with httpx.AsyncClient(base_url=cfg["url"], timeout=30, limits=limits) as http:
 
-        async def predictor(k: int) -> None:
-            nonlocal transport_errors
-            rng = random.Random(cfg["seed"] * 1000 + k)
-            path = f"/v1/endpoints/{ENDPOINT}/predict"
-            while time.monotonic() < end:
-                i = rng.randrange(len(rows))
-                body = {"unit": f"user-{rng.randrange(UNITS)}",
-                        "context": {"country": rng.choice(COUNTRIES)}, "inputs": rows[i]}
-                t0 = time.perf_counter()
-                try:
-                    r = await http.post(path, json=body, headers=app)
-                except httpx.HTTPError:
-                    transport_errors += 1
-                    continue
-                latencies.append(time.perf_counter() - t0)
-                statuses[r.status_code] += 1
-                if r.status_code == 200 and rng.random() < cfg["label_share"]:
-                    pending.append((time.monotonic() + cfg["label_delay"], r.json()["id"],
-                                    targets[i]))
+    async def predictor(k: int) -> None:
+        nonlocal transport_errors
+        rng = random.Random(cfg["seed"] * 1000 + k)
+        conn = _Connection(host, port)
+        path = f"/v1/endpoints/{ENDPOINT}/predict"
+        while time.monotonic() < end:
+            i = rng.randrange(len(rows))
+            body = json.dumps({"unit": f"user-{rng.randrange(UNITS)}",
+                               "context": {"country": rng.choice(COUNTRIES)},
+                               "inputs": rows[i]}).encode()
+            t0 = time.perf_counter()
+            try:
+                status, answer = await conn.post(path, body, app)
+            except OSError:
+                transport_errors += 1
+                await asyncio.sleep(0.05)
+                continue
+            latencies.append(time.perf_counter() - t0)
+            statuses[status] += 1
+            if status == 200 and rng.random() < cfg["label_share"]:
+                pending.append((time.monotonic() + cfg["label_delay"],
+                                json.loads(answer)["id"], targets[i]))
+        conn.close()
 
-        async def labeller_task() -> None:
-            nonlocal transport_errors, labels_accepted
-            while predicting or pending:
-                if not pending or pending[0][0] > time.monotonic():
-                    await asyncio.sleep(0.02)
-                    continue
-                _, rid, label = pending.popleft()
-                try:
-                    r = await http.post("/v1/feedback", json={"id": rid, "label": label},
-                                        headers=labeller)
-                except httpx.HTTPError:
-                    transport_errors += 1
-                    continue
-                label_statuses[r.status_code] += 1
-                if r.status_code == 200 and "accuracy" in r.json().get("accepted", []):
-                    labels_accepted += 1
+    async def labeller_task() -> None:
+        nonlocal transport_errors, labels_accepted, late
+        conn = _Connection(host, port)
+        while predicting or pending:
+            if not pending or pending[0][0] > time.monotonic():
+                await asyncio.sleep(0.02)
+                continue
+            now = time.monotonic()
+            batch: list[dict[str, Any]] = []  # the labels due now, sent in one request
+            while pending and pending[0][0] <= now and len(batch) < LABEL_BATCH:
+                due, rid, label = pending.popleft()
+                late = max(late, now - due)
+                batch.append({"id": rid, "label": label})
+            try:
+                status, answer = await conn.post("/v1/feedback", json.dumps(batch).encode(),
+                                                 labeller)
+            except OSError:
+                transport_errors += 1
+                continue
+            label_statuses[status] += len(batch)
+            if status == 200:
+                labels_accepted += sum("accuracy" in r.get("accepted", [])
+                                       for r in json.loads(answer)["results"])
+        conn.close()
 
-        started = time.monotonic()
-        labellers = [asyncio.create_task(labeller_task()) for _ in range(4)]
-        await asyncio.gather(*(predictor(k) for k in range(int(cfg["concurrency"]))))
-        predicted = time.monotonic() - started
-        predicting = False
-        await asyncio.gather(*labellers)
+    started = time.monotonic()
+    labellers = [asyncio.create_task(labeller_task()) for _ in range(4)]
+    await asyncio.gather(*(predictor(k) for k in range(int(cfg["concurrency"]))))
+    predicted = time.monotonic() - started
+    predicting = False
+    await asyncio.gather(*labellers)
     latencies.sort()
 
     def q(p: float) -> float:
@@ -416,7 +490,8 @@ async def _load(cfg: dict[str, Any]) -> dict[str, Any]:
             "statuses": {str(k): v for k, v in sorted(statuses.items())},
             "label_statuses": {str(k): v for k, v in sorted(label_statuses.items())},
             "labels_sent": sum(label_statuses.values()), "labels_accepted": labels_accepted,
-            "transport_errors": transport_errors, "p50_ms": q(0.5), "p99_ms": q(0.99)}
+            "transport_errors": transport_errors, "p50_ms": q(0.5), "p99_ms": q(0.99),
+            "labels_late_max_s": round(late, 2)}
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -450,7 +525,7 @@ def main(*, duration: float = 60.0, replicas: int = 2, concurrency: int = 16,
         raise BenchError("give --replicas 2 or more: the failover needs another replica")
     if duration < 8:
         raise BenchError("give --duration 8 or more (seconds): the stages need the time")
-    nginx = _nginx()
+    nginx = find_nginx()
     with _sigterm_as_interrupt(), contextlib.ExitStack() as stack:
         tmp = Path(tempfile.mkdtemp(prefix="safeshift-bench-replicas-"))
         stack.callback(shutil.rmtree, tmp, True)
@@ -466,7 +541,7 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
     from safeshift import ops
     from safeshift.auth import Role
     from safeshift.bench._postgres import Cluster
-    from safeshift.bench.gateway import train
+    from safeshift.bench.gateway import process_cpu, train
     from safeshift.client import Client
     from safeshift.clock import SystemClock
     from safeshift.state import Action
@@ -496,7 +571,10 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
                                          ("bench-labels", Role.CLIENT, {"labels": True}),
                                          ("bench-operator", Role.OPERATOR, None))}
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESHIFT_AUDIT_KEY")}
+    # the replicas' settings are the bench's own (a SAFESHIFT_RATE_LIMIT of the shell would
+    # change what is measured), but the pseudonym key, when set, is kept: one for all
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SAFESHIFT_") or k.startswith("SAFESHIFT_PSEUDONYM_KEY")}
     env.update({"SAFESHIFT_AUDIT_KEY": secrets.token_hex(32),  # one key for every replica
                 "SAFESHIFT_FLUSH_INTERVAL": str(FLUSH_INTERVAL),
                 "SAFESHIFT_CONTROLLER_LEASE": str(LEASE)})
@@ -542,6 +620,8 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
     say(f"load: {concurrency} clients through nginx for {duration:g} s, labels on "
         f"{LABEL_SHARE:.0%} of the answers {LABEL_DELAY:g} s later ...")
     window_start = time.time()
+    cpu_start = {r.name: process_cpu(r.proc.pid) for r in reps}
+    load_cpu_start = _children_cpu()
     with out_path.open("w") as sink:
         load = subprocess.Popen([sys.executable, "-m", "safeshift.bench.replicas", "load",
                                  str(cfg_path)], stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -583,6 +663,9 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
         raise BenchError(f"the load generator failed: {_tail(out_path)}")
     traffic = json.loads(out_path.read_text().strip().splitlines()[-1])
     window_end = time.time()
+    load_cpu = (_children_cpu() - load_cpu_start) / (window_end - window_start)
+    cpu = {r.name: (process_cpu(r.proc.pid) - cpu_start[r.name]) / (window_end - window_start)
+           for r in reps}
     rss_end = {r.name: rss_mb(r.proc.pid) for r in reps}
     served = {r.name: _served_by(r.url) for r in reps}
     labels_joined = _labels_joined(store)
@@ -609,6 +692,7 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
                   "flush_interval_s": FLUSH_INTERVAL, "controller_lease_s": LEASE,
                   "tick_s": TICK, "poll_s": POLL, "warmup_s": warmup,
                   "window_s": round(window_end - window_start, 1),
+                  "load_generator_cpu": round(load_cpu, 2),
                   "nginx": _nginx_version(nginx)},
         "requests": traffic["requests"],
         "rps": round(traffic["requests"] / max(traffic["seconds"], 1e-9), 1),
@@ -618,11 +702,12 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
         + sum(v for k, v in traffic["label_statuses"].items() if k.startswith("5")),
         "transport_errors": traffic["transport_errors"],
         "labels_sent": traffic["labels_sent"], "labels_accepted": traffic["labels_accepted"],
-        "labels_joined": labels_joined,
+        "labels_joined": labels_joined, "labels_late_max_s": traffic["labels_late_max_s"],
         "per_replica": {r.name: {"served": served[r.name],
                                  "rss_start_mb": round(rss_start.get(r.name, 0.0), 1),
                                  "rss_mid_mb": round(rss_mid.get(r.name, 0.0), 1),
                                  "rss_end_mb": round(rss_end[r.name], 1),
+                                 "cpu": round(cpu[r.name], 2),
                                  "poll_errors": next(p.errors for p in pollers if p.replica is r)}
                         for r in reps},
         "stage_changes": changes,
@@ -631,10 +716,37 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
         "all_seen": all(lag is not None for c in changes for lag in c["lag_s"].values()),
         "failover": failover,
     }
+    result["targets"] = _targets(result)
     _render(result, console)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _children_cpu() -> float:
+    """CPU seconds of the children this process has waited for (the load generator)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _targets(result: dict[str, Any]) -> dict[str, bool]:
+    """The issue's targets, each met or not: no 5xx, no label lost, memory flat after the
+    warm-up (the second half grows by at most :data:`RSS_FLAT` of the RSS), every stage change
+    on every replica within :data:`LAG_TARGET`, the lease taken over within
+    :data:`FAILOVER_TARGET` of the SIGKILL."""
+    per = result["per_replica"].values()
+    took = result["failover"]["took_over_s"]
+    return {
+        "no_5xx": result["status_5xx"] == 0 and result["transport_errors"] == 0,
+        "labels_joined": result["labels_sent"] == result["labels_accepted"]
+        == result["labels_joined"],
+        "memory_flat": all(r["rss_end_mb"] - r["rss_mid_mb"] <= RSS_FLAT * r["rss_start_mb"]
+                           for r in per),
+        "stage_lag": result["all_seen"] and (result["max_lag_s"] or 0.0) <= LAG_TARGET,
+        "failover": took is not None and took <= FAILOVER_TARGET,
+    }
 
 
 def _failover(store: Any, reps: list[Replica], url: str, token: str,
@@ -706,6 +818,8 @@ def _render(result: dict[str, Any], console: Console) -> None:
                   f"{result['requests']:,}")
     table.add_row(f"RSS after {s['warmup_s']:g} s warm-up (MB)",
                   *(f"{per[x]['rss_start_mb']:.1f}" for x in names), "")
+    table.add_row("CPU (cores)", *(f"{per[x]['cpu']:.2f}" for x in names),
+                  f"load generator {s['load_generator_cpu']:.2f}")
     table.add_row("RSS halfway (MB)", *(f"{per[x]['rss_mid_mb']:.1f}" for x in names), "")
     table.add_row("RSS at the end (MB)", *(f"{per[x]['rss_end_mb']:.1f}" for x in names), "")
     table.add_row("RSS change: first half, second half", *(
@@ -728,7 +842,8 @@ def _render(result: dict[str, Any], console: Console) -> None:
         f"requests through nginx: {result['requests']:,} predictions ({result['rps']:,.0f}/s, "
         f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms) — {codes}",
         f"labels: {result['labels_sent']:,} sent ({label_codes}), {result['labels_accepted']:,} "
-        f"accepted, {result['labels_joined']:,} joined in the store",
+        f"accepted, {result['labels_joined']:,} joined in the store (each sent at most "
+        f"{result['labels_late_max_s']:g} s after it was due)",
         f"5xx: {result['status_5xx']}, transport errors: {result['transport_errors']}",
         f"stage changes seen by every replica: {'yes' if result['all_seen'] else 'NO'}, "
         f"slowest {_fmt_lag(result['max_lag_s'])} (polled every {s['poll_s'] * 1000:.0f} ms)",
@@ -739,6 +854,12 @@ def _render(result: dict[str, Any], console: Console) -> None:
         + (f", {f['trickle_transport_errors']} transport errors"
            if f["trickle_transport_errors"] else ""),
     ]
+    t = result["targets"]
+    missed = [name for name, ok in t.items() if not ok]
+    lines.append(("targets met" if not missed else f"targets NOT met: {', '.join(missed)}")
+                 + f" (no 5xx; labels sent = joined; RSS grows at most {RSS_FLAT:.0%} over "
+                 f"the second half; every stage change on every replica within {LAG_TARGET:g} "
+                 f"s; failover within {FAILOVER_TARGET:g} s)")
     for line in lines:
         console.print(line, markup=False)
 
