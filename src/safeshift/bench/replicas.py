@@ -9,11 +9,13 @@ nginx with the configuration ``safeshift nginx`` prints (:mod:`safeshift.nginx`)
 of its own — the system's nginx service is not touched.
 
 The load, in a process of its own so that it does not slow the measurements: ``concurrency``
-clients, each sending a prediction (a unit from a pool, a country, the 30 features of a row of
-``load_breast_cancer``) as soon as the last one is answered, through nginx; for a share of the
-answers a label (the row's true class) is sent :data:`LABEL_DELAY` seconds later — a labelling
-pipeline is always later than the flush that puts the request's record in the store; a label
-sooner than that may reach a replica that cannot find the record yet, and gets a 404.
+clients, each on a keep-alive connection of its own sending a prediction (a unit from a pool, a
+country, the 30 features of a row of ``load_breast_cancer``) as soon as the last one is
+answered, through nginx; for a share of the answers a label (the row's true class) falls due
+:data:`LABEL_DELAY` seconds later, and the labels due are sent in batches, as a labelling job
+sends them. A labelling pipeline is always later than the flush that puts the request's record
+in the store; a label sooner than that may reach a replica that cannot find the record yet,
+and gets a 404.
 
 The rollout's stages are short (their ``min_duration`` a share of the window) so that the
 controller advances them during the load on its own evidence (error rate, a non-inferiority
