@@ -103,3 +103,22 @@ def test_nginx_config_passes_client_address_and_request_id_and_skips_a_dead_repl
     assert {a["client"] for a in access[:4]} == {"198.51.100.0"}
     nginx_log = (tmp_path / "access.log").read_text()
     assert "id=client-id-3" in nginx_log  # nginx's line names the id the replica answered with
+
+
+def test_safeshift_nginx_prints_the_site_and_refuses_a_bad_address(tmp_path: Path) -> None:
+    from tests.test_cli import cli
+
+    out = tmp_path / "safeshift.conf"
+    r = cli("nginx", "--replica", "10.0.0.11:8000", "--replica", "10.0.0.12:8000",
+            "--listen", "8080", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    site = out.read_text()
+    assert "server 10.0.0.11:8000 " in site and "server 10.0.0.12:8000 " in site
+    assert "listen 8080;" in site
+    # a sent POST is never resent: only errors and timeouts move a request, never non_idempotent
+    directives = [line.strip() for line in site.splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+    assert "proxy_next_upstream error timeout;" in directives
+    assert not any("non_idempotent" in d for d in directives)
+    bad = cli("nginx", "--replica", "10.0.0.11")
+    assert bad.returncode == 2 and "not host:port" in bad.stderr
