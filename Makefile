@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck postgres browser prometheus bench bench-quick examples clean
+.PHONY: demo test lint typecheck postgres browser prometheus nginx bench bench-quick examples clean
 
 # pip's own lines say what it fetches and installs (about 2 minutes on a fresh machine); once
 # installed, the stamp skips this step until pyproject.toml changes
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## set up and run the embedded demo
 	$(VENV)/bin/safeshift demo
 
-test: $(STAMP) lint postgres browser prometheus  ## set up, lint, type-check and run every test
+test: $(STAMP) lint postgres browser prometheus nginx  ## set up, lint, type-check and run every test
 	$(PY) -m pytest
 
 # The store tests start a throwaway PostgreSQL of their own from the server binaries; as root
@@ -60,23 +60,38 @@ prometheus:
 	    exit 2; \
 	  fi; }
 
+# The replica test and `safeshift bench replicas` run Debian's nginx as a process of their own (with
+# their own configuration, never the system's service); as root (CI) it is installed when missing
+# (RUNLEVEL=1: the package's scripts do not start the system's service), otherwise the fix is named.
+nginx:
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing nginx for the replica test (apt-get install nginx)"; \
+	    apt-get update -qq && RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null; \
+	  else \
+	    echo "the replica test needs nginx: sudo apt-get install -y nginx" >&2; \
+	    exit 2; \
+	  fi; }
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)  ## every benchmark at full size
+bench: $(STAMP) postgres nginx  ## every benchmark at full size
 	$(VENV)/bin/safeshift bench assign
 	$(VENV)/bin/safeshift bench decisions
 	$(VENV)/bin/safeshift bench gateway
 	$(VENV)/bin/safeshift bench tick
 	$(VENV)/bin/safeshift bench dashboard
+	$(VENV)/bin/safeshift bench replicas
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) postgres nginx
 	$(VENV)/bin/safeshift bench assign --quick
 	$(VENV)/bin/safeshift bench decisions --quick
 	$(VENV)/bin/safeshift bench gateway --quick
 	$(VENV)/bin/safeshift bench tick --quick
 	$(VENV)/bin/safeshift bench dashboard --quick
+	$(VENV)/bin/safeshift bench replicas --quick
 
 examples: $(STAMP)  ## re-train the example models shipped in examples/
 	$(PY) -m safeshift.demo --write-examples examples

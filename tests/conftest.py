@@ -3,14 +3,8 @@
 from __future__ import annotations
 
 import copy
-import glob
 import os
-import pwd
-import re
-import shutil
-import socket
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from safeshift import MemoryStore, Plan, VirtualClock
+from safeshift.bench._postgres import Cluster, PostgresUnavailable
 from safeshift.store import SQLStore, Store, sqlite_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,119 +76,22 @@ def clock() -> VirtualClock:
 
 POSTGRES_URL_ENV = "SAFESHIFT_TEST_POSTGRES_URL"
 """When set (e.g. ``postgresql+psycopg://user:pass@host:5432/db``, a role that may CREATE
-DATABASE), the tests use that server instead of starting a throwaway cluster."""
-
-_PG_USER, _PG_PASSWORD = "safeshift", "safeshift-test"
-
-
-def _postgres_bin() -> Path | None:
-    """The newest installed PostgreSQL server's bin directory (Debian layout), else PATH."""
-    def version(path: str) -> tuple[int, ...]:
-        return tuple(int(p) for p in re.findall(r"\d+", Path(path).parent.name))
-
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version)
-    if candidates:
-        return Path(candidates[-1]).parent
-    initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl"):
-        return Path(initdb).parent
-    return None
+DATABASE), the tests use that server instead of starting a throwaway cluster (see
+:mod:`safeshift.bench._postgres`, which ``safeshift bench replicas`` uses too)."""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Cluster:
-    """A throwaway PostgreSQL cluster in its own directory, run as ``postgres`` when we are root."""
-
-    def __init__(self, bindir: Path) -> None:
-        self.bindir = bindir
-        self.as_root = os.geteuid() == 0
-        self.prefix: list[str] = []
-        if self.as_root:
-            try:
-                pw = pwd.getpwnam("postgres")
-            except KeyError:
-                pytest.fail("PostgreSQL binaries found but no 'postgres' user to run them as "
-                            "(running as root): apt-get install -y postgresql")
-            self.prefix = ["runuser", "-u", "postgres", "--"]
-        self.dir = Path(tempfile.mkdtemp(prefix="safeshift-pg-", dir="/tmp"))
-        if self.as_root:
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self.dir.chmod(0o700)
-        self.data = self.dir / "data"
-        self.log = self.dir / "server.log"
-        self.port = 0
-        self.started = False
-
-    def run(self, *args: str) -> None:
-        proc = subprocess.run([*self.prefix, *args], cwd=self.dir, capture_output=True, text=True,
-                              timeout=60, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}):\n"
-                               f"{proc.stdout}\n{proc.stderr}\n{self.server_log()}")
-
-    def server_log(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def start(self) -> None:
-        self.run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-                 "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale",
-                 "--no-sync", "--no-instructions")
-        for attempt in range(3):  # the free port can be taken between probing and binding
-            self.port = _free_port()
-            try:
-                self.start_server()
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise
-        # the superuser over the cluster's own Unix socket (trust); the tests' role over TCP
-        self.run(str(self.bindir / "psql"), "-h", str(self.dir), "-p", str(self.port), "-U", "postgres",
-                 "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-q",
-                 "-c", f"CREATE ROLE {_PG_USER} LOGIN CREATEDB PASSWORD '{_PG_PASSWORD}'",
-                 "-c", f"CREATE DATABASE {_PG_USER} OWNER {_PG_USER}")
-
-    def start_server(self) -> None:
-        """Start the server on ``self.port`` (again, after :meth:`stop_server`)."""
-        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log),
-                 "-w", "-t", "30", "-o", options, "start")
-        self.started = True
-
-    def stop_server(self) -> None:
-        """Stop the server, keeping its data: an outage."""
-        self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t",
-                 "30", "stop")
-        self.started = False
-
-    @property
-    def url(self) -> str:
-        return f"postgresql+psycopg://{_PG_USER}:{_PG_PASSWORD}@127.0.0.1:{self.port}/{_PG_USER}"
-
-    def stop(self) -> None:
-        try:
-            if self.started or (self.data / "postmaster.pid").exists():
-                self.run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                         "-t", "30", "stop")
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+def _cluster() -> Cluster:
+    """A new (not yet started) cluster, or the test fails naming the package to install."""
+    try:
+        return Cluster()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture
-def postgres_cluster() -> Iterator[_Cluster]:
+def postgres_cluster() -> Iterator[Cluster]:
     """A cluster of the test's own, for tests that stop and restart the server."""
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.fail("PostgreSQL binaries not found: apt-get install -y postgresql")
-    cluster = _Cluster(bindir)
+    cluster = _cluster()
     try:
         cluster.start()
         yield cluster
@@ -209,10 +107,7 @@ def postgres_url() -> Iterator[str]:
     if url:
         yield url
         return
-    bindir = _postgres_bin()
-    if bindir is None:
-        pytest.fail("PostgreSQL binaries not found: apt-get install -y postgresql")
-    cluster = _Cluster(bindir)
+    cluster = _cluster()
     try:
         try:
             cluster.start()

@@ -893,6 +893,32 @@ def grafana(
     err.print(f"wrote {output}", markup=False)
 
 
+@app.command()
+def nginx(
+    replica: Annotated[list[str], typer.Option(
+        "--replica", help="a replica's host:port (repeat for each)")],
+    listen: Annotated[str, typer.Option("--listen", help="nginx's listen argument")] = "80",
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="the file to write (default: standard output)")] = None,
+) -> None:
+    """An nginx site for safeshift serve replicas (conf.d): keep-alive upstream, POSTs never
+    resent once sent, client address and request id passed on (docs/gateway.md#replicas)."""
+    from safeshift.nginx import render
+
+    try:
+        text = render(replica, listen=listen)
+    except ValueError as exc:
+        fail(str(exc))
+    if output is None:
+        sys.stdout.write(text)
+        return
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        fail(f"cannot write {output}: {exc.strerror}; choose a writable path with -o")
+    err.print(f"wrote {output}", markup=False)
+
+
 AllowUnkeyedOpt = Annotated[bool, typer.Option(
     "--allow-unkeyed", help="accept events an older release hashed without the key (they "
     "prove nothing against someone who could write the store)")]
@@ -1221,6 +1247,28 @@ def bench_dashboard(
     from safeshift.bench.dashboard import main as run
 
     run(quick=quick, json_path=json_path, console=out, screenshots=screenshots)
+
+
+@bench_app.command("replicas")
+def bench_replicas(
+    duration: Annotated[float, typer.Option("--duration", help="seconds of load", min=8)] = 60.0,
+    replicas: Annotated[int, typer.Option("--replicas", help="safeshift serve processes",
+                                          min=2)] = 2,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="clients", min=1)] = 16,
+    quick: Annotated[bool, typer.Option("--quick", help="a 15 s window")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write figures here")] = None,
+) -> None:
+    """Replicas behind nginx sharing a throwaway PostgreSQL, under load while the rollout steps
+    through stages and is rolled back; then the lease holder is SIGKILLed (needs nginx)."""
+    from safeshift.bench._postgres import PostgresUnavailable
+    from safeshift.bench.replicas import BenchError
+    from safeshift.bench.replicas import main as run
+
+    try:
+        run(duration=duration, replicas=replicas, concurrency=concurrency, quick=quick,
+            json_path=json_path, console=out)
+    except (BenchError, PostgresUnavailable) as exc:
+        fail(str(exc))
 
 
 def _version(value: bool) -> None:
