@@ -43,8 +43,9 @@ class GatewaySettings:
     """Seconds between telemetry flushes to the store."""
     drain_timeout: float = 5.0
     """Seconds allowed at shutdown (and before a feedback join) for pending shadow copies."""
-    controller_lease: float = 10.0
-    """Seconds a controller lease lasts (renewed every tick), so one replica decides."""
+    controller_lease: float = 5.0
+    """Seconds a controller lease lasts (renewed every tick), so one replica decides; when its
+    holder dies another takes over within the lease plus a tick (at least 3 ticks are kept)."""
     notify_interval: float | None = 0.5
     """Seconds between sends of due webhook notifications from the store's outbox (every
     replica may send: the claim keeps two from sending one entry); ``None`` sends none."""
