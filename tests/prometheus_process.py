@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from tests.serve_process import stop, wait_ready
 
 INSTALL = "sudo apt-get install -y --no-install-recommends prometheus (as root, make prometheus does it)"
 
@@ -52,24 +53,10 @@ def prometheus(targets: Sequence[str], directory: Path, *, scrape: str = "250ms"
              f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address=127.0.0.1:{port}",
              "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=sink)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "Prometheus did not start"
-            time.sleep(0.1)
+        wait_ready(f"{url}/-/ready", proc, log, "Prometheus", timeout=30)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
 
 
 def wait_for_series(url: str, promql: str, timeout: float = 20.0) -> None:

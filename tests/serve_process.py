@@ -31,21 +31,32 @@ def serve_process(plans: Sequence[str | Path], *, store: str, log: Path,
                                 stdout=subprocess.DEVNULL, stderr=sink)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "safeshift serve did not start"
-            time.sleep(0.1)
+        wait_ready(f"{url}/readyz", proc, log, "safeshift serve", timeout=60)
         yield url
     finally:
-        proc.terminate()
+        stop(proc, timeout=30)
+
+
+def wait_ready(probe: str, proc: subprocess.Popen[bytes], log: Path, what: str, *,
+               timeout: float) -> None:
+    """Wait until ``probe`` answers 200; fail with the end of ``log`` if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if httpx.get(probe, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen[bytes], *, timeout: float) -> None:
+    """Terminate ``proc``, killing it if it outlives ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

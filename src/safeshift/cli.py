@@ -883,6 +883,11 @@ def grafana(
     from importlib import resources
 
     text = resources.files("safeshift").joinpath("data", "grafana-dashboard.json").read_text()
+    _write_out(text, output)
+
+
+def _write_out(text: str, output: Path | None) -> None:
+    """``text`` on standard output, or in ``output`` (exit 2 when it cannot be written)."""
     if output is None:
         sys.stdout.write(text)
         return
@@ -909,14 +914,7 @@ def nginx(
         text = render(replica, listen=listen)
     except ValueError as exc:
         fail(str(exc))
-    if output is None:
-        sys.stdout.write(text)
-        return
-    try:
-        output.write_text(text)
-    except OSError as exc:
-        fail(f"cannot write {output}: {exc.strerror}; choose a writable path with -o")
-    err.print(f"wrote {output}", markup=False)
+    _write_out(text, output)
 
 
 AllowUnkeyedOpt = Annotated[bool, typer.Option(

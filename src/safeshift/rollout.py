@@ -209,28 +209,22 @@ class Rollout:
         result = guard.pool.run(self.model(variant).predict, rows, guard.timeout)
         return validate_result(result, len(rows))
 
-    def _probe(self) -> None:
-        """Send the plan's probes that are due to the running stage's candidates (by the
-        process that decides: the lease holder), and write their runs at once."""
-        assert self.probes is not None
+    def _scheduled(self) -> None:
+        """What the process that decides (the lease holder) runs on a schedule after its tick
+        while the guardrails run: the plan's probes that are due, sent to the running stage's
+        candidates, and the Prometheus guardrails' reads (in the background); what they
+        recorded is written at once."""
         state = self.state()
         if state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING) \
                 or state.stage_index < 0:
             return
-        if self.probes.run_due(state.stage_index, current_variants(self.plan, state),
-                               self.clock.now()):
-            self.flush()
-
-    def _sample(self) -> None:
-        """Read the Prometheus guardrails that are due (in the background; by the lease holder
-        only), and write the values read since the last tick at once."""
-        assert self.promql is not None
-        state = self.state()
-        if state.phase not in (Phase.RUNNING, Phase.AWAITING_APPROVAL, Phase.WATCHING) \
-                or state.stage_index < 0:
-            return
-        if self.promql.run_due(state.stage_index, current_variants(self.plan, state),
-                               self.clock.now()):
+        variants, now = current_variants(self.plan, state), self.clock.now()
+        recorded = 0
+        if self.probes is not None:
+            recorded += self.probes.run_due(state.stage_index, variants, now)
+        if self.promql is not None:
+            recorded += self.promql.run_due(state.stage_index, variants, now)
+        if recorded:
             self.flush()
 
     def _observe_value(self, stage: int, arm: str, signal: str, value: float) -> None:
@@ -300,10 +294,8 @@ class Rollout:
             self._shadow.drain()
         self.flush()
         decision = self.controller.tick()
-        if self.probes is not None and self.controller.held:
-            self._probe()
-        if self.promql is not None and self.controller.held:
-            self._sample()
+        if (self.probes is not None or self.promql is not None) and self.controller.held:
+            self._scheduled()
         self.refresh()  # also after quiet updates such as a bandit re-allocation
         now = self.clock.now()
         if now - self._purged_at >= PURGE_EVERY:
