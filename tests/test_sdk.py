@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from safeshift import MemoryStore, Plan
+from safeshift import MemoryStore, Plan, VirtualClock
 from safeshift.assign import BASELINE, CANDIDATE
 from safeshift.errors import ModelLoadError
 from safeshift.integrations.starlette import Safeshift, Serve, ServingError, as_backend
@@ -344,3 +344,30 @@ def test_a_plain_starlette_app(store: Store) -> None:
     assert r.headers["x-request-id"] == r.json()["id"]
     assert bad.status_code == 422 and bad.json()["field"] == "inputs"
     assert store.get_request(r.json()["id"]) is not None  # flushed when the app stopped
+
+
+def test_tick_and_status_drive_the_rollout_on_a_virtual_clock(store: Store) -> None:
+    clock = VirtualClock(1_700_000_000.0)
+    p = plan(stages=[{"name": "canary", "traffic": "50%", "min_duration": "1m",
+                      "min_samples": 50},
+                     {"name": "full", "traffic": "100%"}],
+             guardrails=[{"metric": "error_rate", "tolerance": 0.05}])
+    ss = Safeshift(p, store=store, models={"baseline": double, "candidate": double},
+                   clock=clock, tick_interval=3600)
+
+    async def body() -> tuple[Any, list[Any], Any]:
+        before = await ss.status()
+        decisions = []
+        for step in range(40):
+            for i in range(20):
+                await ss.predict({"x": i}, unit=f"u{step}-{i}")
+            clock.advance(10)
+            decisions += await ss.tick()
+            if ss.rollout.state().phase.terminal:
+                break
+        return before, decisions, await ss.status()
+
+    before, decisions, after = run(ss, body)
+    assert before.phase is Phase.RUNNING and before.stage == "canary"
+    assert [d.phase for d in decisions] == [Phase.PROMOTED]
+    assert after.phase is Phase.PROMOTED
