@@ -136,21 +136,41 @@ class Client:
 
     # -- data plane -------------------------------------------------------------------------
 
+    def ready(self) -> dict[str, Any]:
+        """``GET /readyz``: the server's endpoints, their stages and breakers (ClientError 503
+        while it starts)."""
+        result: dict[str, Any] = self._call("GET", "/readyz")
+        return result
+
     def predict(self, endpoint: str, inputs: Any, *, unit: str | None = None,
-                context: dict[str, Any] | None = None) -> dict[str, Any]:
+                context: dict[str, Any] | None = None,
+                request_id: str | None = None) -> dict[str, Any]:
+        """One row (a mapping) or a list of rows; ``request_id`` names the request for its
+        feedback (fresh for each request: a taken one is a 409), else the server makes one.
+        The answer: ``id``, ``outputs``, ``version``, ``arm``, ``stage``, ``fallback``."""
         body: dict[str, Any] = {"inputs": inputs}
         if unit is not None:
             body["unit"] = unit
         if context:
             body["context"] = context
+        if request_id is not None:
+            body["id"] = request_id
         result: dict[str, Any] = self._call("POST", f"/v1/endpoints/{_seg(endpoint)}/predict",
                                             json=body)
         return result
 
     def feedback(self, items: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        """``{"id", "label"}`` or ``{"id", "outcome": {metric: value}}``, or a list of them
+        (the token needs the labels right)."""
         return self._call("POST", "/v1/feedback", json=items)
 
+    def label(self, request_id: str, label: Any) -> dict[str, Any]:
+        """The label of one request: ``feedback({"id": request_id, "label": label})``."""
+        result: dict[str, Any] = self.feedback({"id": request_id, "label": label})
+        return result
+
     def report(self, items: dict[str, Any] | list[dict[str, Any]]) -> Any:
+        """A user's issue report ``{"id", "kind", "text"}``, or a list of them."""
         return self._call("POST", "/v1/reports", json=items)
 
 

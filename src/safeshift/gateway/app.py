@@ -155,6 +155,25 @@ def create_app(
     ``controller`` the app ticks every rollout every ``tick_interval`` seconds (and starts
     pending ones); without, it only serves, flushes telemetry and follows the store."""
     settings = (settings or GatewaySettings()).with_overrides(overrides)
+    gateway = build_gateway(plans, store=store, clock=clock, controller=controller,
+                            tick_interval=tick_interval, models=models, settings=settings)
+    return GatewayApp(gateway, build_api(gateway), settings, fast_path=fast_path)
+
+
+def build_gateway(
+    plans: Sequence[Plan | Path | str],
+    *,
+    store: Store | str | Path | None,
+    clock: Clock | None,
+    controller: bool,
+    tick_interval: float,
+    models: Mapping[str, Mapping[str, ModelBackend]] | None,
+    settings: GatewaySettings,
+) -> Gateway:
+    """The running state behind :func:`create_app` without its HTTP layer: the rollouts
+    registered (pending ones started with ``controller``), their models loaded, endpoints and
+    background tasks ready for :meth:`Gateway.start`. The in-process SDK
+    (:mod:`safeshift.integrations.starlette`) builds the same one."""
     if tick_interval <= 0:
         raise ValueError("tick_interval must be positive")
     if not plans:
@@ -183,9 +202,8 @@ def create_app(
             st.close()
         raise
     metrics = GatewayMetrics()
-    gateway = Gateway(chosen, st, settings=settings, metrics=metrics, controller=controller,
-                      tick_interval=tick_interval, owns_store=owns_store)
-    return GatewayApp(gateway, build_api(gateway), settings, fast_path=fast_path)
+    return Gateway(chosen, st, settings=settings, metrics=metrics, controller=controller,
+                   tick_interval=tick_interval, owns_store=owns_store)
 
 
 def _one_per_endpoint(rollouts: Sequence[Rollout]) -> list[Rollout]:
@@ -219,4 +237,4 @@ def _load_models(rollout: Rollout) -> None:
                                  f"{exc}") from None
 
 
-__all__ = ["GatewayApp", "create_app"]
+__all__ = ["GatewayApp", "build_gateway", "create_app"]

@@ -36,7 +36,7 @@ from safeshift.gateway._http import (
     request_id_given,
 )
 from safeshift.gateway.bodies import parse_predict
-from safeshift.gateway.feedback import parse_feedback, parse_reports
+from safeshift.gateway.feedback import FeedbackItem, ReportItem, parse_feedback, parse_reports
 from safeshift.gateway.request_ids import HEADER, serve_once
 from safeshift.gateway.runtime import Gateway
 from safeshift.gateway.serving import Endpoint, Served, cached_split
@@ -60,7 +60,8 @@ def endpoint(gw: Gateway, name: str) -> Endpoint:
     return ep
 
 
-def _served_headers(served: Served) -> list[tuple[bytes, bytes]]:
+def served_headers(served: Served) -> list[tuple[bytes, bytes]]:
+    """The response headers that say who answered (version, arm, stage, fallback)."""
     out = [(b"x-safeshift-version", served.version.encode()),
            (b"x-safeshift-arm", served.arm.encode()),
            (b"x-safeshift-stage", served.stage.encode())]
@@ -101,7 +102,7 @@ async def predict(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
                            "fallback": served.fallback is not None}
     if served.scores is not None:
         doc["scores"] = served.scores
-    return Reply(200, dumps(doc), _served_headers(served))
+    return Reply(200, dumps(doc), served_headers(served))
 
 
 async def infer(gw: Gateway, name: str, body: bytes, scope: Scope) -> Reply:
@@ -144,7 +145,7 @@ async def _infer(gw: Gateway, ep: Endpoint, pin: str | None, body: bytes, scope:
         parameters={"arm": served.arm, "stage": served.stage,
                     "fallback": served.fallback is not None})
     content_type = extra[0][1]
-    return Reply(200, data, [*extra[1:], *_served_headers(served)], content_type)
+    return Reply(200, data, [*extra[1:], *served_headers(served)], content_type)
 
 
 async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
@@ -158,6 +159,18 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
         gw.denials.record(scope, 403, message, principal.name)
         raise HTTPError(403, message)
     source = principal.token_id if isinstance(principal, Principal) else ""
+    results = await apply_feedback(gw, items, batch, source=source)
+    annotate(scope, feedback=len(results))
+    return Reply(200, dumps({"results": results} if batch else results[0]))
+
+
+async def apply_feedback(gw: Gateway, items: list[FeedbackItem], batch: bool, *,
+                         source: str = "") -> list[dict[str, Any]]:
+    """Join parsed feedback (:func:`~safeshift.gateway.feedback.parse_feedback`) to the requests
+    it names and record it, all or nothing: :class:`HTTPError` 404 for an unknown or expired
+    id, 422 for a value outside its metric's range, 409 for a label at odds with its request.
+    One result per item (rollout, arm, stage, accepted, duplicate, conflict); the HTTP route
+    and the in-process SDK both call it."""
     fields = [f"[{i}].id" if batch else "id" for i in range(len(items))]
     joined = await gw.join([it.id for it in items], fields)
     for i, it in enumerate(items):
@@ -196,14 +209,22 @@ async def feedback(gw: Gateway, body: bytes, scope: Scope) -> Reply:
                             "conflict": res.conflict})
         return results
 
-    results = await asyncio.to_thread(write)
-    annotate(scope, feedback=len(results))
-    return Reply(200, dumps({"results": results} if batch else results[0]))
+    return await asyncio.to_thread(write)
 
 
 async def reports(gw: Gateway, body: bytes, scope: Scope) -> Reply:
     """``POST /v1/reports``: users' issue reports, one or a batch."""
     items, batch = parse_reports(body)
+    results = await apply_reports(gw, items, batch)
+    annotate(scope, reports=len(results))
+    return Reply(200, dumps({"results": results} if batch else results[0]))
+
+
+async def apply_reports(gw: Gateway, items: list[ReportItem], batch: bool
+                        ) -> list[dict[str, Any]]:
+    """Count parsed user reports (:func:`~safeshift.gateway.feedback.parse_reports`) against
+    the requests they name (404 for an unknown or expired id, nothing written); one result per
+    item. The HTTP route and the in-process SDK both call it."""
     fields = [f"[{i}].id" if batch else "id" for i in range(len(items))]
     joined = await gw.join([it.id for it in items], fields)
 
@@ -219,9 +240,7 @@ async def reports(gw: Gateway, body: bytes, scope: Scope) -> Reply:
                             "kind": it.kind, "accepted": accepted, "duplicate": not accepted})
         return results
 
-    results = await asyncio.to_thread(write)
-    annotate(scope, reports=len(results))
-    return Reply(200, dumps({"results": results} if batch else results[0]))
+    return await asyncio.to_thread(write)
 
 
 def _stage_name(stages: Any, index: int) -> str | None:

@@ -23,6 +23,12 @@ from safeshift.pseudonym import request_key
 _TOKEN = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+def sane_request_id(text: str) -> bool:
+    """Whether a client's ``X-Request-ID`` is taken as the request's id (1-128 letters,
+    digits or ``._:-``); another value is replaced by a fresh id."""
+    return _TOKEN.match(text) is not None
+
+
 class RequestIdMiddleware:
     """Assigns request ids and writes the access log."""
 
@@ -38,7 +44,7 @@ class RequestIdMiddleware:
         for key, value in scope["headers"]:
             if key == b"x-request-id":
                 text = bytes(value).decode("latin-1")
-                if _TOKEN.match(text):
+                if sane_request_id(text):
                     rid = text
                 break
         given = rid is not None
