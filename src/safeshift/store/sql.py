@@ -66,6 +66,11 @@ def _as_stored(value: str, dialect: sa.Dialect) -> str:
     return value
 
 
+_OUTPUTS = json.JSONEncoder(default=str)
+"""``json.dumps(outputs, default=str)``, the same text: ``dumps`` with an argument builds a new
+encoder on every call, and the flush encodes every request's outputs (one a request)."""
+
+
 class _PortableText(_PortableString):
     impl = sa.Text
     cache_ok = True
@@ -612,7 +617,7 @@ class SQLStore:
         params: list[Any] = [  # in the table's column order; the id's HMAC, not the id
             (key(r.id), r.rollout, r.stage, r.arm, r.cohort,
              _as_stored(r.segment, dialect), r.created_at, r.expires_at,
-             json.dumps(r.outputs, default=str), r.cluster, r.unit_hash) for r in records]
+             _OUTPUTS.encode(r.outputs), r.cluster, r.unit_hash) for r in records]
         if not self._requests_positional:
             names = [c.name for c in requests.columns]
             params = [dict(zip(names, row, strict=True)) for row in params]
