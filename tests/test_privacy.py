@@ -160,6 +160,16 @@ def test_client_addresses_are_truncated_in_logs(monkeypatch: pytest.MonkeyPatch,
     assert client_address(ip) == logged
 
 
+def test_client_addresses_are_remembered_per_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SAFESHIFT_LOG_CLIENT_IP", raising=False)
+    assert client_address("198.51.100.7") == "198.51.100.0"
+    assert client_address("198.51.100.7") == "198.51.100.0"  # the remembered answer
+    monkeypatch.setenv("SAFESHIFT_LOG_CLIENT_IP", "full")  # a change takes effect at once
+    assert client_address("198.51.100.7") == "198.51.100.7"
+    monkeypatch.setenv("SAFESHIFT_LOG_CLIENT_IP", "none")
+    assert client_address("198.51.100.7") is None
+
+
 def test_client_request_ids_are_kept_as_their_hmac(tmp_path: Path) -> None:
     db = tmp_path / "s.db"
     store = SQLStore(sqlite_url(db))

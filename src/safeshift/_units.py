@@ -102,8 +102,13 @@ def markdown_text(text: object) -> str:
 def client_address(ip: str | None) -> str | None:
     """A client's address as logs keep it: by default truncated (IPv4 to its /24, IPv6 to its
     /48), so a log line locates a network, not a person; ``SAFESHIFT_LOG_CLIENT_IP=full`` keeps
-    it whole, ``none`` drops it."""
-    import ipaddress
+    it whole, ``none`` drops it.
+
+    Every request's access-log line asks, mostly for the same few addresses (a load balancer,
+    the replicas' peers): parsing one with :mod:`ipaddress` costs ~13 µs, a dictionary look-up
+    well under one, so answers are remembered per mode and address (a bounded table, emptied
+    when full, so a scan of many addresses cannot grow it). The variable is read on every call,
+    as before: changing it takes effect at once."""
     import os
 
     if ip is None:
@@ -113,6 +118,24 @@ def client_address(ip: str | None) -> str | None:
         return ip
     if mode == "none":
         return None
+    try:
+        return _TRUNCATED[ip]
+    except KeyError:
+        pass
+    if len(_TRUNCATED) >= _TRUNCATED_MAX:
+        _TRUNCATED.clear()
+    out = _TRUNCATED[ip] = _truncated(ip)
+    return out
+
+
+_TRUNCATED: dict[str, str] = {}
+"""Truncated addresses by address (the default mode only: the others need no parsing)."""
+_TRUNCATED_MAX = 4096
+
+
+def _truncated(ip: str) -> str:
+    import ipaddress
+
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:

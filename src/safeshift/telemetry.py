@@ -26,7 +26,7 @@ import random
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from safeshift.plan import Plan
 
@@ -203,8 +203,14 @@ class Cell:
             self.hists.setdefault(k, Histogram()).merge(h)
 
 
-@dataclass(frozen=True, slots=True)
-class CellKey:
+class CellKey(NamedTuple):
+    """Where an observation counts: stage, arm, cohort, segment, time window and cluster.
+
+    A named tuple rather than a frozen dataclass: every request builds two or three keys and
+    looks them up in the aggregator's dictionary, and a tuple is built, hashed and compared in
+    C — several microseconds a request less than the generated ``__init__``, ``__hash__`` and
+    ``__eq__`` of a frozen dataclass. Fields and immutability are the same."""
+
     stage: int
     arm: str
     cohort: str  # "hash" for hashed units, "targeted" for targeting rules, "other"

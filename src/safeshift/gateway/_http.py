@@ -6,6 +6,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from safeshift._json import dumps_plain
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -42,7 +44,12 @@ class BodyTooLarge(Exception):
 
 
 def dumps(obj: Any) -> bytes:
-    """Compact JSON; non-finite floats are refused (they are not JSON)."""
+    """Compact JSON; non-finite floats are refused (they are not JSON). The text is the
+    standard encoder's; ``orjson`` writes it when it writes the same (most answers: a tenth
+    of the cost, see :mod:`safeshift._json`)."""
+    raw = dumps_plain(obj)
+    if raw is not None:
+        return raw
     return _ENCODER.encode(obj).encode()
 
 

@@ -12,6 +12,8 @@ from contextvars import ContextVar
 from json.encoder import encode_basestring_ascii as _encode_str
 from typing import Any
 
+from safeshift._json import dumps_plain
+
 request_id_var: ContextVar[str | None] = ContextVar("safeshift_request_id", default=None)
 
 access_logger = logging.getLogger("safeshift.access")
@@ -130,9 +132,16 @@ class AccessLog:
 
 
 def _json_line(doc: dict[str, Any]) -> str:
-    """``json.dumps(doc, default=str, separators=(",", ":"))``, the same text, at a third of
-    the cost for the access log's flat lines: strings, numbers, booleans and None are written
-    here, any other value (and a key that is not a string) by ``json.dumps`` itself."""
+    """``json.dumps(doc, default=str, separators=(",", ":"))``, the same text, at a small
+    fraction of the cost for the access log's flat lines.
+
+    A line :func:`safeshift._json.dumps_plain` can write (flat strings, numbers, booleans and
+    None, ASCII: the access log's lines) is written by ``orjson``. Otherwise strings, numbers,
+    booleans and None are written here, any other value (and a key that is not a string) by
+    ``json.dumps`` itself."""
+    raw = dumps_plain(doc)
+    if raw is not None:
+        return raw.decode()
     parts = []
     for key, value in doc.items():
         head = _KEYS.get(key) if type(key) is str else None

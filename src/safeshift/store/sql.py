@@ -66,6 +66,11 @@ def _as_stored(value: str, dialect: sa.Dialect) -> str:
     return value
 
 
+_OUTPUTS = json.JSONEncoder(default=str)
+"""``json.dumps(outputs, default=str)``, the same text: ``dumps`` with an argument builds a new
+encoder on every call, and the flush encodes every request's outputs (one a request)."""
+
+
 class _PortableText(_PortableString):
     impl = sa.Text
     cache_ok = True
@@ -367,6 +372,12 @@ class SQLStore:
         self._requests_positional = compiled.positiontup is not None
         if compiled.positiontup not in (None, [c.name for c in requests.columns]):
             raise RuntimeError(f"unexpected parameter order {compiled.positiontup}")
+        # telemetry cells are the flush's other write (a row per cell and signal touched in the
+        # interval, hundreds a second under load): the same way as request records
+        self._telemetry_sql, self._telemetry_positional = self._driver_sql(
+            self._telemetry_upsert, telemetry)
+        self._histogram_sql, self._histogram_positional = self._driver_sql(
+            self._histogram_upsert, histograms)
         try:
             if migrate:
                 self.migrate()
@@ -532,6 +543,15 @@ class SQLStore:
 
         return sqlite_insert(table)
 
+    def _driver_sql(self, statement: Any, table: sa.Table) -> tuple[str, bool]:
+        """``statement`` compiled for the driver, and whether it takes positional parameters
+        (then in ``table``'s column order, else by column name)."""
+        compiled = statement.compile(dialect=self.engine.dialect)
+        names = [c.name for c in table.columns]
+        if compiled.positiontup not in (None, names):
+            raise RuntimeError(f"unexpected parameter order {compiled.positiontup}")
+        return str(compiled), compiled.positiontup is not None
+
     def _add_telemetry(self, conn: Connection, rows: Sequence[TelemetryRow]) -> None:
         if not rows:
             return
@@ -545,14 +565,29 @@ class SQLStore:
             acc[2] += r.ss
             for b, c in (r.hist or {}).items():
                 hists[(*key, int(b))] = hists.get((*key, int(b)), 0) + int(c)
-        # sorted: concurrent writers lock rows in one order, so they cannot deadlock
-        conn.execute(self._telemetry_upsert, [
-            dict(zip(_TELEMETRY_KEY, k, strict=True), n=v[0], s=v[1], ss=v[2])
-            for k, v in sorted(merged.items())])
+        # sorted: concurrent writers lock rows in one order, so they cannot deadlock. Sent to
+        # the driver as plain tuples in the tables' column order (the key, then n, s, ss or
+        # bucket, count); the only bind processing the columns have is the NUL rule
+        dialect = self.engine.dialect
+        params: list[Any] = [
+            (_as_stored(k[0], dialect), k[1], _as_stored(k[2], dialect),
+             _as_stored(k[3], dialect), _as_stored(k[4], dialect), k[5], k[6],
+             _as_stored(k[7], dialect), v[0], v[1], v[2])
+            for k, v in sorted(merged.items())]
+        if not self._telemetry_positional:
+            names = [c.name for c in telemetry.columns]
+            params = [dict(zip(names, row, strict=True)) for row in params]
+        conn.exec_driver_sql(self._telemetry_sql, params)
         if hists:
-            conn.execute(self._histogram_upsert, [
-                dict(zip((*_TELEMETRY_KEY, "bucket"), k, strict=True), count=c)
-                for k, c in sorted(hists.items())])
+            hparams: list[Any] = [
+                (_as_stored(k[0], dialect), k[1], _as_stored(k[2], dialect),
+                 _as_stored(k[3], dialect), _as_stored(k[4], dialect), k[5], k[6],
+                 _as_stored(k[7], dialect), k[8], c)
+                for k, c in sorted(hists.items())]
+            if not self._histogram_positional:
+                names = [c.name for c in histograms.columns]
+                hparams = [dict(zip(names, row, strict=True)) for row in hparams]
+            conn.exec_driver_sql(self._histogram_sql, hparams)
 
     def add_telemetry(self, rows: Sequence[TelemetryRow]) -> None:
         with self.engine.begin() as conn:
@@ -612,7 +647,7 @@ class SQLStore:
         params: list[Any] = [  # in the table's column order; the id's HMAC, not the id
             (key(r.id), r.rollout, r.stage, r.arm, r.cohort,
              _as_stored(r.segment, dialect), r.created_at, r.expires_at,
-             json.dumps(r.outputs, default=str), r.cluster, r.unit_hash) for r in records]
+             _OUTPUTS.encode(r.outputs), r.cluster, r.unit_hash) for r in records]
         if not self._requests_positional:
             names = [c.name for c in requests.columns]
             params = [dict(zip(names, row, strict=True)) for row in params]
