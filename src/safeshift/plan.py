@@ -713,6 +713,19 @@ def _prom_interval(seconds: float) -> float:
     return seconds
 
 
+def _prom_token_env(name: str) -> str:
+    if not name.startswith("PROMETHEUS_"):
+        raise ValueError(f"{name!r}: the token is sent to the plan's Prometheus URL, so only a "
+                         "variable named PROMETHEUS_* may hold it (a plan must not be able to "
+                         "send the server's other secrets anywhere); e.g. PROMETHEUS_TOKEN")
+    return name
+
+
+PromTokenEnv = Annotated[SecretEnv, AfterValidator(_prom_token_env), WithJsonSchema({
+    "type": "string", "pattern": r"^PROMETHEUS_[A-Za-z0-9_]{0,116}$",
+    "description": "the environment variable holding the bearer token (PROMETHEUS_*)"})]
+
+
 class PrometheusQuery(_Strict):
     """Where a guardrail's measurements come from when Prometheus has them: one PromQL instant
     query per arm every ``interval``, each value one observation (see :mod:`safeshift.promql`
@@ -737,8 +750,9 @@ class PrometheusQuery(_Strict):
     timeout: Annotated[PositiveDuration, AfterValidator(_prom_timeout)] = Field(
         default=5.0, description="how long one query may take (at most 30s); an unanswered "
         "query holds the rollout")
-    token_env: SecretEnv | None = Field(
-        default=None, description="environment variable holding a bearer token for Prometheus")
+    token_env: PromTokenEnv | None = Field(
+        default=None, description="environment variable holding a bearer token for Prometheus "
+        "(named PROMETHEUS_*: the token is sent to the plan's URL)")
 
     @field_validator("query")
     @classmethod
@@ -1521,6 +1535,11 @@ def _prometheus_problems(plan: Plan) -> list[Problem]:
         elif len(sources[g.metric]) > 1:
             problems.append(Problem(f"{where}.metric", f"another guardrail measures {g.metric!r} "
                                     "from another source; one name, one source: rename one"))
+        if g.strict:
+            problems.append(Problem(f"{where}.strict", "a Prometheus guardrail needs a tolerance "
+                                    "or a bound: each arm's values carry that arm's fixed mix of "
+                                    "units, a difference more intervals never average away, so "
+                                    "'any harm' would in time be proven by the mix alone"))
         if g.above is not None:
             problems.append(Problem(f"{where}.above", "a Prometheus value is judged as a mean of "
                                     "interval values; write the share in PromQL instead (e.g. "

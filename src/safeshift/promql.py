@@ -28,6 +28,10 @@ mean. That holds, approximately, when each value summarises its own requests:
 - **one number per answer**: a query that returns several series is a problem of the plan,
   reported and held on, never averaged silently.
 
+- **a tolerance, never** ``strict``: an arm keeps its units, and two arms' mixes of units
+  differ by about sd(unit level)·√(2/units per arm) however many intervals are read; a
+  tolerance above that is what makes "harm proven" mean the model, not the mix.
+
 What it cannot check: slow drifts that both arms share (load, time of day) make consecutive
 values correlated. Pairing removes them — the test is on ``candidate - baseline`` at the same
 instant — which is why absolute tolerances are judged on the pairs. A relative tolerance or an
@@ -123,7 +127,7 @@ def query(client: httpx.Client, source: PrometheusQuery, promql: str, at: float)
         body = r.json()
     except ValueError:
         raise PromError(f"answered HTTP {r.status_code} without JSON") from None
-    if r.status_code >= 500 and body.get("status") != "error":
+    if r.status_code >= 500 and not (isinstance(body, dict) and body.get("status") == "error"):
         raise PromError(f"answered HTTP {r.status_code}")
     return parse_answer(body)
 
@@ -164,8 +168,11 @@ class PromSampler:
         start reading the guardrails that are due in stage ``stage_index``."""
         recorded = 0
         if self._pending is not None and self._pending.done():
-            recorded = self._pending.result()
-            self._pending = None
+            pending, self._pending = self._pending, None
+            try:
+                recorded = pending.result()
+            except Exception:  # a bug, not Prometheus: said, and the next read goes ahead
+                log.exception("rollout %s: reading Prometheus failed", self.plan.rollout)
         stage = self.plan.stages[stage_index]
         applicable = [g for g in self.guardrails if g.applies_to(stage)]
         with self._lock:  # a guardrail this stage does not run holds nothing

@@ -227,15 +227,9 @@ class Gateway:
             flush_logs()
 
     async def tick(self) -> list[Decision]:
-        """One controller tick for every rollout (what the controller task runs), drill
-        copies included (a drill older than its time to live is ended)."""
-        for name, drill in list(self.drills.items()):
-            if time.monotonic() - drill.started > DRILL_TTL:
-                del self.drills[name]
-                await self._run(functools.partial(
-                    drill.end, f"drill over: nobody ended it within {DRILL_TTL:.0f} s"))
-            else:
-                await self._run(drill.rollout.tick)
+        """One controller tick for every rollout (what the controller task runs), then for
+        the drill copies (a drill older than its time to live is ended): a drill never delays
+        a real rollout's decision."""
         decisions = []
         for ep in self.endpoints.values():
             decision = await self._run(ep.rollout.tick)
@@ -248,6 +242,13 @@ class Gateway:
             gateway_logger.info("decision", extra={
                 "rollout": decision.rollout, "action": str(decision.action),
                 "phase": str(decision.phase), "reason": decision.reason})
+        for name, drill in list(self.drills.items()):
+            if time.monotonic() - drill.started > DRILL_TTL:
+                del self.drills[name]
+                await self._run(functools.partial(
+                    drill.end, f"drill over: nobody ended it within {DRILL_TTL:.0f} s"))
+            else:
+                await self._run(drill.rollout.tick)
         return decisions
 
     async def _control_loop(self) -> None:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -337,28 +337,27 @@ class Safeshift:
         decide rollouts: protect the routes with the app's own authentication
         (``dependencies=[Depends(check_token)]``)."""
         router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=list(tags))
-
-        @router.post("/feedback", summary="Labels and outcomes for served requests")
-        async def feedback(request: Request) -> Response:
-            try:
-                items, batch = parse_feedback(await request.body())
-                results = await apply_feedback(self.gateway, items, batch)
-            except HTTPError as exc:
-                return JSONResponse(exc.body(), exc.status)
-            return Response(dumps({"results": results} if batch else results[0]),
-                            media_type="application/json")
-
-        @router.post("/reports", summary="Users' issue reports about served requests")
-        async def reports(request: Request) -> Response:
-            try:
-                items, batch = parse_reports(await request.body())
-                results = await apply_reports(self.gateway, items, batch)
-            except HTTPError as exc:
-                return JSONResponse(exc.body(), exc.status)
-            return Response(dumps({"results": results} if batch else results[0]),
-                            media_type="application/json")
-
+        router.add_api_route("/feedback", self._route(parse_feedback, apply_feedback),
+                             methods=["POST"], summary="Labels and outcomes for served requests")
+        router.add_api_route("/reports", self._route(parse_reports, apply_reports),
+                             methods=["POST"],
+                             summary="Users' issue reports about served requests")
         return router
+
+    def _route(self, parse: Callable[[bytes], tuple[Any, bool]],
+               apply: Callable[[Gateway, Any, bool], Awaitable[list[dict[str, Any]]]]
+               ) -> Callable[[Request], Awaitable[Response]]:
+        """A route that parses a body as the gateway's route does and applies it (one item
+        or a batch), answering as the gateway answers."""
+        async def handle(request: Request) -> Response:
+            try:
+                items, batch = parse(await request.body())
+                results = await apply(self.gateway, items, batch)
+            except HTTPError as exc:
+                return JSONResponse(exc.body(), exc.status)
+            return Response(dumps({"results": results} if batch else results[0]),
+                            media_type="application/json")
+        return handle
 
     def install(self, app: Any) -> None:
         """Answer :class:`ServingError` in ``app`` (Starlette or FastAPI) as the gateway does:
