@@ -5,7 +5,6 @@ stopped at the end. (A plain module, not a test file.)"""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import httpx
 import yaml
-from tests.serve_process import stop, wait_ready
+
+from safeshift.bench._procs import free_port, stop, wait_ready
 
 INSTALL = "sudo apt-get install -y --no-install-recommends prometheus (as root, make prometheus does it)"
 
@@ -24,12 +24,6 @@ def prometheus_binary() -> str:
     if not Path(path).exists():
         raise AssertionError(f"these tests need a real Prometheus server: {INSTALL}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -20,12 +20,13 @@ from tests.serve_process import serve_process
 
 from safeshift.bench import replicas
 from safeshift.bench._postgres import PostgresUnavailable
+from safeshift.bench._procs import BenchError
 
 
 def _require_nginx() -> None:
     try:
         replicas.find_nginx()
-    except replicas.BenchError as exc:
+    except BenchError as exc:
         pytest.fail(str(exc))
 
 

@@ -1259,7 +1259,7 @@ def bench_replicas(
     """Replicas behind nginx sharing a throwaway PostgreSQL, under load while the rollout steps
     through stages and is rolled back; then the lease holder is SIGKILLed (needs nginx)."""
     from safeshift.bench._postgres import PostgresUnavailable
-    from safeshift.bench.replicas import BenchError
+    from safeshift.bench._procs import BenchError
     from safeshift.bench.replicas import main as run
 
     try:

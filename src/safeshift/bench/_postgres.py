@@ -15,10 +15,11 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from safeshift.bench._procs import free_port
 
 USER, PASSWORD = "safeshift", "safeshift-test"
 """The role (and its database) every cluster creates; it may CREATE DATABASE."""
@@ -42,13 +43,6 @@ def postgres_bin() -> Path | None:
     if initdb and shutil.which("pg_ctl"):
         return Path(initdb).parent
     return None
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (another process may take it before it is bound)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Cluster:

@@ -39,7 +39,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,8 @@ from typing import Any
 from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
+
+from safeshift.bench._procs import free_port, stop, wait_ready
 
 RPS_TARGET = 0.8
 """Gateway throughput at least this share of the direct server's."""
@@ -158,12 +159,6 @@ def _plan(baseline: Path, candidate: Path) -> str:
     })
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pin(cpus: set[int] | None) -> Callable[[], None] | None:
     if cpus is None:
         return None
@@ -192,21 +187,10 @@ def _server(args: list[str], url: str, ready: str, log: Path, cpus: set[int] | N
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT,
                                 preexec_fn=_pin(cpus), env=env)
         try:
-            deadline = time.monotonic() + 60
-            while not _get_ok(url + ready, ready_status):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{args[:4]} exited: {log.read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{url} did not become ready")
-                time.sleep(0.1)
+            wait_ready(url + ready, proc, log, " ".join(args[:4]), statuses=ready_status)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 30)
 
 
 def _get_ok(url: str, statuses: tuple[int, ...]) -> bool:
@@ -402,7 +386,7 @@ def main(*, quick: bool, requests: int | None, concurrency: int, json_path: Path
         bodies_file.write_text("\n".join(bodies(features)) + "\n")
         plan = work / "plan.json"
         plan.write_text(_plan(baseline, candidate))
-        ports = {name: _free_port() for name in ("direct", "gateway", "minimal")}
+        ports = {name: free_port() for name in ("direct", "gateway", "minimal")}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         env = {**os.environ, "SAFESHIFT_FLUSH_INTERVAL": "1"}
         # the gateway as shipped checks a client token on every request; every target gets

@@ -64,6 +64,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from safeshift.bench._procs import BenchError, free_port, stop, tail, wait_ready
+
 ROLLOUT = "bench-replicas"
 ENDPOINT = "churn"
 POLL = 0.05
@@ -93,17 +95,7 @@ COUNTRIES = ("BR", "US", "DE", "FR", "IN")
 NGINX_HINT = "apt-get install -y nginx"
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run (a tool missing, a process that did not start)."""
-
-
 # -- processes -----------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    from safeshift.bench._postgres import free_port
-
-    return free_port()
 
 
 def find_nginx() -> str:
@@ -113,42 +105,6 @@ def find_nginx() -> str:
         raise BenchError(f"nginx not found: {NGINX_HINT} (the bench runs it as a process of its "
                          "own; the system's nginx service is not used)")
     return found
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, what: str,
-                timeout: float = 90.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise BenchError(f"{what} exited ({proc.returncode}): {_tail(log)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} not ready after {timeout:g} s: {_tail(log)}")
-        time.sleep(0.1)
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return "(no log)"
-
-
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def rss_mb(pid: int) -> float:
@@ -174,7 +130,7 @@ def nginx_process(replicas: list[str], directory: Path, *, nginx: str | None = N
 
     binary = nginx or find_nginx()
     site = directory / "safeshift-site.conf"
-    port = _free_port()
+    port = free_port()
     site.write_text(render(replicas, listen=f"127.0.0.1:{port}",
                            access_log=str(directory / "access.log")))
     temp = Path(tempfile.mkdtemp(prefix="safeshift-nginx-"))
@@ -188,10 +144,10 @@ def nginx_process(replicas: list[str], directory: Path, *, nginx: str | None = N
                                      str(directory / "error.log")], stdout=sink, stderr=sink)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(url + "/readyz", proc, log, "nginx")
+            wait_ready(url + "/readyz", proc, log, "nginx")
             yield url
         finally:
-            _stop(proc)
+            stop(proc)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -583,17 +539,17 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
     say(f"starting {n} replicas ...")
     reps: list[Replica] = []
     for i in range(n):
-        port = _free_port()
+        port = free_port()
         log = tmp / f"replica-{i + 1}.log"
         with log.open("w") as sink:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "safeshift.cli", "serve", str(plan_path), "--store",
                  cluster.url, "--port", str(port), "--tick", str(TICK)],
                 env=env, stdout=subprocess.DEVNULL, stderr=sink)
-        stack.callback(_stop, proc)
+        stack.callback(stop, proc)
         reps.append(Replica(f"replica-{i + 1}", port, proc, log))
     for r in reps:
-        _wait_ready(r.url + "/readyz", r.proc, r.log, f"safeshift serve ({r.name})")
+        wait_ready(r.url + "/readyz", r.proc, r.log, f"safeshift serve ({r.name})")
 
     url = stack.enter_context(nginx_process([f"127.0.0.1:{r.port}" for r in reps], tmp,
                                             nginx=nginx))
@@ -627,7 +583,7 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
     with out_path.open("w") as sink:
         load = subprocess.Popen([sys.executable, "-m", "safeshift.bench.replicas", "load",
                                  str(cfg_path)], stdout=sink, stderr=subprocess.STDOUT, env=env)
-    stack.callback(_stop, load)
+    stack.callback(stop, load)
 
     warmup = round(min(5.0, duration * 0.1), 1)
     rss_start: dict[str, float] = {}
@@ -662,7 +618,7 @@ def _run(stack: contextlib.ExitStack, tmp: Path, nginx: str, *, duration: float,
             rolled_back_at = time.time()
         time.sleep(0.2)
     if load.returncode != 0:
-        raise BenchError(f"the load generator failed: {_tail(out_path)}")
+        raise BenchError(f"the load generator failed: {tail(out_path)}")
     traffic = json.loads(out_path.read_text().strip().splitlines()[-1])
     window_end = time.time()
     load_cpu = (_children_cpu() - load_cpu_start) / (window_end - window_start)
